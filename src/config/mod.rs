@@ -1,0 +1,12 @@
+//! worker.yml: the model, its defaults, and loading with every problem reported.
+
+mod byte_size;
+mod load;
+mod model;
+
+pub use byte_size::ByteSize;
+pub use load::{ConfigError, ConfigSource, EMBEDDED_DEFAULT, LoadedConfig, load_config};
+pub use model::{
+    AcceleratorChoice, ArtifactStoreConfig, ImageCacheConfig, LogConfig, NetworkBackend,
+    NetworkConfig, QueueConfig, Timeouts, WorkerConfig,
+};

@@ -1,0 +1,287 @@
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::byte_size::ByteSize;
+use crate::job::{MachineDefinition, MachineLimits};
+
+/// worker.yml: how one worker host runs jobs. Every key is optional; relative paths are
+/// relative to the directory that holds worker.yml (the current directory for the
+/// embedded default).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[schemars(title = "Worker configuration (worker.yml)")]
+pub struct WorkerConfig {
+    /// Where the worker keeps its queue database, image cache, run dirs, logs and artifacts.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub queue: QueueConfig,
+    /// How many jobs run at once (about one per two host cores under TCG).
+    #[serde(default = "default_capacity")]
+    #[schemars(range(min = 1, max = 64))]
+    pub capacity: u32,
+    #[serde(default = "default_limits")]
+    pub limits: MachineLimits,
+    /// Machine defaults under the image's machine.json and the payload's `machine`.
+    #[serde(default)]
+    pub machine: MachineDefinition,
+    #[serde(default)]
+    pub accelerator: AcceleratorChoice,
+    #[serde(default)]
+    pub images: ImageCacheConfig,
+    #[serde(default)]
+    pub network: NetworkConfig,
+    #[serde(default)]
+    pub artifacts: ArtifactStoreConfig,
+    #[serde(default)]
+    pub logs: LogConfig,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("state")
+}
+
+fn default_capacity() -> u32 {
+    2
+}
+
+fn default_limits() -> MachineLimits {
+    MachineLimits {
+        max_memory: 1024,
+        max_cpus: 2,
+        default_threads: 1,
+    }
+}
+
+/// The job queue: an embedded SQLite database, or PostgreSQL shared by many hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "backend", rename_all = "lowercase", deny_unknown_fields)]
+pub enum QueueConfig {
+    Sqlite {
+        /// Database file; `<stateDir>/queue.sqlite` when not given.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<PathBuf>,
+    },
+    Postgres {
+        /// A `postgres://` or `postgresql://` connection URL.
+        #[schemars(pattern("^postgres(ql)?://"))]
+        url: String,
+    },
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self::Sqlite { path: None }
+    }
+}
+
+/// Which accelerator runs guests. `auto` uses KVM only after a probe guest proved that it
+/// works, and falls back to TCG (software emulation) otherwise.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AcceleratorChoice {
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// The image cache and where images may come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ImageCacheConfig {
+    /// Cache directory; `<stateDir>/images` when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// Evict least recently used images to stay under this size.
+    #[serde(default = "default_cache_size")]
+    pub max_size: ByteSize,
+    /// Claim no job while the cache's file system has less free space than this.
+    #[serde(default = "default_min_free")]
+    pub min_free_space: ByteSize,
+    /// Largest archive download, and largest unpacked image.
+    #[serde(default = "default_max_image")]
+    pub max_image_size: ByteSize,
+    /// Directories from which payloads may name local image files (absolute paths).
+    #[serde(default)]
+    pub allowed_local_dirs: Vec<PathBuf>,
+}
+
+fn default_cache_size() -> ByteSize {
+    ByteSize::gib(20)
+}
+
+fn default_min_free() -> ByteSize {
+    ByteSize::gib(2)
+}
+
+fn default_max_image() -> ByteSize {
+    ByteSize::gib(16)
+}
+
+impl Default for ImageCacheConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            max_size: default_cache_size(),
+            min_free_space: default_min_free(),
+            max_image_size: default_max_image(),
+            allowed_local_dirs: Vec::new(),
+        }
+    }
+}
+
+/// How guests are networked. Either way a guest reaches only its own metadata service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NetworkConfig {
+    #[serde(default)]
+    pub backend: NetworkBackend,
+}
+
+/// `user`: QEMU user-mode networking, unprivileged. `tap`: a network namespace and tap
+/// device per VM with nftables rules (root only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkBackend {
+    #[default]
+    User,
+    Tap,
+}
+
+/// Caps on what one job may store as artifacts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ArtifactStoreConfig {
+    #[serde(default = "default_artifact_file")]
+    pub max_file_size: ByteSize,
+    #[serde(default = "default_artifact_total")]
+    pub max_total_size: ByteSize,
+}
+
+fn default_artifact_file() -> ByteSize {
+    ByteSize::gib(1)
+}
+
+fn default_artifact_total() -> ByteSize {
+    ByteSize::gib(4)
+}
+
+impl Default for ArtifactStoreConfig {
+    fn default() -> Self {
+        Self {
+            max_file_size: default_artifact_file(),
+            max_total_size: default_artifact_total(),
+        }
+    }
+}
+
+/// Caps on the job log (the command's output) and the serial console log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LogConfig {
+    #[serde(default = "default_log_size")]
+    pub max_size: ByteSize,
+}
+
+fn default_log_size() -> ByteSize {
+    ByteSize::mib(64)
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            max_size: default_log_size(),
+        }
+    }
+}
+
+/// Timeouts, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Timeouts {
+    /// From QEMU start until the guest tools fetch their task.
+    #[serde(default = "default_guest_ready")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub guest_ready_seconds: u64,
+    /// From the first ACPI power-down request until QEMU is killed.
+    #[serde(default = "default_shutdown")]
+    #[schemars(range(min = 1, max = 600))]
+    pub shutdown_seconds: u64,
+    /// How often a running job's queue lease is renewed.
+    #[serde(default = "default_heartbeat")]
+    #[schemars(range(min = 1, max = 600))]
+    pub heartbeat_seconds: u64,
+    /// How long a lease lasts without a heartbeat before the job is given to another worker.
+    #[serde(default = "default_lease")]
+    #[schemars(range(min = 2, max = 3600))]
+    pub lease_seconds: u64,
+}
+
+fn default_guest_ready() -> u64 {
+    120
+}
+
+fn default_shutdown() -> u64 {
+    20
+}
+
+fn default_heartbeat() -> u64 {
+    10
+}
+
+fn default_lease() -> u64 {
+    60
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            guest_ready_seconds: default_guest_ready(),
+            shutdown_seconds: default_shutdown(),
+            heartbeat_seconds: default_heartbeat(),
+            lease_seconds: default_lease(),
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// Makes every relative path absolute against `base` (the directory of worker.yml).
+    pub(crate) fn resolve_paths(&mut self, base: &Path) {
+        let absolute = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        self.state_dir = absolute(&self.state_dir);
+        if let QueueConfig::Sqlite { path } = &mut self.queue {
+            *path = Some(
+                path.as_deref()
+                    .map_or_else(|| self.state_dir.join("queue.sqlite"), absolute),
+            );
+        }
+        self.images.dir = Some(
+            self.images
+                .dir
+                .as_deref()
+                .map_or_else(|| self.state_dir.join("images"), absolute),
+        );
+        for dir in &mut self.images.allowed_local_dirs {
+            *dir = absolute(dir);
+        }
+    }
+
+    /// The image cache directory (set once paths are resolved).
+    pub fn image_dir(&self) -> PathBuf {
+        self.images
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("images"))
+    }
+}

@@ -1,0 +1,27 @@
+//! What a job asks for and how it ends: the payload, the machine definition and its
+//! limits, deterministic VM identities, validation, and the resolution report.
+
+mod identity;
+mod limits;
+mod machine;
+mod payload;
+mod report;
+mod string_enum;
+mod validate;
+
+pub use identity::Identity;
+pub use limits::{CpuTopology, LimitViolation, MachineLimits, RequestedResources};
+pub use machine::{
+    Chipset, CpuModel, DEFAULT_KERNEL_CMDLINE, GraphicsDevice, InitrdMember, KernelBoot,
+    KernelMember, KeyboardDevice, KeyboardLayout, Machine, MachineDefinition, MachineLayers,
+    MouseDevice, NetworkDevice, SoundDevice, StorageDevice, TabletDevice, UsbController,
+};
+pub(crate) use machine::{DISK_SERIAL_PATTERN, MAC_PATTERN, UUID_PATTERN};
+pub(crate) use payload::SHA256_PATTERN;
+pub use payload::{
+    ArtifactKind, ArtifactSpec, ImageReference, ImageSource, JobPayload, PinnedImage,
+};
+pub use report::{ExceptionReason, Resolution, ResultReport, ResultState, ValidationReport};
+pub use validate::{
+    MAX_DOCUMENT_BYTES, PayloadCheck, PayloadContext, load_machine_json, validate_payload,
+};

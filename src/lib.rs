@@ -1,0 +1,10 @@
+//! qemu-worker: a CI worker engine that runs each job in an isolated QEMU VM.
+//!
+//! The modules follow the data flow of a job: `config` (worker.yml) and `job`
+//! (payload, machine definition, limits, resolution) are validated through `schema`,
+//! and `vm` turns a resolved machine into a QEMU command line.
+
+pub mod config;
+pub mod job;
+pub mod schema;
+pub mod vm;

@@ -135,12 +135,13 @@ string_enum! {
 }
 
 string_enum! {
-    /// The keyboard layout of the VNC display.
+    /// The keyboard layout of the VNC display (the keymaps QEMU 7.2 ships; taskcluster's
+    /// `nl-be` is not one of them).
     pub enum KeyboardLayout {
-        Ar = "ar", Da = "da", De = "de", DeCh = "de-ch", EnGb = "en-gb", EnUs = "en-us",
+        Ar = "ar", Bepo = "bepo", Cz = "cz", Da = "da", De = "de", DeCh = "de-ch", EnGb = "en-gb", EnUs = "en-us",
         Es = "es", Et = "et", Fi = "fi", Fo = "fo", Fr = "fr", FrBe = "fr-be", FrCa = "fr-ca",
         FrCh = "fr-ch", Hr = "hr", Hu = "hu", Is = "is", It = "it", Ja = "ja", Lt = "lt",
-        Lv = "lv", Mk = "mk", Nl = "nl", NlBe = "nl-be", No = "no", Pl = "pl", Pt = "pt",
+        Lv = "lv", Mk = "mk", Nl = "nl", No = "no", Pl = "pl", Pt = "pt",
         PtBr = "pt-br", Ru = "ru", Sl = "sl", Sv = "sv", Th = "th", Tr = "tr",
     }
 }

@@ -5,6 +5,7 @@
 //! and `vm` turns a resolved machine into a QEMU command line.
 
 pub mod config;
+pub mod image;
 pub mod job;
 pub mod schema;
 pub mod vm;

@@ -1,0 +1,301 @@
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::Serialize;
+
+use super::member::{ImageProblem, Member};
+use super::qemu_img::{self, QemuImgError};
+use crate::job::{MachineDefinition, load_machine_json};
+use crate::vm::{DiskFormat, DiskLayer, KernelFiles};
+
+/// The largest machine.json an image may carry.
+pub const MAX_MACHINE_JSON_BYTES: u64 = 1 << 20;
+
+/// Caps that an image must respect, from worker.yml `images`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageLimits {
+    /// Largest archive, largest unpacked member and largest virtual disk size.
+    pub max_image_bytes: u64,
+}
+
+/// How the boot disk is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskLayout {
+    /// `disk.img`, optionally with `layer.qcow2` over it (taskcluster-worker's layout).
+    Raw { layer: bool },
+    /// `disk.qcow2` with no backing file.
+    Qcow2,
+}
+
+/// One disk member as qemu-img saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskSummary {
+    pub member: Member,
+    pub format: String,
+    pub virtual_size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocated_size: Option<u64>,
+}
+
+/// An unpacked image that passed every check: what the VM is built from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageContents {
+    #[serde(skip)]
+    pub dir: PathBuf,
+    pub machine: MachineDefinition,
+    pub disk: DiskLayout,
+    pub disks: Vec<DiskSummary>,
+    pub kernel: bool,
+    pub initrd: bool,
+}
+
+impl ImageContents {
+    /// The read-only base of the boot disk, bottom first (the job overlay goes on top).
+    pub fn base_layers(&self) -> Vec<DiskLayer> {
+        let layer = |member: Member, format| DiskLayer {
+            path: self.dir.join(member.name()).display().to_string(),
+            format,
+        };
+        match self.disk {
+            DiskLayout::Raw { layer: false } => vec![layer(Member::DiskImg, DiskFormat::Raw)],
+            DiskLayout::Raw { layer: true } => vec![
+                layer(Member::DiskImg, DiskFormat::Raw),
+                layer(Member::LayerQcow2, DiskFormat::Qcow2),
+            ],
+            DiskLayout::Qcow2 => vec![layer(Member::DiskQcow2, DiskFormat::Qcow2)],
+        }
+    }
+
+    pub fn kernel_files(&self) -> Option<KernelFiles> {
+        self.kernel.then(|| KernelFiles {
+            kernel: self.dir.join(Member::Kernel.name()).display().to_string(),
+            initrd: self
+                .initrd
+                .then(|| self.dir.join(Member::Initrd.name()).display().to_string()),
+        })
+    }
+}
+
+/// Checks the members unpacked (or about to be packed) in `dir`: machine.json, the disk
+/// layout, direct-boot files, and every disk through its header and `qemu-img info`.
+/// Returns every problem found.
+pub fn check_image_dir(
+    dir: &Path,
+    members: &BTreeSet<Member>,
+    limits: ImageLimits,
+) -> Result<ImageContents, Vec<ImageProblem>> {
+    let mut problems = Vec::new();
+    if dir.to_str().is_none() {
+        problems.push(ImageProblem::image(format!(
+            "image directory {dir:?} is not valid UTF-8"
+        )));
+        return Err(problems);
+    }
+
+    let machine = if members.contains(&Member::MachineJson) {
+        read_machine(dir, &mut problems)
+    } else {
+        problems.push(ImageProblem::image("the image has no machine.json"));
+        None
+    };
+
+    let has = |m: Member| members.contains(&m);
+    let disk = match (has(Member::DiskImg), has(Member::DiskQcow2)) {
+        (true, true) => {
+            problems.push(ImageProblem::image(
+                "the image has both disk.img and disk.qcow2; it must have exactly one boot disk",
+            ));
+            None
+        }
+        (false, false) => {
+            problems.push(ImageProblem::image(
+                "the image has no boot disk: expected disk.img or disk.qcow2",
+            ));
+            None
+        }
+        (true, false) => Some(DiskLayout::Raw {
+            layer: has(Member::LayerQcow2),
+        }),
+        (false, true) => {
+            if has(Member::LayerQcow2) {
+                problems.push(ImageProblem::entry(
+                    "layer.qcow2",
+                    "layer.qcow2 may only be layered over disk.img",
+                ));
+            }
+            Some(DiskLayout::Qcow2)
+        }
+    };
+
+    if let Some(machine) = &machine {
+        for (member, wanted, field) in [
+            (Member::Kernel, machine.kernel.is_some(), "kernel"),
+            (Member::Initrd, machine.initrd.is_some(), "initrd"),
+        ] {
+            match (has(member), wanted) {
+                (true, false) => problems.push(ImageProblem::entry(
+                    member.name(),
+                    format!("the image has {member}, but machine.json does not set `{field}`"),
+                )),
+                (false, true) => problems.push(ImageProblem::image(format!(
+                    "machine.json sets `{field}`, but the image has no {member}"
+                ))),
+                _ => {}
+            }
+        }
+    }
+
+    let mut disks = Vec::new();
+    for member in [Member::DiskImg, Member::DiskQcow2, Member::LayerQcow2] {
+        if has(member) {
+            match check_disk(&dir.join(member.name()), member, limits) {
+                Ok(summary) => disks.push(summary),
+                Err(message) => problems.push(ImageProblem::entry(member.name(), message)),
+            }
+        }
+    }
+
+    match (machine, disk, problems.is_empty()) {
+        (Some(machine), Some(disk), true) => Ok(ImageContents {
+            dir: dir.to_path_buf(),
+            machine,
+            disk,
+            disks,
+            kernel: has(Member::Kernel),
+            initrd: has(Member::Initrd),
+        }),
+        _ => Err(problems),
+    }
+}
+
+fn read_machine(dir: &Path, problems: &mut Vec<ImageProblem>) -> Option<MachineDefinition> {
+    let text = match std::fs::read(dir.join(Member::MachineJson.name())) {
+        Ok(bytes) => match String::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(_) => {
+                problems.push(ImageProblem::entry(
+                    "machine.json",
+                    "machine.json is not UTF-8 text",
+                ));
+                return None;
+            }
+        },
+        Err(e) => {
+            problems.push(ImageProblem::entry(
+                "machine.json",
+                format!("cannot be read: {e}"),
+            ));
+            return None;
+        }
+    };
+    match load_machine_json(&text) {
+        Ok(machine) => Some(machine),
+        Err(issues) => {
+            for issue in issues {
+                problems.push(ImageProblem::entry("machine.json", issue.to_string()));
+            }
+            None
+        }
+    }
+}
+
+/// Checks one disk: qcow2 header first (no QEMU code has opened the file yet), then
+/// `qemu-img info` with the declared format.
+fn check_disk(path: &Path, member: Member, limits: ImageLimits) -> Result<DiskSummary, String> {
+    let format = if member == Member::DiskImg {
+        "raw"
+    } else {
+        "qcow2"
+    };
+    if format == "qcow2" {
+        let header = qemu_img::read_qcow2_header(path)
+            .map_err(|e| format!("cannot be read: {e}"))?
+            .ok_or_else(|| format!("{member} is not a qcow2 image (bad magic)"))?;
+        if header.external_data_file {
+            return Err(format!(
+                "{member} uses an external data file, which is not allowed"
+            ));
+        }
+        check_backing(member, header.backing_file.as_deref(), Some("raw"), false)?;
+    }
+    let info = qemu_img::info(path, format).map_err(|e| match e {
+        QemuImgError::Failed { stderr, .. } => {
+            format!("qemu-img cannot read it as {format}: {stderr}")
+        }
+        other => other.to_string(),
+    })?;
+    if info.format != format {
+        return Err(format!(
+            "qemu-img reports format {}, expected {format}",
+            info.format
+        ));
+    }
+    if info.virtual_size > limits.max_image_bytes {
+        return Err(format!(
+            "virtual size {} bytes is over the limit of {} bytes",
+            info.virtual_size, limits.max_image_bytes
+        ));
+    }
+    if info.dirty {
+        return Err("the image is marked dirty (not cleanly closed)".into());
+    }
+    if info.encrypted {
+        return Err("encrypted images are not supported".into());
+    }
+    if let Some(data) = info.format_specific.as_ref().and_then(|f| f.get("data")) {
+        if data.get("corrupt").and_then(serde_json::Value::as_bool) == Some(true) {
+            return Err("qemu-img reports the image as corrupt".into());
+        }
+        if data.get("data-file").is_some() {
+            return Err(format!(
+                "{member} uses an external data file, which is not allowed"
+            ));
+        }
+    }
+    if format == "qcow2" {
+        check_backing(
+            member,
+            info.backing_filename.as_deref(),
+            info.backing_format.as_deref(),
+            true,
+        )?;
+    }
+    Ok(DiskSummary {
+        member,
+        format: info.format,
+        virtual_size: info.virtual_size,
+        allocated_size: info.actual_size,
+    })
+}
+
+/// disk.qcow2 has no backing file; layer.qcow2's is exactly `disk.img`, format raw.
+fn check_backing(
+    member: Member,
+    backing: Option<&str>,
+    backing_format: Option<&str>,
+    check_format: bool,
+) -> Result<(), String> {
+    match (member, backing) {
+        (Member::LayerQcow2, Some("disk.img")) => {
+            if check_format && backing_format != Some("raw") {
+                return Err(format!(
+                    "layer.qcow2 must declare its backing file disk.img as raw (found {})",
+                    backing_format.unwrap_or("no format")
+                ));
+            }
+            Ok(())
+        }
+        (Member::LayerQcow2, other) => Err(format!(
+            "layer.qcow2 must have the backing file disk.img, not {}",
+            other.map_or_else(|| "none".to_owned(), |b| format!("{b:?}"))
+        )),
+        (_, Some(other)) => Err(format!(
+            "{member} must not have a backing file (it names {other:?})"
+        )),
+        (_, None) => Ok(()),
+    }
+}

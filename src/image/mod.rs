@@ -1,0 +1,16 @@
+//! VM images: the archive format and its checks, single-pass unpacking, packing, fetching
+//! with verification, the content-addressed cache and per-job overlays.
+
+mod contents;
+mod member;
+mod pack;
+mod qemu_img;
+mod unpack;
+
+pub use contents::{
+    DiskLayout, DiskSummary, ImageContents, ImageLimits, MAX_MACHINE_JSON_BYTES, check_image_dir,
+};
+pub use member::{ImageProblem, Member};
+pub use pack::{PackError, pack_image};
+pub use qemu_img::{QemuImgError, create_overlay};
+pub use unpack::{UnpackError, Unpacked, unpack_archive};

@@ -2,7 +2,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use schemars::JsonSchema;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::member::{ImageProblem, Member};
 use super::qemu_img::{self, QemuImgError};
@@ -20,7 +20,7 @@ pub struct ImageLimits {
 }
 
 /// How the boot disk is laid out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum DiskLayout {
     /// `disk.img`, optionally with `layer.qcow2` over it (taskcluster-worker's layout).
@@ -30,7 +30,7 @@ pub enum DiskLayout {
 }
 
 /// One disk member as qemu-img saw it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DiskSummary {
     pub member: Member,
@@ -41,7 +41,7 @@ pub struct DiskSummary {
 }
 
 /// An unpacked image that passed every check: what the VM is built from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ImageContents {
     #[serde(skip)]

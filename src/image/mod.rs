@@ -1,15 +1,21 @@
 //! VM images: the archive format and its checks, single-pass unpacking, packing, fetching
 //! with verification, the content-addressed cache and per-job overlays.
 
+mod cache;
 mod contents;
+mod fetch;
 mod member;
 mod pack;
 mod qemu_img;
 mod unpack;
 
+pub use cache::{
+    CacheError, CacheSettings, CachedImage, ImageCache, ImageError, ImageLease, ImageRequest,
+};
 pub use contents::{
     DiskLayout, DiskSummary, ImageContents, ImageLimits, MAX_MACHINE_JSON_BYTES, check_image_dir,
 };
+pub use fetch::{FetchError, FetchPolicy, Fetcher, Progress, Validators};
 pub use member::{ImageProblem, Member};
 pub use pack::{PackError, pack_image};
 pub use qemu_img::{QemuImgError, create_overlay};

@@ -1,12 +1,17 @@
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use qemu_worker::config::{LoadedConfig, load_config};
-use qemu_worker::job::{Identity, PayloadCheck, PayloadContext, validate_payload};
+use qemu_worker::image::{
+    CacheSettings, FetchError, FetchPolicy, Fetcher, ImageCache, ImageLimits, ImageProblem,
+    ImageRequest, Progress, Unpacked, Validators, pack_image, unpack_archive,
+};
+use qemu_worker::job::{Identity, ImageSource, PayloadCheck, PayloadContext, validate_payload};
 use qemu_worker::schema::write_schemas;
 
 /// Exit status for bad usage and malformed payloads (DESIGN §4).
@@ -42,6 +47,39 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
+    /// Build, check and manage VM images.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Pack an image directory (machine.json, disk, optional kernel/initrd) into a
+    /// deterministic, sparse-aware .tar.zst, after the same checks a worker makes.
+    Pack { dir: PathBuf, out: PathBuf },
+    /// Unpack an archive (a file or an http(s) URL) into a scratch directory and report
+    /// its members, disks, machine definition, and every problem.
+    Inspect {
+        archive: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fetch an image into the cache (a URL or an allowed local path).
+    Pull {
+        reference: String,
+        /// The sha256 the archive must have.
+        #[arg(long)]
+        sha256: Option<String>,
+    },
+    /// List the cached images.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every cached image that no job is using.
+    Prune,
 }
 
 pub fn main() -> ExitCode {
@@ -56,6 +94,13 @@ pub fn main() -> ExitCode {
             };
         }
     };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("QEMU_WORKER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
     match run(cli) {
         Ok(code) => code,
         Err(failure) => {
@@ -97,6 +142,14 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Image { command } => {
+            let loaded = load_config(cli.config.as_deref()).exit_with(EXIT_OTHER)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .exit_with(EXIT_OTHER)?;
+            runtime.block_on(image(&loaded, command))
+        }
     }
 }
 
@@ -121,14 +174,18 @@ fn validate(loaded: &LoadedConfig, path: &Path, json: bool) -> Result<ExitCode, 
     } else {
         human_report(path, &check)
     };
-    std::io::stdout()
-        .write_all(output.as_bytes())
-        .exit_with(EXIT_OTHER)?;
+    print(&output)?;
     Ok(if check.is_valid() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_USAGE)
     })
+}
+
+fn print(text: &str) -> Result<(), Failure> {
+    std::io::stdout()
+        .write_all(text.as_bytes())
+        .exit_with(EXIT_OTHER)
 }
 
 fn human_report(path: &Path, check: &PayloadCheck) -> String {
@@ -158,6 +215,245 @@ fn human_report(path: &Path, check: &PayloadCheck) -> String {
     );
     for issue in &check.issues {
         out.push_str(&format!("  {issue}\n"));
+    }
+    out
+}
+
+async fn image(loaded: &LoadedConfig, command: ImageCommand) -> Result<ExitCode, Failure> {
+    let settings = CacheSettings::from_config(&loaded.config);
+    match command {
+        ImageCommand::Pack { dir, out } => {
+            let contents = pack_image(&dir, &out, settings.limits).exit_with(EXIT_USAGE)?;
+            let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+            print(&format!(
+                "{}: {size} bytes, disk {:?}, {} member(s) checked\n",
+                out.display(),
+                contents.disk,
+                contents.disks.len()
+                    + 1
+                    + usize::from(contents.kernel)
+                    + usize::from(contents.initrd)
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        ImageCommand::Inspect { archive, json } => inspect(&settings, &archive, json).await,
+        ImageCommand::Pull { reference, sha256 } => {
+            let source = ImageSource::parse(&reference)
+                .map_err(anyhow::Error::msg)
+                .exit_with(EXIT_USAGE)?;
+            let cache = open_cache(settings).await?;
+            let request = ImageRequest { source, sha256 };
+            let (progress, bar) = progress_bar();
+            let result = cache.acquire(&request, progress).await;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            let lease = result.map_err(|e| {
+                let code = if e.reason() == qemu_worker::job::ExceptionReason::MalformedPayload {
+                    EXIT_USAGE
+                } else {
+                    EXIT_OTHER
+                };
+                Failure {
+                    error: e.into(),
+                    exit_code: code,
+                }
+            })?;
+            print(&format!(
+                "{} {}\n",
+                lease.sha256(),
+                lease.contents().dir.display()
+            ))?;
+            drop(lease);
+            cache.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        ImageCommand::List { json } => {
+            let cache = open_cache(settings).await?;
+            let images = cache.list().await.exit_with(EXIT_OTHER)?;
+            cache.close().await;
+            if json {
+                print(&(serde_json::to_string_pretty(&images).exit_with(EXIT_OTHER)? + "\n"))?;
+            } else {
+                let mut out = String::new();
+                for image in &images {
+                    out.push_str(&format!(
+                        "{}  {:>12} bytes  {}\n",
+                        image.sha256,
+                        image.size_bytes,
+                        image.sources.join(", ")
+                    ));
+                }
+                print(&out)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ImageCommand::Prune => {
+            let cache = open_cache(settings).await?;
+            let freed = cache.prune().await.exit_with(EXIT_OTHER)?;
+            cache.close().await;
+            print(&format!("freed {freed} bytes\n"))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn open_cache(settings: CacheSettings) -> Result<ImageCache, Failure> {
+    let fetcher = Fetcher::new(FetchPolicy::default()).exit_with(EXIT_OTHER)?;
+    ImageCache::open(settings, fetcher)
+        .await
+        .exit_with(EXIT_OTHER)
+}
+
+/// A progress bar on a terminal; nothing otherwise.
+fn progress_bar() -> (Option<Progress>, Option<indicatif::ProgressBar>) {
+    if !std::io::stderr().is_terminal() {
+        return (None, None);
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {bytes}/{total_bytes} {bytes_per_sec} {wide_bar} {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let handle = bar.clone();
+    let progress: Progress = Arc::new(move |done, total| {
+        if let Some(total) = total {
+            handle.set_length(total);
+        }
+        handle.set_position(done);
+    });
+    (Some(progress), Some(bar))
+}
+
+/// The `image inspect` report.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct InspectReport {
+    archive: String,
+    valid: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    archive_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    contents: Option<qemu_worker::image::ImageContents>,
+    problems: Vec<ImageProblem>,
+}
+
+async fn inspect(settings: &CacheSettings, archive: &str, json: bool) -> Result<ExitCode, Failure> {
+    let scratch = tempfile::tempdir().exit_with(EXIT_OTHER)?;
+    let dest = scratch.path().join("image");
+    std::fs::create_dir(&dest).exit_with(EXIT_OTHER)?;
+    let limits: ImageLimits = settings.limits;
+    let outcome: Result<Unpacked, FetchError> =
+        if archive.starts_with("http://") || archive.starts_with("https://") {
+            let fetcher = Fetcher::new(FetchPolicy::default()).exit_with(EXIT_OTHER)?;
+            match fetcher
+                .fetch_http(archive, None, &Validators::default(), &dest, limits, None)
+                .await
+            {
+                Ok(qemu_worker::image::HttpOutcome::Fetched { unpacked, .. }) => Ok(*unpacked),
+                Ok(qemu_worker::image::HttpOutcome::NotModified) => Err(FetchError::Internal(
+                    "unexpected 304 without validators".into(),
+                )),
+                Err(e) => Err(e),
+            }
+        } else {
+            let path = PathBuf::from(archive);
+            let dest = dest.clone();
+            tokio::task::spawn_blocking(move || {
+                let file =
+                    std::fs::File::open(&path).map_err(|source| FetchError::LocalUnreadable {
+                        path: path.clone(),
+                        source,
+                    })?;
+                unpack_archive(
+                    std::io::BufReader::with_capacity(1 << 20, file),
+                    &dest,
+                    limits,
+                )
+                .map_err(|e| match e {
+                    qemu_worker::image::UnpackError::Rejected(p) => FetchError::Rejected(p),
+                    other => FetchError::Internal(other.to_string()),
+                })
+            })
+            .await
+            .exit_with(EXIT_OTHER)?
+        };
+    let report = match outcome {
+        Ok(unpacked) => InspectReport {
+            archive: archive.to_owned(),
+            valid: true,
+            sha256: Some(unpacked.sha256),
+            archive_bytes: Some(unpacked.archive_bytes),
+            contents: Some(unpacked.contents),
+            problems: Vec::new(),
+        },
+        Err(FetchError::Rejected(problems)) => InspectReport {
+            archive: archive.to_owned(),
+            valid: false,
+            sha256: None,
+            archive_bytes: None,
+            contents: None,
+            problems,
+        },
+        Err(other) => return Err(other).exit_with(EXIT_OTHER),
+    };
+    if json {
+        print(&(serde_json::to_string_pretty(&report).exit_with(EXIT_OTHER)? + "\n"))?;
+    } else {
+        print(&human_inspect(&report))?;
+    }
+    Ok(if report.valid {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_USAGE)
+    })
+}
+
+fn human_inspect(report: &InspectReport) -> String {
+    let mut out = String::new();
+    match (&report.contents, &report.sha256) {
+        (Some(contents), Some(sha)) => {
+            out.push_str(&format!(
+                "{}: valid image\n  sha256: {sha}\n",
+                report.archive
+            ));
+            out.push_str(&format!(
+                "  archive: {} bytes\n  disk layout: {:?}\n",
+                report.archive_bytes.unwrap_or(0),
+                contents.disk
+            ));
+            for disk in &contents.disks {
+                out.push_str(&format!(
+                    "  {}: {}, virtual size {} bytes, {} bytes allocated\n",
+                    disk.member,
+                    disk.format,
+                    disk.virtual_size,
+                    disk.allocated_size.unwrap_or(0)
+                ));
+            }
+            out.push_str(&format!(
+                "  direct kernel boot: {}{}\n",
+                if contents.kernel { "kernel" } else { "no" },
+                if contents.initrd { " + initrd" } else { "" }
+            ));
+            let machine = serde_json::to_string(&contents.machine).unwrap_or_default();
+            out.push_str(&format!("  machine.json: {machine}\n"));
+        }
+        _ => {
+            let count = report.problems.len();
+            out.push_str(&format!(
+                "{}: invalid image, {count} problem{}\n",
+                report.archive,
+                if count == 1 { "" } else { "s" }
+            ));
+            for problem in &report.problems {
+                out.push_str(&format!("  {problem}\n"));
+            }
+        }
     }
     out
 }

@@ -1,13 +1,15 @@
 //! The QEMU command line: snapshots of representative machines, and proof that real
 //! `qemu-system-x86_64` accepts every device combination the builder can emit.
 
+mod common;
+
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use common::{TestQmp, require};
 
 use qemu_worker::job::{
     Chipset, CpuModel, GraphicsDevice, Identity, InitrdMember, KernelMember, KeyboardDevice,
@@ -206,19 +208,6 @@ fn argv_snapshots() {
 // ---------------------------------------------------------------------------------------
 // Real QEMU.
 
-fn require(program: &str, package: &str) {
-    let found = Command::new(program)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        found,
-        "`{program}` is missing: install it with `apt-get install {package}`"
-    );
-}
-
 /// Creates real backing chains with qemu-img and placeholder kernel files. With `-S` the
 /// guest never runs, so the kernel only has to be a file QEMU can load: a bzImage header
 /// (boot protocol 2.06, which may take an initrd) and zeros. The real kernel is tested
@@ -286,52 +275,13 @@ fn qemu_status(argv: &[String], dir: &Path) -> Result<String, String> {
 }
 
 fn query_status(child: &mut Child, socket: &Path) -> Result<String, String> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let stream = loop {
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-            return Err(format!("QEMU exited with {status}"));
-        }
-        match UnixStream::connect(socket) {
-            Ok(stream) => break stream,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(format!("QMP socket never came up: {e}")),
-        }
-    };
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .map_err(|e| e.to_string())?;
-    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
-    let mut reader = BufReader::new(stream);
-    let mut next = |want: &str| -> Result<serde_json::Value, String> {
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
-                return Err("QMP closed".into());
-            }
-            let value: serde_json::Value =
-                serde_json::from_str(&line).map_err(|e| format!("bad QMP line {line:?}: {e}"))?;
-            if let Some(error) = value.get("error") {
-                return Err(format!("QMP error: {error}"));
-            }
-            if value.get(want).is_some() {
-                return Ok(value);
-            }
-        }
-    };
-    next("QMP")?;
-    writer
-        .write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
-        .map_err(|e| e.to_string())?;
-    next("return")?;
-    writer
-        .write_all(b"{\"execute\":\"query-status\"}\n")
-        .map_err(|e| e.to_string())?;
-    let reply = next("return")?;
-    let _ = writer.write_all(b"{\"execute\":\"quit\"}\n");
-    reply["return"]["status"]
+    let mut qmp = TestQmp::connect(child, socket, Duration::from_secs(30))?;
+    let status = qmp.execute("query-status")?;
+    let _ = qmp.execute("quit");
+    status["status"]
         .as_str()
         .map(str::to_owned)
-        .ok_or_else(|| format!("query-status without a status: {reply}"))
+        .ok_or_else(|| format!("query-status without a status: {status}"))
 }
 
 /// One case: a representative machine with at most one field changed.

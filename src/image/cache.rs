@@ -33,6 +33,20 @@ pub struct CacheSettings {
     pub allowed_local_dirs: Vec<PathBuf>,
 }
 
+impl CacheSettings {
+    pub fn from_config(config: &crate::config::WorkerConfig) -> Self {
+        Self {
+            dir: config.image_dir(),
+            max_size: config.images.max_size.bytes(),
+            min_free: config.images.min_free_space.bytes(),
+            limits: ImageLimits {
+                max_image_bytes: config.images.max_image_size.bytes(),
+            },
+            allowed_local_dirs: config.images.allowed_local_dirs.clone(),
+        }
+    }
+}
+
 /// Why a job's image is not available; shared by every job waiting for it.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error(transparent)]

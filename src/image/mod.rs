@@ -15,7 +15,7 @@ pub use cache::{
 pub use contents::{
     DiskLayout, DiskSummary, ImageContents, ImageLimits, MAX_MACHINE_JSON_BYTES, check_image_dir,
 };
-pub use fetch::{FetchError, FetchPolicy, Fetcher, Progress, Validators};
+pub use fetch::{FetchError, FetchPolicy, Fetcher, HttpOutcome, Progress, Validators};
 pub use member::{ImageProblem, Member};
 pub use pack::{PackError, pack_image};
 pub use qemu_img::{QemuImgError, create_overlay};

@@ -174,3 +174,128 @@ fn schema_writes_the_committed_schemas() {
     }
     assert_eq!(count, 5);
 }
+
+/// A worker.yml whose state lives in `dir`, allowing local images from `dir/images`.
+fn config_in(dir: &Path) -> std::path::PathBuf {
+    let config = dir.join("worker.yml");
+    std::fs::create_dir_all(dir.join("images")).expect("images dir");
+    std::fs::write(
+        &config,
+        "stateDir: state\nimages: {allowedLocalDirs: [images]}\n",
+    )
+    .expect("config");
+    config
+}
+
+fn make_image_dir(dir: &Path) -> std::path::PathBuf {
+    let image = dir.join("image");
+    std::fs::create_dir_all(&image).expect("image dir");
+    std::fs::write(image.join("machine.json"), br#"{"version": 1}"#).expect("machine");
+    let status = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(image.join("disk.qcow2"))
+        .arg("16M")
+        .status()
+        .expect("qemu-img is missing: install it with `apt-get install qemu-utils`");
+    assert!(status.success());
+    image
+}
+
+#[test]
+fn image_pack_inspect_pull_list_prune() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_in(dir.path());
+    let config = config.to_str().expect("utf-8");
+    let image = make_image_dir(dir.path());
+    let archive = dir.path().join("images/ci.tar.zst");
+    let archive_str = archive.to_str().expect("utf-8");
+
+    let output = qemu_worker(&[
+        "--config",
+        config,
+        "image",
+        "pack",
+        image.to_str().expect("utf-8"),
+        archive_str,
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+
+    let output = qemu_worker(&[
+        "--config",
+        config,
+        "image",
+        "inspect",
+        "--json",
+        archive_str,
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(report["valid"], true);
+    assert_eq!(report["contents"]["disk"], "qcow2");
+    let sha = report["sha256"].as_str().expect("sha256").to_owned();
+
+    let output = qemu_worker(&["--config", config, "image", "pull", archive_str]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(stdout(&output).starts_with(&sha), "{}", stdout(&output));
+
+    let output = qemu_worker(&["--config", config, "image", "list", "--json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(listed[0]["sha256"], sha.as_str());
+
+    let output = qemu_worker(&["--config", config, "image", "prune"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let output = qemu_worker(&["--config", config, "image", "list", "--json"]);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).expect("JSON"),
+        serde_json::json!([])
+    );
+}
+
+#[test]
+fn image_inspect_lists_every_problem_and_exits_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = make_image_dir(dir.path());
+    std::fs::write(image.join("notes.txt"), b"x").expect("extra");
+    let output = qemu_worker(&[
+        "image",
+        "pack",
+        image.to_str().expect("utf-8"),
+        "/dev/null/never",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("entry \"notes.txt\": is not an image member"),
+        "{}",
+        stderr(&output)
+    );
+
+    // A hostile archive made by hand: a symlink and an unknown member.
+    let tarball = dir.path().join("bad.tar");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd '{}' && ln -s /etc/shadow kernel && tar -cf '{}' machine.json disk.qcow2 kernel notes.txt && zstd -q --rm '{}'",
+            image.display(),
+            tarball.display(),
+            tarball.display()
+        ))
+        .status()
+        .expect("sh");
+    assert!(status.success());
+    let output = qemu_worker(&[
+        "image",
+        "inspect",
+        dir.path().join("bad.tar.zst").to_str().expect("utf-8"),
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.contains("invalid image, 2 problems"), "{text}");
+    assert!(
+        text.contains("entry \"kernel\": is a symbolic link"),
+        "{text}"
+    );
+    assert!(
+        text.contains("entry \"notes.txt\": is not an image member"),
+        "{text}"
+    );
+}

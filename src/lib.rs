@@ -7,5 +7,6 @@
 pub mod config;
 pub mod image;
 pub mod job;
+pub mod qemu;
 pub mod schema;
 pub mod vm;

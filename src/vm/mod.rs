@@ -1,11 +1,18 @@
-//! Virtual machines: the run directory layout and the QEMU command line (a pure function
-//! of the resolved machine; supervision lives elsewhere).
+//! Virtual machines: the run directory layout, the QEMU command line (a pure function of
+//! the resolved machine), the accelerator preflight, and the supervisor that starts,
+//! watches, stops and cleans up QEMU.
 
+mod accel;
 mod argv;
 mod run_dir;
+mod screenshot;
+mod supervisor;
 
+pub use accel::{AccelError, PROBE_DEADLINE, ProbeFailure, choose_accelerator, probe};
 pub use argv::{
     AGENT_PORT_NAME, Accelerator, BootDisk, DiskFormat, DiskLayer, KernelFiles, NetworkAttachment,
     QGA_PORT_NAME, VmSpec, qemu_argv,
 };
 pub use run_dir::{RunDir, RunDirError};
+pub use screenshot::{Screenshot, ScreenshotError, take_screenshot};
+pub use supervisor::{StopStep, Vm, VmError, VmExit, VmLaunch, VmTimeouts};

@@ -1,0 +1,412 @@
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use rustix::process::{Pid, Signal, kill_process_group};
+use tokio::process::{Child, Command};
+use tokio::sync::broadcast;
+
+use super::run_dir::RunDir;
+use crate::qemu::{QmpClient, QmpError, QmpEvent};
+
+/// How much of QEMU's output is quoted when it fails.
+const STDERR_TAIL: u64 = 4096;
+/// Guest resets within `RESET_WINDOW` that make a reboot loop.
+const RESET_LIMIT: usize = 5;
+const RESET_WINDOW: Duration = Duration::from_secs(60);
+
+/// Timeouts of the supervisor; every wait has one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmTimeouts {
+    /// For QEMU to open its QMP socket, and for each QMP command.
+    pub qmp: Duration,
+    /// From the first ACPI power-down request to giving up on the guest.
+    pub powerdown: Duration,
+    /// How often the power-down request is repeated (a guest may miss the first).
+    pub powerdown_resend: Duration,
+    /// For QEMU to exit after `quit`, and again after SIGTERM.
+    pub exit: Duration,
+}
+
+impl Default for VmTimeouts {
+    fn default() -> Self {
+        Self {
+            qmp: Duration::from_secs(10),
+            powerdown: Duration::from_secs(20),
+            powerdown_resend: Duration::from_secs(3),
+            exit: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct VmLaunch {
+    /// QEMU's arguments (from `qemu_argv`), without the program.
+    pub argv: Vec<String>,
+    pub run_dir: RunDir,
+    /// Where `qemu.log` (QEMU's stdout and stderr) and `console.log` (the serial
+    /// console) are kept after the VM is gone.
+    pub log_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("failed to prepare {path:?}")]
+    Prepare {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to start qemu-system-x86_64 (install the qemu-system-x86 package)")]
+    Spawn {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QEMU failed to start ({status}): {stderr_tail}")]
+    QemuFailed { status: String, stderr_tail: String },
+    #[error("QEMU did not open its QMP socket within {0:?}")]
+    QmpTimeout(Duration),
+    #[error("QMP failed")]
+    Qmp(#[from] QmpError),
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest powered itself off; `requested` when the worker had asked it to.
+    PoweredOff { requested: bool },
+    /// The guest kept resetting; the worker stopped it.
+    RebootLoop { resets: usize },
+    /// The guest kernel panicked (pvpanic) and QEMU stopped.
+    Panicked,
+    /// QEMU exited on its own without a guest shutdown: an emulator error.
+    QemuFailed {
+        code: Option<i32>,
+        stderr_tail: String,
+    },
+    /// The guest did not power off; the worker ended QEMU at this step.
+    Stopped { step: StopStep },
+}
+
+/// The step of the stop sequence that ended QEMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopStep {
+    Quit,
+    Terminate,
+    Kill,
+}
+
+/// Everything a VM created on the host. Dropping it (on any path, panics included)
+/// kills QEMU's whole process group and removes the run dir, so nothing outlives the VM.
+#[derive(Debug)]
+struct VmResources {
+    run_dir: PathBuf,
+    log_dir: PathBuf,
+    process_group: Option<Pid>,
+}
+
+impl VmResources {
+    fn release(&mut self) {
+        if let Some(group) = self.process_group.take() {
+            // ESRCH just means everything already exited.
+            let _ = kill_process_group(group, Signal::KILL);
+        }
+        // Keep the console for the job log before the run dir goes.
+        let serial = self.run_dir.join("serial.log");
+        if serial.exists() {
+            let _ = std::fs::rename(&serial, self.log_dir.join("console.log"));
+        }
+        match std::fs::remove_dir_all(&self.run_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                tracing::warn!(dir = %self.run_dir.display(), %error, "failed to remove a run dir")
+            }
+        }
+    }
+}
+
+impl Drop for VmResources {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// A running (or paused) QEMU, supervised.
+#[derive(Debug)]
+pub struct Vm {
+    child: Child,
+    qmp: QmpClient,
+    events: broadcast::Receiver<QmpEvent>,
+    seen: Vec<QmpEvent>,
+    run_dir: RunDir,
+    resources: VmResources,
+    timeouts: VmTimeouts,
+    powerdown_requested: bool,
+    exit: Option<VmExit>,
+}
+
+impl Vm {
+    /// Creates the run dir (0700), starts QEMU paused in its own process group, and
+    /// connects to QMP. On any failure everything created so far is removed.
+    pub async fn start(launch: VmLaunch, timeouts: VmTimeouts) -> Result<Self, VmError> {
+        let run_path = launch.run_dir.path().to_path_buf();
+        std::fs::create_dir_all(&launch.log_dir).map_err(|source| VmError::Prepare {
+            path: launch.log_dir.clone(),
+            source,
+        })?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&run_path)
+            .map_err(|source| VmError::Prepare {
+                path: run_path.clone(),
+                source,
+            })?;
+        let mut resources = VmResources {
+            run_dir: run_path,
+            log_dir: launch.log_dir.clone(),
+            process_group: None,
+        };
+
+        let log_path = launch.log_dir.join("qemu.log");
+        let log = File::create(&log_path).map_err(|source| VmError::Prepare {
+            path: log_path.clone(),
+            source,
+        })?;
+        let log_err = log.try_clone().map_err(|source| VmError::Prepare {
+            path: log_path.clone(),
+            source,
+        })?;
+        let mut child = Command::new("qemu-system-x86_64")
+            .args(&launch.argv)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| VmError::Spawn { source })?;
+        resources.process_group = child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .and_then(Pid::from_raw);
+
+        let qmp = connect_qmp(&mut child, &launch.run_dir, &log_path, timeouts.qmp).await?;
+        let (seen, events) = qmp.subscribe().await?;
+        tracing::info!(run_dir = %launch.run_dir.path().display(), qemu = qmp.qemu_version(), "VM started (paused)");
+        Ok(Self {
+            child,
+            qmp,
+            events,
+            seen,
+            run_dir: launch.run_dir,
+            resources,
+            timeouts,
+            powerdown_requested: false,
+            exit: None,
+        })
+    }
+
+    pub fn qmp(&self) -> &QmpClient {
+        &self.qmp
+    }
+
+    pub fn run_dir(&self) -> &RunDir {
+        &self.run_dir
+    }
+
+    /// Lets the guest run (QEMU starts paused so the host side can be made ready first).
+    pub async fn resume(&self) -> Result<(), QmpError> {
+        self.qmp.cont(self.timeouts.qmp).await
+    }
+
+    /// Waits up to `timeout` for the VM to end by itself. Stops a guest that is caught
+    /// in a reboot loop. Returns `None` if it is still running.
+    pub async fn wait(&mut self, timeout: Duration) -> Option<VmExit> {
+        if let Some(exit) = &self.exit {
+            return Some(exit.clone());
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut resets: Vec<Instant> = Vec::new();
+        loop {
+            tokio::select! {
+                status = self.child.wait() => {
+                    let exit = self.classify(status.ok()).await;
+                    self.exit = Some(exit.clone());
+                    return Some(exit);
+                }
+                event = self.events.recv() => {
+                    match event {
+                        Ok(event) => {
+                            if event.name == "RESET" {
+                                resets.push(Instant::now());
+                                resets.retain(|t| t.elapsed() < RESET_WINDOW);
+                                if resets.len() >= RESET_LIMIT {
+                                    tracing::warn!(resets = resets.len(), "guest is in a reboot loop; stopping it");
+                                    self.force_stop().await;
+                                    let exit = VmExit::RebootLoop { resets: resets.len() };
+                                    self.exit = Some(exit.clone());
+                                    return Some(exit);
+                                }
+                            }
+                            self.seen.push(event);
+                        }
+                        Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => {
+                            // QMP is gone: QEMU is exiting; the child wait will tell.
+                            let status = tokio::time::timeout(self.timeouts.exit, self.child.wait()).await;
+                            let exit = self.classify(status.ok().and_then(Result::ok)).await;
+                            self.exit = Some(exit.clone());
+                            return Some(exit);
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => return None,
+            }
+        }
+    }
+
+    /// Stops the VM: ACPI power-down (repeated) until the power-down timeout, then QMP
+    /// `quit`, then SIGTERM, then SIGKILL, each step bounded. Returns how it ended.
+    pub async fn stop(&mut self) -> VmExit {
+        if let Some(exit) = self.wait(Duration::ZERO).await {
+            return exit;
+        }
+        self.powerdown_requested = true;
+        let deadline = Instant::now() + self.timeouts.powerdown;
+        while Instant::now() < deadline {
+            let _ = self.qmp.system_powerdown(self.timeouts.qmp).await;
+            let slice = self
+                .timeouts
+                .powerdown_resend
+                .min(deadline.saturating_duration_since(Instant::now()));
+            if let Some(exit) = self.wait(slice).await {
+                return exit;
+            }
+        }
+        tracing::info!(
+            "guest did not power off within {:?}; quitting QEMU",
+            self.timeouts.powerdown
+        );
+        let exit = VmExit::Stopped {
+            step: self.force_stop().await,
+        };
+        self.exit = Some(exit.clone());
+        exit
+    }
+
+    /// `quit` → SIGTERM → SIGKILL; returns the step that worked.
+    async fn force_stop(&mut self) -> StopStep {
+        let _ = self.qmp.quit(self.timeouts.qmp).await;
+        if tokio::time::timeout(self.timeouts.exit, self.child.wait())
+            .await
+            .is_ok()
+        {
+            return StopStep::Quit;
+        }
+        if let Some(group) = self.resources.process_group {
+            let _ = kill_process_group(group, Signal::TERM);
+        }
+        if tokio::time::timeout(self.timeouts.exit, self.child.wait())
+            .await
+            .is_ok()
+        {
+            return StopStep::Terminate;
+        }
+        if let Some(group) = self.resources.process_group {
+            let _ = kill_process_group(group, Signal::KILL);
+        }
+        let _ = tokio::time::timeout(self.timeouts.exit, self.child.wait()).await;
+        StopStep::Kill
+    }
+
+    /// Why QEMU exited, from its last events and exit status.
+    async fn classify(&mut self, status: Option<ExitStatus>) -> VmExit {
+        // Events written just before exit may still be in flight.
+        while let Ok(event) = self.events.try_recv() {
+            self.seen.push(event);
+        }
+        let shutdown = self.seen.iter().rev().find(|e| e.name == "SHUTDOWN");
+        let panicked = self.seen.iter().any(|e| e.name == "GUEST_PANICKED");
+        if panicked {
+            return VmExit::Panicked;
+        }
+        if let Some(event) = shutdown
+            && event.data["guest"].as_bool() == Some(true)
+        {
+            return VmExit::PoweredOff {
+                requested: self.powerdown_requested,
+            };
+        }
+        let code = status.and_then(|s| s.code());
+        VmExit::QemuFailed {
+            code,
+            stderr_tail: tail(&self.resources.log_dir.join("qemu.log")),
+        }
+    }
+
+    /// Ends the VM if it still runs and removes everything it created; the console and
+    /// QEMU logs stay in the log dir.
+    pub async fn teardown(mut self) -> VmExit {
+        let exit = match self.exit.clone() {
+            Some(exit) => exit,
+            None => self.stop().await,
+        };
+        self.resources.release();
+        exit
+    }
+
+    /// QMP events seen so far.
+    pub fn events(&self) -> &[QmpEvent] {
+        &self.seen
+    }
+
+    pub fn log_dir(&self) -> &Path {
+        &self.resources.log_dir
+    }
+}
+
+async fn connect_qmp(
+    child: &mut Child,
+    run_dir: &RunDir,
+    log: &Path,
+    timeout: Duration,
+) -> Result<QmpClient, VmError> {
+    let socket = PathBuf::from(run_dir.qmp_socket());
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(VmError::QemuFailed {
+                status: status.to_string(),
+                stderr_tail: tail(log),
+            });
+        }
+        if socket.exists() {
+            match QmpClient::connect(&socket, timeout).await {
+                Ok(qmp) => return Ok(qmp),
+                Err(QmpError::Connect { .. }) if Instant::now() < deadline => {}
+                Err(other) => return Err(other.into()),
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(VmError::QmpTimeout(timeout));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The last few KiB of a log, trimmed.
+fn tail(path: &Path) -> String {
+    let Ok(mut file) = File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map_or(0, |m| m.len());
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(STDERR_TAIL)));
+    let mut text = String::new();
+    let _ = file.read_to_string(&mut text);
+    text.trim().to_owned()
+}

@@ -52,6 +52,29 @@ enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// Developer tools for VMs.
+    Vm {
+        #[command(subcommand)]
+        command: VmCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCommand {
+    /// Boot an image (a URL or an allowed local path) with its machine definition,
+    /// print the serial console, take a screenshot, and power it off.
+    Boot {
+        image: String,
+        /// Stop waiting once the console shows this text.
+        #[arg(long, default_value = "QEMU-WORKER-READY")]
+        until: String,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        seconds: u64,
+        /// Where to write the screenshot [default: <stateDir>/vm-boot/screenshot.png].
+        #[arg(long)]
+        screenshot: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -150,7 +173,135 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 .exit_with(EXIT_OTHER)?;
             runtime.block_on(image(&loaded, command))
         }
+        Command::Vm { command } => {
+            let loaded = load_config(cli.config.as_deref()).exit_with(EXIT_OTHER)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .exit_with(EXIT_OTHER)?;
+            runtime.block_on(vm(&loaded, command))
+        }
     }
+}
+
+async fn vm(loaded: &LoadedConfig, command: VmCommand) -> Result<ExitCode, Failure> {
+    use qemu_worker::job::{Identity, MachineLayers};
+    use qemu_worker::vm::{
+        LaunchPlan, NetworkAttachment, RunDir, Vm, VmTimeouts, choose_accelerator, prepare_launch,
+        take_screenshot,
+    };
+    let VmCommand::Boot {
+        image,
+        until,
+        seconds,
+        screenshot,
+    } = command;
+    let config = &loaded.config;
+    let source = cli_image_source(&image)?;
+    let accelerator = choose_accelerator(config.accelerator)
+        .await
+        .exit_with(EXIT_OTHER)?;
+    let cache = open_cache(CacheSettings::from_config(config)).await?;
+    let (progress, bar) = progress_bar();
+    let lease = cache
+        .acquire(
+            &ImageRequest {
+                source,
+                sha256: None,
+            },
+            progress,
+        )
+        .await
+        .exit_with(EXIT_USAGE)?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let layers = MachineLayers {
+        image: lease.contents().machine.clone(),
+        worker_config: config.machine.clone(),
+        ..Default::default()
+    };
+    let name = format!("vm-boot-{}", std::process::id());
+    let machine = layers
+        .resolve(&config.limits, &Identity::derive(&name, 0))
+        .map_err(|issues| {
+            let lines: Vec<String> = issues.iter().map(ToString::to_string).collect();
+            anyhow::anyhow!(
+                "the image's machine is not allowed here: {}",
+                lines.join("; ")
+            )
+        })
+        .exit_with(EXIT_USAGE)?;
+    let log_dir = config.state_dir.join("vm-boot");
+    let run_dir = RunDir::new(&config.state_dir.join("run").join(&name)).exit_with(EXIT_OTHER)?;
+    let launch = prepare_launch(LaunchPlan {
+        name: &name,
+        image: &lease,
+        machine: &machine,
+        run_dir,
+        log_dir: log_dir.clone(),
+        // No metadata service yet: the guest's connections to 169.254.169.254 fail.
+        network: NetworkAttachment::User {
+            guestfwd_command: vec!["/bin/false".into()],
+        },
+        accelerator,
+    })
+    .exit_with(EXIT_OTHER)?;
+    let timeouts = VmTimeouts::default();
+    let mut vm = Vm::start(launch, timeouts).await.exit_with(EXIT_OTHER)?;
+    vm.resume().await.exit_with(EXIT_OTHER)?;
+
+    // Follow the serial console until the marker, the deadline, or the guest ends.
+    let serial = PathBuf::from(vm.run_dir().serial_log());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    let mut shown = 0;
+    let mut found = false;
+    let mut ended = None;
+    while std::time::Instant::now() < deadline {
+        let text = std::fs::read(&serial).unwrap_or_default();
+        if text.len() > shown {
+            let _ = std::io::stdout().write_all(&text[shown..]);
+            shown = text.len();
+        }
+        if String::from_utf8_lossy(&text).contains(&until) {
+            found = true;
+            break;
+        }
+        if let Some(exit) = vm.wait(std::time::Duration::from_millis(100)).await {
+            ended = Some(exit);
+            break;
+        }
+    }
+    let mut summary = String::new();
+    if ended.is_none() {
+        let path = screenshot.unwrap_or_else(|| log_dir.join("screenshot.png"));
+        match take_screenshot(vm.qmp(), vm.run_dir().path(), timeouts.qmp).await {
+            Ok(shot) => {
+                std::fs::write(&path, &shot.png).exit_with(EXIT_OTHER)?;
+                summary.push_str(&format!(
+                    "screenshot: {} ({}x{})\n",
+                    path.display(),
+                    shot.width,
+                    shot.height
+                ));
+            }
+            Err(error) => summary.push_str(&format!("screenshot: none ({error})\n")),
+        }
+    }
+    let exit = vm.teardown().await;
+    drop(lease);
+    cache.close().await;
+    summary.push_str(&format!(
+        "accelerator: {accelerator:?}\nconsole {}: {until:?}\nexit: {exit:?}\nlogs: {}\n",
+        if found { "reached" } else { "did not reach" },
+        log_dir.display()
+    ));
+    eprint!("\n{summary}");
+    Ok(if found {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn read_payload(path: &Path) -> anyhow::Result<String> {
@@ -238,9 +389,7 @@ async fn image(loaded: &LoadedConfig, command: ImageCommand) -> Result<ExitCode,
         }
         ImageCommand::Inspect { archive, json } => inspect(&settings, &archive, json).await,
         ImageCommand::Pull { reference, sha256 } => {
-            let source = ImageSource::parse(&reference)
-                .map_err(anyhow::Error::msg)
-                .exit_with(EXIT_USAGE)?;
+            let source = cli_image_source(&reference)?;
             let cache = open_cache(settings).await?;
             let request = ImageRequest { source, sha256 };
             let (progress, bar) = progress_bar();
@@ -296,6 +445,23 @@ async fn image(loaded: &LoadedConfig, command: ImageCommand) -> Result<ExitCode,
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// An image named on the command line: a URL, or a path (relative to the current
+/// directory, unlike in payloads).
+fn cli_image_source(text: &str) -> Result<ImageSource, Failure> {
+    let absolute = if text.contains("://") || Path::new(text).is_absolute() {
+        text.to_owned()
+    } else {
+        std::env::current_dir()
+            .exit_with(EXIT_OTHER)?
+            .join(text)
+            .display()
+            .to_string()
+    };
+    ImageSource::parse(&absolute)
+        .map_err(anyhow::Error::msg)
+        .exit_with(EXIT_USAGE)
 }
 
 async fn open_cache(settings: CacheSettings) -> Result<ImageCache, Failure> {

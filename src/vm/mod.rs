@@ -4,6 +4,7 @@
 
 mod accel;
 mod argv;
+mod launch;
 mod run_dir;
 mod screenshot;
 mod supervisor;
@@ -13,6 +14,7 @@ pub use argv::{
     AGENT_PORT_NAME, Accelerator, BootDisk, DiskFormat, DiskLayer, KernelFiles, NetworkAttachment,
     QGA_PORT_NAME, VmSpec, qemu_argv,
 };
+pub use launch::{LaunchPlan, prepare_launch};
 pub use run_dir::{RunDir, RunDirError};
-pub use screenshot::{Screenshot, ScreenshotError, take_screenshot};
+pub use screenshot::{Screenshot, ScreenshotError, take_screenshot, take_screenshot_ppm};
 pub use supervisor::{StopStep, Vm, VmError, VmExit, VmLaunch, VmTimeouts};

@@ -48,7 +48,16 @@ pub async fn take_screenshot(
     screenshot_as(qmp, dir, timeout, png).await
 }
 
-pub(crate) async fn screenshot_as(
+/// The fallback path on its own: PPM from QEMU, converted to PNG here.
+pub async fn take_screenshot_ppm(
+    qmp: &QmpClient,
+    dir: &Path,
+    timeout: Duration,
+) -> Result<Screenshot, ScreenshotError> {
+    screenshot_as(qmp, dir, timeout, false).await
+}
+
+async fn screenshot_as(
     qmp: &QmpClient,
     dir: &Path,
     timeout: Duration,

@@ -151,26 +151,21 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Creates the run dir (0700), starts QEMU paused in its own process group, and
-    /// connects to QMP. On any failure everything created so far is removed.
+    /// Starts QEMU paused in its own process group in the run dir (created 0700 if
+    /// `prepare_launch` did not already), and connects to QMP. From here on the run dir
+    /// belongs to the VM: on any failure everything in it is removed.
     pub async fn start(launch: VmLaunch, timeouts: VmTimeouts) -> Result<Self, VmError> {
         let run_path = launch.run_dir.path().to_path_buf();
+        let mut resources = VmResources {
+            run_dir: run_path.clone(),
+            log_dir: launch.log_dir.clone(),
+            process_group: None,
+        };
+        create_private_dir(&run_path)?;
         std::fs::create_dir_all(&launch.log_dir).map_err(|source| VmError::Prepare {
             path: launch.log_dir.clone(),
             source,
         })?;
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&run_path)
-            .map_err(|source| VmError::Prepare {
-                path: run_path.clone(),
-                source,
-            })?;
-        let mut resources = VmResources {
-            run_dir: run_path,
-            log_dir: launch.log_dir.clone(),
-            process_group: None,
-        };
 
         let log_path = launch.log_dir.join("qemu.log");
         let log = File::create(&log_path).map_err(|source| VmError::Prepare {
@@ -367,6 +362,25 @@ impl Vm {
 
     pub fn log_dir(&self) -> &Path {
         &self.resources.log_dir
+    }
+}
+
+/// Creates `dir` readable by its owner only (QEMU's sockets live there).
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), VmError> {
+    let prepare = |source| VmError::Prepare {
+        path: dir.to_path_buf(),
+        source,
+    };
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).map_err(prepare)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(prepare)
+        }
+        Err(e) => Err(prepare(e)),
     }
 }
 

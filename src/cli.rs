@@ -52,6 +52,9 @@ enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// (internal) QEMU's guestfwd helper: splice stdin/stdout to a VM's metadata socket.
+    #[command(hide = true)]
+    MetadataSplice { socket: PathBuf },
     /// Developer tools for VMs.
     Vm {
         #[command(subcommand)]
@@ -106,6 +109,19 @@ enum ImageCommand {
 }
 
 pub fn main() -> ExitCode {
+    // The guestfwd helper runs once per guest connection: skip everything else.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let [_, command, socket] = args.as_slice()
+        && command == "metadata-splice"
+    {
+        return match qemu_worker::metadata::splice_stdio_to_socket(Path::new(socket)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("qemu-worker metadata-splice: {error}");
+                ExitCode::from(EXIT_OTHER)
+            }
+        };
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => {
@@ -172,6 +188,11 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 .build()
                 .exit_with(EXIT_OTHER)?;
             runtime.block_on(image(&loaded, command))
+        }
+        Command::MetadataSplice { socket } => {
+            qemu_worker::metadata::splice_stdio_to_socket(&socket)
+                .map(|()| ExitCode::SUCCESS)
+                .exit_with(EXIT_OTHER)
         }
         Command::Vm { command } => {
             let loaded = load_config(cli.config.as_deref()).exit_with(EXIT_OTHER)?;

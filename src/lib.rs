@@ -7,6 +7,7 @@
 pub mod config;
 pub mod image;
 pub mod job;
+pub mod metadata;
 pub mod qemu;
 pub mod schema;
 pub mod vm;

@@ -30,20 +30,27 @@ pub enum SchemaWriteError {
     },
 }
 
-/// Every schema the project publishes, generated from the Rust types.
+/// Every schema the project publishes, generated from the Rust types: the JSON Schemas
+/// of its documents and the OpenAPI description of the metadata service.
 pub fn schema_files() -> Vec<SchemaFile> {
-    SchemaKind::ALL
+    let pretty = |value: &Value| {
+        let mut text = serde_json::to_string_pretty(value)
+            .unwrap_or_else(|e| unreachable!("a JSON value always serializes: {e}"));
+        text.push('\n');
+        text
+    };
+    let mut files: Vec<SchemaFile> = SchemaKind::ALL
         .iter()
-        .map(|kind| {
-            let mut text = serde_json::to_string_pretty(&kind.schema())
-                .unwrap_or_else(|e| unreachable!("a JSON value always serializes: {e}"));
-            text.push('\n');
-            SchemaFile {
-                file_name: kind.file_name(),
-                text,
-            }
+        .map(|kind| SchemaFile {
+            file_name: kind.file_name(),
+            text: pretty(&kind.schema()),
         })
-        .collect()
+        .collect();
+    files.push(SchemaFile {
+        file_name: "metadata-api.openapi.json",
+        text: pretty(&crate::metadata::openapi_document()),
+    });
+    files
 }
 
 /// Writes every schema into `dir` (what `qemu-worker schema --out DIR` does).

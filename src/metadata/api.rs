@@ -1,0 +1,47 @@
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// `GET /v1/task`: what the guest tools must run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Task {
+    /// Program and arguments, run without a shell.
+    pub command: Vec<String>,
+    /// Variables to set over the guest's base environment.
+    pub env: BTreeMap<String, String>,
+    /// Seconds the worker lets the command run (enforced by the host).
+    pub max_run_time: u64,
+    /// Directory to run the command in.
+    pub working_directory: String,
+}
+
+/// `PUT /v1/result`: the command's exit code (128 + N when killed by signal N).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TaskResult {
+    pub exit_code: i32,
+}
+
+/// `POST /v1/log` answer: how many bytes of this stream the job log took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LogReceipt {
+    pub bytes: u64,
+}
+
+/// `GET /v1/ping` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Ping {
+    pub status: String,
+}
+
+/// Every error response: a stable code and a sentence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiError {
+    pub code: String,
+    pub message: String,
+}

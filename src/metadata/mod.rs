@@ -1,0 +1,17 @@
+//! The per-VM metadata service the guest tools talk to at 169.254.169.254:80: fetch the
+//! task, stream the log, report the result. One instance per VM, listening on a unix
+//! socket in that VM's run dir; the guest reaches it only through that VM's own
+//! user-mode network forward (or its own network namespace), so every request is bound
+//! to one VM by construction.
+
+mod api;
+mod log;
+mod openapi;
+mod service;
+mod splice;
+
+pub use api::{ApiError, LogReceipt, Ping, Task, TaskResult};
+pub use log::{LogSink, LogWriterError};
+pub use openapi::openapi_document;
+pub use service::{MetadataHandle, MetadataLimits, start_metadata_service};
+pub use splice::splice_stdio_to_socket;

@@ -1,0 +1,72 @@
+use schemars::generate::SchemaSettings;
+use serde_json::{Value, json};
+
+use super::api::{ApiError, LogReceipt, Ping, Task, TaskResult};
+
+/// The metadata API as an OpenAPI 3.1 document (its schemas are JSON Schema 2020-12,
+/// generated from the same types the service uses).
+pub fn openapi_document() -> Value {
+    let mut generator = SchemaSettings::draft2020_12()
+        .with(|s| s.definitions_path = "/components/schemas".into())
+        .into_generator();
+    // Each call registers the type under components/schemas (the $ref it returns is
+    // not needed: the paths below name the components themselves).
+    generator.subschema_for::<Task>();
+    generator.subschema_for::<TaskResult>();
+    generator.subschema_for::<LogReceipt>();
+    generator.subschema_for::<Ping>();
+    generator.subschema_for::<ApiError>();
+    let components: serde_json::Map<String, Value> =
+        generator.take_definitions(true).into_iter().collect();
+    let reply = |description: &str, schema: &str| {
+        json!({"description": description,
+               "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}})
+    };
+    let error = |description: &str| reply(description, "ApiError");
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "qemu-worker metadata service",
+            "version": "1",
+            "description": "Served to each VM at http://169.254.169.254/ (and only to that VM). The guest tools fetch the task, stream the log and report the result."
+        },
+        "servers": [{"url": "http://169.254.169.254"}],
+        "paths": {
+            "/v1/ping": {"get": {
+                "summary": "Liveness check",
+                "responses": {"200": reply("The service is up.", "Ping")}
+            }},
+            "/v1/task": {"get": {
+                "summary": "The task to run",
+                "responses": {"200": reply("The task.", "Task")}
+            }},
+            "/v1/log": {"post": {
+                "summary": "Stream output into the job log",
+                "description": "The body (any bytes, typically chunked) is appended to the job log as it arrives. Several streams may be open at once; the log is capped, and a line says so when the cap is reached.",
+                "requestBody": {"required": true, "content": {"application/octet-stream": {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}},
+                "responses": {
+                    "200": reply("The stream ended; this many bytes were received.", "LogReceipt"),
+                    "400": error("The stream broke."),
+                    "503": error("The job log is closed.")
+                }
+            }},
+            "/v1/result": {"put": {
+                "summary": "Report the command's exit code, once",
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TaskResult"}}}},
+                "responses": {
+                    "200": reply("Recorded (or the same result was already recorded).", "TaskResult"),
+                    "400": error("The body is not a TaskResult."),
+                    "409": error("A different result was already reported."),
+                    "413": error("The body is too large.")
+                }
+            }}
+        },
+        "components": {
+            "schemas": Value::Object(components),
+            "responses": {
+                "NotFound": error("No such endpoint (404)."),
+                "MethodNotAllowed": error("Wrong method for the endpoint (405, with Allow).")
+            }
+        }
+    })
+}

@@ -1,0 +1,288 @@
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::api::{ApiError, LogReceipt, Ping, Task, TaskResult};
+use super::log::LogSink;
+
+/// Size and time limits of the metadata service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetadataLimits {
+    /// Largest JSON request body (the result report).
+    pub max_json_body: usize,
+    /// Largest request head (request line and headers).
+    pub max_head: usize,
+    /// Longest wait for a request head.
+    pub head_timeout: Duration,
+}
+
+impl Default for MetadataLimits {
+    fn default() -> Self {
+        Self {
+            max_json_body: 64 << 10,
+            max_head: 16 << 10,
+            head_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+struct State {
+    task: Bytes,
+    log: LogSink,
+    result: watch::Sender<Option<i32>>,
+    fetched: watch::Sender<bool>,
+    limits: MetadataLimits,
+}
+
+/// A running metadata service for one VM. Dropping it stops the service and every
+/// connection it has open.
+#[derive(Debug)]
+pub struct MetadataHandle {
+    result: watch::Receiver<Option<i32>>,
+    fetched: watch::Receiver<bool>,
+    accept: tokio::task::JoinHandle<()>,
+    socket: PathBuf,
+}
+
+impl MetadataHandle {
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Waits until the guest has fetched its task; false if the service stopped.
+    pub async fn task_fetched(&mut self) -> bool {
+        self.fetched.wait_for(|fetched| *fetched).await.is_ok()
+    }
+
+    /// Waits for the guest's result report; `None` if the service stopped first.
+    pub async fn result(&mut self) -> Option<i32> {
+        self.result
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|r| *r)
+    }
+
+    /// The result reported so far, if any.
+    pub fn reported(&self) -> Option<i32> {
+        *self.result.borrow()
+    }
+}
+
+impl Drop for MetadataHandle {
+    fn drop(&mut self) {
+        self.accept.abort();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Starts the metadata service of one VM on `socket`, serving `task` and appending the
+/// guest's log streams to `log`.
+pub async fn start_metadata_service(
+    socket: &Path,
+    task: &Task,
+    log: LogSink,
+    limits: MetadataLimits,
+) -> std::io::Result<MetadataHandle> {
+    let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket)?;
+    let (result, result_rx) = watch::channel(None);
+    let (fetched, fetched_rx) = watch::channel(false);
+    let task = Bytes::from(
+        serde_json::to_vec(task).unwrap_or_else(|e| unreachable!("a task always serializes: {e}")),
+    );
+    let state = Arc::new(State {
+        task,
+        log,
+        result,
+        fetched,
+        limits,
+    });
+    let accept = tokio::spawn(async move {
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    let state = Arc::clone(&state);
+                    let limits = state.limits;
+                    connections.spawn(async move {
+                        let service = hyper::service::service_fn(move |request| {
+                            let state = Arc::clone(&state);
+                            async move { Ok::<_, Infallible>(route(&state, request).await) }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .timer(TokioTimer::new())
+                            .header_read_timeout(limits.head_timeout)
+                            // The guestfwd helper shuts its write side at the guest's EOF
+                            // and still wants the answer.
+                            .half_close(true)
+                            // hyper's smallest allowed buffer is 8 KiB.
+                            .max_buf_size(limits.max_head.max(8192))
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+    });
+    Ok(MetadataHandle {
+        result: result_rx,
+        fetched: fetched_rx,
+        accept,
+        socket: socket.to_path_buf(),
+    })
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Reply {
+    let body =
+        serde_json::to_vec(value).unwrap_or_else(|e| unreachable!("replies always serialize: {e}"));
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Reply {
+    json(
+        status,
+        &ApiError {
+            code: code.to_owned(),
+            message: message.into(),
+        },
+    )
+}
+
+async fn route(state: &State, request: Request<Incoming>) -> Reply {
+    let path = request.uri().path().to_owned();
+    let allowed = match path.as_str() {
+        "/v1/ping" | "/v1/task" => Method::GET,
+        "/v1/log" => Method::POST,
+        "/v1/result" => Method::PUT,
+        _ => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                format!("no such endpoint: {path}"),
+            );
+        }
+    };
+    if request.method() != allowed {
+        let mut reply = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+            format!("{path} accepts {allowed} only"),
+        );
+        if let Ok(value) = HeaderValue::from_str(allowed.as_str()) {
+            reply.headers_mut().insert(ALLOW, value);
+        }
+        return reply;
+    }
+    match path.as_str() {
+        "/v1/ping" => json(
+            StatusCode::OK,
+            &Ping {
+                status: "ok".into(),
+            },
+        ),
+        "/v1/task" => {
+            state.fetched.send_replace(true);
+            let mut response = Response::new(Full::new(state.task.clone()));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        "/v1/log" => stream_log(state, request.into_body()).await,
+        _ => report_result(state, request.into_body()).await,
+    }
+}
+
+/// Appends a (chunked) body to the job log as it arrives.
+async fn stream_log(state: &State, mut body: Incoming) -> Reply {
+    let mut bytes: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data() {
+                    bytes += data.len() as u64;
+                    if !state.log.append(data).await {
+                        return error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "log-closed",
+                            "the job log is closed",
+                        );
+                    }
+                }
+            }
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad-body",
+                    format!("the log stream broke: {e}"),
+                );
+            }
+        }
+    }
+    json(StatusCode::OK, &LogReceipt { bytes })
+}
+
+/// The first result wins; the same result again is fine; a different one is a conflict.
+async fn report_result(state: &State, body: Incoming) -> Reply {
+    let limit = state.limits.max_json_body;
+    let body = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-large",
+                format!("a result body is at most {limit} bytes"),
+            );
+        }
+    };
+    let reported: TaskResult = match serde_json::from_slice(&body) {
+        Ok(result) => result,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad-result",
+                format!("expected {{\"exitCode\": <integer>}}: {e}"),
+            );
+        }
+    };
+    let mut previous = None;
+    state.result.send_if_modified(|current| match current {
+        Some(code) => {
+            previous = Some(*code);
+            false
+        }
+        None => {
+            *current = Some(reported.exit_code);
+            true
+        }
+    });
+    match previous {
+        Some(code) if code != reported.exit_code => error(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("the result was already reported as exit code {code}"),
+        ),
+        _ => json(StatusCode::OK, &reported),
+    }
+}

@@ -11,6 +11,9 @@ use qemu_worker::image::{
     CacheSettings, FetchPolicy, Fetcher, ImageCache, ImageLease, ImageLimits, ImageRequest,
 };
 use qemu_worker::job::{Identity, ImageSource, MachineDefinition, MachineLayers, MachineLimits};
+use qemu_worker::metadata::{
+    LogSink, MetadataHandle, MetadataLimits, Task, start_metadata_service,
+};
 use qemu_worker::qemu::QgaClient;
 use qemu_worker::vm::{
     Accelerator, LaunchPlan, NetworkAttachment, RunDir, StopStep, Vm, VmExit, VmTimeouts,
@@ -71,6 +74,69 @@ impl Guest {
     /// Starts a VM from the test image; `change` edits the image's machine definition.
     async fn start(&self, name: &str, change: impl FnOnce(&mut MachineDefinition)) -> Vm {
         self.start_with(name, change, Duration::from_secs(30)).await
+    }
+
+    /// Starts a VM whose guest tools run `script` through its metadata service; returns
+    /// the VM, the service, and the job log's path.
+    async fn start_task(&self, name: &str, script: &str) -> (Vm, MetadataHandle, PathBuf) {
+        let machine = self.machine(name, |_| {});
+        let run_dir = RunDir::new(&self.scratch.path().join(name)).expect("run dir");
+        let socket = run_dir.metadata_socket();
+        let launch = prepare_launch(LaunchPlan {
+            name,
+            image: &self.lease,
+            machine: &machine,
+            run_dir,
+            log_dir: self.scratch.path().join(format!("{name}-logs")),
+            network: NetworkAttachment::User {
+                guestfwd_command: vec![
+                    env!("CARGO_BIN_EXE_qemu-worker").into(),
+                    "metadata-splice".into(),
+                    socket.clone(),
+                ],
+            },
+            accelerator: Accelerator::Tcg,
+        })
+        .expect("launch");
+        std::fs::create_dir_all(&launch.log_dir).expect("log dir");
+        let log_path = launch.log_dir.join("job.log");
+        let log = LogSink::create(&log_path, 1 << 20).await.expect("log");
+        let task = Task {
+            command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            env: [("GREETING".to_owned(), "hello".to_owned())].into(),
+            max_run_time: 120,
+            working_directory: "/root".into(),
+        };
+        let service =
+            start_metadata_service(Path::new(&socket), &task, log, MetadataLimits::default())
+                .await
+                .expect("metadata service");
+        let vm = Vm::start(launch, VmTimeouts::default())
+            .await
+            .expect("QEMU starts");
+        vm.resume().await.expect("cont");
+        (vm, service, log_path)
+    }
+
+    fn machine(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut MachineDefinition),
+    ) -> qemu_worker::job::Machine {
+        let mut image_machine = self.lease.contents().machine.clone();
+        change(&mut image_machine);
+        let layers = MachineLayers {
+            image: image_machine,
+            ..Default::default()
+        };
+        let limits = MachineLimits {
+            max_memory: 256,
+            max_cpus: 1,
+            default_threads: 1,
+        };
+        layers
+            .resolve(&limits, &Identity::derive(name, 0))
+            .expect("machine")
     }
 
     async fn start_with(
@@ -290,6 +356,137 @@ async fn a_guest_that_never_boots_is_stopped_by_the_worker() {
 {console}"
     );
     vm.teardown().await;
+    guest.assert_clean();
+    guest.close().await;
+}
+
+/// Waits for `needle` in the job log, failing with the log and the console.
+async fn wait_for_log(log: &Path, needle: &str, guest: &Guest, name: &str, vm: &Vm) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{needle:?} never reached the job log:\n{text}\nconsole:\n{}\nQEMU:\n{}",
+            guest.console(name, vm),
+            std::fs::read_to_string(guest.scratch.path().join(format!("{name}-logs/qemu.log")))
+                .unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_guest_tools_stream_the_log_live_and_report_the_exit_code() {
+    let guest = Guest::new().await;
+    let (vm, mut service, log) = guest
+        .start_task(
+            "live",
+            "echo \"$GREETING first\"; sleep 4; echo second; echo oops >&2; exit 3",
+        )
+        .await;
+    let early = wait_for_log(&log, "hello first", &guest, "live", &vm).await;
+    assert_eq!(
+        service.reported(),
+        None,
+        "the first line arrived while the command still ran:\n{early}"
+    );
+    assert!(!early.contains("second"), "{early}");
+    let code = tokio::time::timeout(Duration::from_secs(120), service.result())
+        .await
+        .expect("a result");
+    assert_eq!(code, Some(3));
+    // stdout and stderr share one pipe, so the log keeps the order they were written in.
+    let text = wait_for_log(&log, "oops", &guest, "live", &vm).await;
+    assert_eq!(text, "hello first\nsecond\noops\n");
+    vm.teardown().await;
+    guest.assert_clean();
+    guest.close().await;
+}
+
+/// The first address of this host that is not loopback.
+fn host_address() -> String {
+    let output = std::process::Command::new("hostname")
+        .arg("-I")
+        .output()
+        .expect("hostname -I");
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .find(|a| !a.starts_with("127.") && a.contains('.'))
+        .expect("a non-loopback IPv4 address")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn guests_reach_only_their_own_metadata_service() {
+    let guest = Guest::new().await;
+    // A service on the host's loopback and one on all its addresses.
+    let loopback = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let anywhere = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+    let (lo_port, any_port) = (
+        loopback.local_addr().expect("addr").port(),
+        anywhere.local_addr().expect("addr").port(),
+    );
+    for listener in [loopback, anywhere] {
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                use std::io::Write;
+                let _ = stream.write_all(b"HOST-SERVICE-REACHED\n");
+            }
+        });
+    }
+    let host = host_address();
+    let probes = format!(
+        "timeout 10 wget -q -O - http://169.254.169.254/v1/ping && echo; echo OWN-METADATA-DONE; \
+         for target in 169.254.169.2:{lo_port} 127.0.0.1:{lo_port} 10.0.2.2:{lo_port} {host}:{any_port} 169.254.169.2:{any_port}; do \
+           if timeout 3 nc ${{target%:*}} ${{target#*:}} </dev/null 2>/dev/null | grep -q REACHED; \
+           then echo \"LEAK $target\"; else echo \"BLOCKED $target\"; fi; \
+         done; exit 3"
+    );
+    let (vm_a, mut service_a, log_a) = guest.start_task("iso-a", &probes).await;
+    let (vm_b, mut service_b, log_b) = guest.start_task("iso-b", "echo I am B; exit 5").await;
+
+    let code_a = tokio::time::timeout(Duration::from_secs(180), service_a.result())
+        .await
+        .expect("A reports");
+    let code_b = tokio::time::timeout(Duration::from_secs(180), service_b.result())
+        .await
+        .expect("B reports");
+    assert_eq!(
+        (code_a, code_b),
+        (Some(3), Some(5)),
+        "each VM's result resolves only its own job"
+    );
+
+    let text_a = wait_for_log(&log_a, "OWN-METADATA-DONE", &guest, "iso-a", &vm_a).await;
+    assert!(
+        text_a.contains(r#"{"status":"ok"}"#),
+        "the guest reaches its own metadata service:\n{text_a}"
+    );
+    let text_a = wait_for_log(
+        &log_a,
+        &format!("169.254.169.2:{any_port}"),
+        &guest,
+        "iso-a",
+        &vm_a,
+    )
+    .await;
+    assert!(
+        !text_a.contains("LEAK"),
+        "a guest reached a host service:\n{text_a}"
+    );
+    assert_eq!(text_a.matches("BLOCKED").count(), 5, "{text_a}");
+    let text_b = wait_for_log(&log_b, "I am B", &guest, "iso-b", &vm_b).await;
+    assert!(
+        !text_b.contains("BLOCKED") && !text_a.contains("I am B"),
+        "logs stay with their own job"
+    );
+
+    vm_a.teardown().await;
+    vm_b.teardown().await;
     guest.assert_clean();
     guest.close().await;
 }

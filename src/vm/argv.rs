@@ -98,11 +98,10 @@ pub fn qemu_argv(spec: &VmSpec<'_>) -> Vec<String> {
     argv.flag("-S");
     argv.flag("-nodefaults");
     argv.flag("-no-user-config");
-    // spawn stays allowed: user-mode networking forks the guestfwd helper per connection.
-    argv.push(
-        "-sandbox",
-        "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny",
-    );
+    // spawn and elevateprivileges stay allowed: user-mode networking forks the guestfwd
+    // helper per connection, and slirp's fork_exec calls setsid() in the child (with
+    // elevateprivileges=deny the helper dies and the guest never gets an answer).
+    argv.push("-sandbox", "on,obsolete=deny,resourcecontrol=deny");
     argv.push("-msg", "timestamp=on");
     argv.push("-machine", machine_type(m.chipset));
     argv.push(

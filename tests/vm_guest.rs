@@ -7,9 +7,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::require;
+use qemu_worker::agent::{AgentClient, AgentError};
 use qemu_worker::image::{
     CacheSettings, FetchPolicy, Fetcher, ImageCache, ImageLease, ImageLimits, ImageRequest,
 };
+use qemu_worker::job::ArtifactKind;
 use qemu_worker::job::{Identity, ImageSource, MachineDefinition, MachineLayers, MachineLimits};
 use qemu_worker::metadata::{
     LogSink, MetadataHandle, MetadataLimits, Task, start_metadata_service,
@@ -487,6 +489,131 @@ async fn guests_reach_only_their_own_metadata_service() {
 
     vm_a.teardown().await;
     vm_b.teardown().await;
+    guest.assert_clean();
+    guest.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn artifacts_come_back_through_the_agent_port() {
+    let guest = Guest::new().await;
+    let script = "mkdir -p /out/logs/nested && echo report > /out/report.txt && echo a > /out/logs/a.txt \
+        && echo b > /out/logs/nested/b.txt && ln -s /etc /out/logs/escape \
+        && head -c 3145728 /dev/urandom > /out/big.bin && echo made";
+    let (vm, mut service, log) = guest.start_task("art", script).await;
+    let code = tokio::time::timeout(Duration::from_secs(120), service.result())
+        .await
+        .expect("a result");
+    assert_eq!(
+        code,
+        Some(0),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let socket = PathBuf::from(vm.run_dir().agent_socket());
+    let out = guest.scratch.path().join("art-logs/artifacts");
+
+    let mut agent = AgentClient::connect(&socket, T).await.expect("agent port");
+    let file = agent
+        .fetch(
+            "/out/report.txt",
+            ArtifactKind::File,
+            &out.join("report.txt"),
+            1 << 20,
+            T,
+        )
+        .await
+        .expect("file");
+    assert_eq!(
+        std::fs::read_to_string(out.join("report.txt")).expect("written"),
+        "report\n"
+    );
+    assert_eq!(file.files[0].size, 7);
+
+    let tree = agent
+        .fetch(
+            "/out/logs",
+            ArtifactKind::Directory,
+            &out.join("logs"),
+            1 << 20,
+            T,
+        )
+        .await
+        .expect("folder");
+    let names: Vec<&str> = tree.files.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["a.txt", "nested/b.txt"],
+        "exactly the relative names"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("logs/nested/b.txt")).expect("nested"),
+        "b\n"
+    );
+    assert_eq!(tree.skipped.len(), 1);
+    assert_eq!(
+        tree.skipped[0].name, "escape",
+        "the symlink out of the folder is not followed"
+    );
+    assert!(!out.join("logs/escape").exists());
+
+    for (path, kind) in [
+        ("/out/missing.txt", ArtifactKind::File),
+        ("/out/missing", ArtifactKind::Directory),
+    ] {
+        let error = agent
+            .fetch(path, kind, &out.join("missing"), 1 << 20, T)
+            .await
+            .expect_err("missing");
+        assert!(matches!(error, AgentError::NotFound { .. }), "{error}");
+    }
+    let error = agent
+        .fetch(
+            "/out/big.bin",
+            ArtifactKind::File,
+            &out.join("big.bin"),
+            1 << 20,
+            T,
+        )
+        .await
+        .expect_err("over the cap");
+    assert!(matches!(error, AgentError::TooLarge { .. }), "{error}");
+
+    // The host reconnects, and the guest tools restart: the port still serves, and the
+    // task does not run again.
+    drop(agent);
+    let mut qga = QgaClient::connect(Path::new(&vm.run_dir().qga_socket()), T)
+        .await
+        .expect("qga");
+    qga.exec("/bin/sh", &["-c", "kill $(pidof qemu-worker-guest)"], T)
+        .await
+        .expect("kill");
+    let mut agent = AgentClient::connect(&socket, T)
+        .await
+        .expect("agent port after a restart");
+    let big = agent
+        .fetch(
+            "/out/big.bin",
+            ArtifactKind::File,
+            &out.join("big.bin"),
+            8 << 20,
+            T,
+        )
+        .await
+        .expect("big file");
+    assert_eq!(big.files[0].size, 3 << 20);
+    let console = guest.console("art", &vm);
+    assert!(
+        console.contains("restarted: the task already ran"),
+        "{console}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("made")
+            .count(),
+        1
+    );
+    vm.teardown().await;
     guest.assert_clean();
     guest.close().await;
 }

@@ -1,7 +1,8 @@
 //! qemu-worker-guest: the only project code inside a guest. Started by the image's
 //! init, it waits for the VM's metadata service, fetches the task, runs the command with
 //! its environment, streams stdout and stderr into the job log as they are produced,
-//! reports the exit code, and then stays up (the host collects artifacts afterwards).
+//! reports the exit code, and then stays up: the host collects artifacts over the agent
+//! port (`agent.rs`), which is served from the start.
 //!
 //! It is linked statically and uses IP literals only: no DNS, no user lookups.
 
@@ -15,10 +16,14 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+mod agent;
+
 /// The metadata service, as every VM sees it.
 const METADATA: &str = "169.254.169.254:80";
 /// How long to wait for the metadata service at start (the network may come up late).
 const WAIT_FOR_SERVICE: Duration = Duration::from_secs(600);
+/// Created before the task runs: a restarted instance must not run it again.
+const STARTED_MARKER: &str = "/run/qemu-worker-guest.started";
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -38,6 +43,12 @@ fn main() {
         .unwrap_or_else(|_| METADATA.to_owned())
         .parse()
         .unwrap_or_else(|e| fail(&format!("bad metadata address: {e}")));
+    // The agent port serves artifacts from the start, whatever happens to the task.
+    std::thread::spawn(|| agent::serve_forever(std::path::Path::new(agent::PORT)));
+    if std::path::Path::new(STARTED_MARKER).exists() {
+        say("restarted: the task already ran; serving the agent port only");
+        idle();
+    }
     say(&format!("waiting for the metadata service at {address}"));
     wait_for_service(address);
     let task: Task = match get(address, "/v1/task") {
@@ -49,11 +60,20 @@ fn main() {
         )),
         Err(e) => fail(&format!("GET /v1/task failed: {e}")),
     };
+    if let Err(e) = std::fs::write(STARTED_MARKER, b"") {
+        say(&format!(
+            "cannot write {STARTED_MARKER} ({e}); a restart would run the task again"
+        ));
+    }
     say(&format!("running {:?}", task.command));
     let code = run(address, &task);
     report(address, code);
     say(&format!("done: exit code {code}"));
     // Stay up: the host collects artifacts and powers the VM off.
+    idle();
+}
+
+fn idle() -> ! {
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
@@ -65,9 +85,7 @@ fn say(message: &str) {
 
 fn fail(message: &str) -> ! {
     say(message);
-    loop {
-        std::thread::sleep(Duration::from_secs(3600));
-    }
+    idle();
 }
 
 fn wait_for_service(address: SocketAddr) {

@@ -17,10 +17,10 @@ pub use machine::{
     MouseDevice, NetworkDevice, SoundDevice, StorageDevice, TabletDevice, UsbController,
 };
 pub(crate) use machine::{DISK_SERIAL_PATTERN, MAC_PATTERN, UUID_PATTERN};
-pub(crate) use payload::SHA256_PATTERN;
 pub use payload::{
     ArtifactKind, ArtifactSpec, ImageReference, ImageSource, JobPayload, PinnedImage,
 };
+pub(crate) use payload::{SHA256_PATTERN, artifact_name_problem};
 pub use report::{ExceptionReason, Resolution, ResultReport, ResultState, ValidationReport};
 pub use validate::{
     MAX_DOCUMENT_BYTES, PayloadCheck, PayloadContext, load_machine_json, validate_payload,

@@ -519,6 +519,7 @@ async fn artifacts_come_back_through_the_agent_port() {
             ArtifactKind::File,
             &out.join("report.txt"),
             1 << 20,
+            true,
             T,
         )
         .await
@@ -535,6 +536,7 @@ async fn artifacts_come_back_through_the_agent_port() {
             ArtifactKind::Directory,
             &out.join("logs"),
             1 << 20,
+            true,
             T,
         )
         .await
@@ -561,7 +563,7 @@ async fn artifacts_come_back_through_the_agent_port() {
         ("/out/missing", ArtifactKind::Directory),
     ] {
         let error = agent
-            .fetch(path, kind, &out.join("missing"), 1 << 20, T)
+            .fetch(path, kind, &out.join("missing"), 1 << 20, false, T)
             .await
             .expect_err("missing");
         assert!(matches!(error, AgentError::NotFound { .. }), "{error}");
@@ -572,6 +574,7 @@ async fn artifacts_come_back_through_the_agent_port() {
             ArtifactKind::File,
             &out.join("big.bin"),
             1 << 20,
+            false,
             T,
         )
         .await
@@ -596,6 +599,7 @@ async fn artifacts_come_back_through_the_agent_port() {
             ArtifactKind::File,
             &out.join("big.bin"),
             8 << 20,
+            false,
             T,
         )
         .await

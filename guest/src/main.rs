@@ -39,6 +39,13 @@ struct Task {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, mode, count] = args.as_slice()
+        && mode == "bench-metadata"
+    {
+        bench_metadata(count.parse().unwrap_or(200));
+        return;
+    }
     let address: SocketAddr = std::env::var("QEMU_WORKER_METADATA")
         .unwrap_or_else(|_| METADATA.to_owned())
         .parse()
@@ -321,4 +328,29 @@ fn report(address: SocketAddr, code: i32) {
         }
         std::thread::sleep(Duration::from_millis(200 * (attempt + 1)));
     }
+}
+
+/// `qemu-worker-guest bench-metadata N`: times N `GET /v1/ping` round trips from inside
+/// the guest and prints the median and 99th percentile (used by the benchmarks).
+fn bench_metadata(count: usize) {
+    let address: SocketAddr = METADATA.parse().unwrap_or_else(|e| fail(&format!("{e}")));
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count {
+        let start = Instant::now();
+        match get(address, "/v1/ping") {
+            Ok((200, _)) => samples.push(start.elapsed().as_micros()),
+            other => {
+                println!("bench-metadata: request failed: {other:?}");
+                return;
+            }
+        }
+    }
+    samples.sort_unstable();
+    let pick = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    println!(
+        "bench-metadata: n={} p50_us={} p99_us={}",
+        samples.len(),
+        pick(0.5),
+        pick(0.99)
+    );
 }

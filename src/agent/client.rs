@@ -141,19 +141,22 @@ impl AgentClient {
     }
 
     /// Fetches a guest file (written to `dest`) or folder (its files written under the
-    /// directory `dest`, which must not exist yet), at most `max_bytes` in all, each
-    /// file checked against the sha256 the guest computed. `timeout` bounds the wait
-    /// for each frame. After an error, reconnect before the next request.
+    /// directory `dest`), at most `max_bytes` in all. The host hashes every file it
+    /// receives and checks its size against the guest's; with `verify` the guest hashes
+    /// it too and the two must agree (end to end, at ~5x the cost under TCG).
+    /// `timeout` bounds the wait for each frame. After an error, reconnect.
     pub async fn fetch(
         &mut self,
         path: &str,
         kind: ArtifactKind,
         dest: &Path,
         max_bytes: u64,
+        verify: bool,
         timeout: Duration,
     ) -> Result<FetchedTree, AgentError> {
-        let request =
-            serde_json::json!({"path": path, "kind": kind.as_str(), "maxBytes": max_bytes});
+        let request = serde_json::json!({
+            "path": path, "kind": kind.as_str(), "maxBytes": max_bytes, "verify": verify
+        });
         self.send(b'G', request.to_string().as_bytes()).await?;
         if kind == ArtifactKind::Directory {
             tokio::fs::create_dir_all(dest).await?;
@@ -210,10 +213,18 @@ impl AgentClient {
                     file.flush().await?;
                     let digest: [u8; 32] = hasher.finalize().into();
                     entry.sha256 = digest.iter().map(|b| format!("{b:02x}")).collect();
-                    if entry.sha256 != end.sha256 {
+                    if end.size != entry.size {
+                        return Err(AgentError::Protocol(format!(
+                            "{} arrived with {} bytes, the guest sent {}",
+                            entry.name, entry.size, end.size
+                        )));
+                    }
+                    if let Some(expected) = end.sha256
+                        && expected != entry.sha256
+                    {
                         return Err(AgentError::Checksum {
                             name: entry.name,
-                            expected: end.sha256,
+                            expected,
                             actual: entry.sha256,
                         });
                     }
@@ -251,7 +262,8 @@ struct FileHeader {
 
 #[derive(Deserialize)]
 struct FileEnd {
-    sha256: String,
+    size: u64,
+    sha256: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -1,0 +1,301 @@
+//! Guest channel benchmarks on the test image under TCG, each next to its baseline:
+//!
+//! 1. Metadata GET latency from inside the guest (200 requests, p50/p99, measured by the
+//!    guest tools themselves), next to the same request made on the host to the unix
+//!    socket.
+//! 2. Log streaming throughput: 64 MiB of command output, guest → job log.
+//! 3. Artifact throughput for a 256 MiB file through the agent port, next to a raw
+//!    `cat` of the same file into a second virtio-serial port. Goal: ≥ 0.5×.
+//!
+//! `cargo bench --bench guest` (needs images/build-test-image).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use qemu_worker::agent::AgentClient;
+use qemu_worker::image::{
+    CacheSettings, FetchPolicy, Fetcher, ImageCache, ImageLimits, ImageRequest,
+};
+use qemu_worker::job::{
+    ArtifactKind, Identity, ImageSource, MachineDefinition, MachineLayers, MachineLimits,
+};
+use qemu_worker::metadata::{
+    LogSink, MetadataHandle, MetadataLimits, Task, start_metadata_service,
+};
+use qemu_worker::vm::{
+    Accelerator, LaunchPlan, NetworkAttachment, RunDir, Vm, VmTimeouts, prepare_launch,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIG: u64 = 256 << 20;
+const LOG_BYTES: u64 = 64 << 20;
+
+struct Started {
+    vm: Vm,
+    service: MetadataHandle,
+    log: PathBuf,
+}
+
+async fn start(
+    scratch: &Path,
+    lease: &qemu_worker::image::ImageLease,
+    name: &str,
+    script: &str,
+    extra: &[String],
+) -> Started {
+    let layers = MachineLayers {
+        payload: MachineDefinition {
+            memory: Some(1024),
+            ..Default::default()
+        },
+        image: lease.contents().machine.clone(),
+        ..Default::default()
+    };
+    let limits = MachineLimits {
+        max_memory: 1024,
+        max_cpus: 1,
+        default_threads: 1,
+    };
+    let machine = layers
+        .resolve(&limits, &Identity::derive(name, 0))
+        .expect("machine");
+    let run_dir = RunDir::new(&scratch.join(name)).expect("run dir");
+    let socket = run_dir.metadata_socket();
+    let mut launch = prepare_launch(LaunchPlan {
+        name,
+        image: lease,
+        machine: &machine,
+        run_dir,
+        log_dir: scratch.join(format!("{name}-logs")),
+        network: NetworkAttachment::User {
+            guestfwd_command: vec![
+                env!("CARGO_BIN_EXE_qemu-worker").into(),
+                "metadata-splice".into(),
+                socket.clone(),
+            ],
+        },
+        accelerator: Accelerator::Tcg,
+    })
+    .expect("launch");
+    launch.argv.extend_from_slice(extra);
+    std::fs::create_dir_all(&launch.log_dir).expect("log dir");
+    let log = launch.log_dir.join("job.log");
+    let sink = LogSink::create(&log, 1 << 30).await.expect("log");
+    let task = Task {
+        command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: BTreeMap::new(),
+        max_run_time: 600,
+        working_directory: "/root".into(),
+    };
+    let service =
+        start_metadata_service(Path::new(&socket), &task, sink, MetadataLimits::default())
+            .await
+            .expect("service");
+    let vm = Vm::start(launch, VmTimeouts::default())
+        .await
+        .expect("start");
+    Started { vm, service, log }
+}
+
+async fn host_ping(socket: &Path) -> Duration {
+    let start = Instant::now();
+    let mut stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET /v1/ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).await.expect("read");
+    assert!(reply.starts_with(b"HTTP/1.1 200"));
+    start.elapsed()
+}
+
+fn main() {
+    let image = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/out/qemu-worker-test.tar.zst");
+    assert!(image.is_file(), "run images/build-test-image first");
+    let scratch = tempfile::Builder::new()
+        .prefix("qw-bg")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let cache = ImageCache::open(
+            CacheSettings {
+                dir: scratch.path().join("cache"),
+                max_size: 1 << 30,
+                min_free: 0,
+                limits: ImageLimits {
+                    max_image_bytes: 1 << 30,
+                },
+                allowed_local_dirs: vec![image.parent().expect("dir").to_path_buf()],
+            },
+            Fetcher::new(FetchPolicy::default()).expect("fetcher"),
+        )
+        .await
+        .expect("cache");
+        let lease = cache
+            .acquire(
+                &ImageRequest {
+                    source: ImageSource::Local(image.clone()),
+                    sha256: None,
+                },
+                None,
+            )
+            .await
+            .expect("image");
+        metadata_latency(scratch.path(), &lease).await;
+        log_throughput(scratch.path(), &lease).await;
+        artifact_throughput(scratch.path(), &lease).await;
+        drop(lease);
+        cache.close().await;
+    });
+}
+
+async fn metadata_latency(scratch: &Path, lease: &qemu_worker::image::ImageLease) {
+    let mut s = start(
+        scratch,
+        lease,
+        "lat",
+        "/usr/bin/qemu-worker-guest bench-metadata 200",
+        &[],
+    )
+    .await;
+    s.vm.resume().await.expect("cont");
+    tokio::time::timeout(Duration::from_secs(300), s.service.result())
+        .await
+        .expect("result");
+    s.service_log_flush().await;
+    let text = std::fs::read_to_string(&s.log).expect("log");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("bench-metadata:"))
+        .unwrap_or("bench-metadata: no result");
+    let socket = s.service.socket().to_path_buf();
+    let mut host: Vec<f64> = Vec::new();
+    for _ in 0..200 {
+        host.push(host_ping(&socket).await.as_secs_f64() * 1e6);
+    }
+    host.sort_by(f64::total_cmp);
+    println!("metadata GET /v1/ping latency, 200 requests (µs)");
+    println!("  from inside the guest (TCG, user-mode network, guestfwd helper): {line}");
+    println!(
+        "  baseline: same request on the host to the unix socket: p50_us={:.0} p99_us={:.0}",
+        host[100], host[197]
+    );
+    s.vm.teardown().await;
+}
+
+impl Started {
+    async fn service_log_flush(&self) {
+        // The service appends as it receives; give the log writer a moment to settle.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn log_throughput(scratch: &Path, lease: &qemu_worker::image::ImageLease) {
+    let script = format!("head -c {LOG_BYTES} /dev/zero");
+    let mut s = start(scratch, lease, "logs", &script, &[]).await;
+    s.vm.resume().await.expect("cont");
+    assert!(s.service.task_fetched().await);
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(600), s.service.result())
+        .await
+        .expect("result");
+    let seconds = started.elapsed().as_secs_f64();
+    s.service_log_flush().await;
+    let bytes = std::fs::metadata(&s.log).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(bytes, LOG_BYTES, "the whole output reached the log");
+    println!(
+        "\nlog streaming, 64 MiB of output from task start to result: {:.1} MB/s ({seconds:.1} s)",
+        bytes as f64 / 1e6 / seconds
+    );
+    s.vm.teardown().await;
+}
+
+async fn timed_fetch(agent: &mut AgentClient, scratch: &Path, verify: bool, name: &str) -> f64 {
+    let start = Instant::now();
+    let fetched = agent
+        .fetch(
+            "/tmp/big",
+            ArtifactKind::File,
+            &scratch.join(name),
+            1 << 30,
+            verify,
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("fetch");
+    assert_eq!(fetched.files[0].size, BIG);
+    start.elapsed().as_secs_f64()
+}
+
+async fn artifact_throughput(scratch: &Path, lease: &qemu_worker::image::ImageLease) {
+    let raw_socket = scratch.join("raw.sock");
+    let extra = vec![
+        "-chardev".to_owned(),
+        format!(
+            "socket,id=raw0,path={},server=on,wait=off",
+            raw_socket.display()
+        ),
+        "-device".to_owned(),
+        "virtserialport,bus=vser0.0,chardev=raw0,name=org.qemu-worker.bench.0".to_owned(),
+    ];
+    let script = format!(
+        "head -c {BIG} /dev/urandom > /tmp/big && \\
+         p=$(grep -l org.qemu-worker.bench.0 /sys/class/virtio-ports/*/name) && \\
+         dev=/dev/$(basename $(dirname $p)) && cat /tmp/big > $dev && echo sent"
+    );
+    let mut s = start(scratch, lease, "art", &script, &extra).await;
+    // Connect to the raw port before the guest runs, so no byte can be missed.
+    let mut raw = tokio::net::UnixStream::connect(&raw_socket)
+        .await
+        .expect("raw port");
+    s.vm.resume().await.expect("cont");
+    let raw_out = scratch.join("raw.bin");
+    let mut file = tokio::fs::File::create(&raw_out).await.expect("raw out");
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut received: u64 = 0;
+    let mut first: Option<Instant> = None;
+    while received < BIG {
+        let n = raw.read(&mut buffer).await.expect("raw read");
+        assert!(n > 0, "the raw port closed early");
+        first.get_or_insert_with(Instant::now);
+        file.write_all(&buffer[..n]).await.expect("write");
+        received += n as u64;
+    }
+    let raw_seconds = first.map_or(1.0, |t| t.elapsed().as_secs_f64());
+    tokio::time::timeout(Duration::from_secs(600), s.service.result())
+        .await
+        .expect("result");
+
+    let mut agent = AgentClient::connect(
+        Path::new(&s.vm.run_dir().agent_socket()),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("agent");
+    let agent_seconds = timed_fetch(&mut agent, scratch, false, "agent.bin").await;
+    let verified_seconds = timed_fetch(&mut agent, scratch, true, "agent-verified.bin").await;
+    let raw_rate = BIG as f64 / 1e6 / raw_seconds;
+    let agent_rate = BIG as f64 / 1e6 / agent_seconds;
+    let verified_rate = BIG as f64 / 1e6 / verified_seconds;
+    let ratio = agent_rate / raw_rate;
+    println!("\nartifact throughput, 256 MiB file");
+    println!(
+        "  agent port (framed, sha256 on the host, written to disk): {agent_rate:.1} MB/s ({agent_seconds:.1} s)"
+    );
+    println!(
+        "  agent port with verify (sha256 in the guest too): {verified_rate:.1} MB/s ({verified_seconds:.1} s)"
+    );
+    println!(
+        "  baseline: raw cat into a virtio-serial port, written to disk: {raw_rate:.1} MB/s ({raw_seconds:.1} s)"
+    );
+    println!(
+        "  ratio {ratio:.2}x (goal >= 0.5x: {})",
+        if ratio >= 0.5 { "met" } else { "NOT met" }
+    );
+    s.vm.teardown().await;
+}

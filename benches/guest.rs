@@ -173,7 +173,7 @@ async fn metadata_latency(scratch: &Path, lease: &qemu_worker::image::ImageLease
         .lines()
         .find(|l| l.starts_with("bench-metadata:"))
         .unwrap_or("bench-metadata: no result");
-    let socket = s.service.socket().to_path_buf();
+    let socket = s.service.socket().expect("a unix socket").to_path_buf();
     let mut host: Vec<f64> = Vec::new();
     for _ in 0..200 {
         host.push(host_ping(&socket).await.as_secs_f64() * 1e6);

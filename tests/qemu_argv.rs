@@ -154,6 +154,7 @@ fn argv_for(rep: &Representative, machine: &Machine, dir: &Path, files: &DiskFil
         },
         Network::Tap => NetworkAttachment::Tap {
             ifname: "tap0".into(),
+            netns: "qw-test".into(),
         },
     };
     qemu_argv(&VmSpec {

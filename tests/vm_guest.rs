@@ -15,11 +15,12 @@ use qemu_worker::job::ArtifactKind;
 use qemu_worker::job::{Identity, ImageSource, MachineDefinition, MachineLayers, MachineLimits};
 use qemu_worker::metadata::{
     LogSink, MetadataHandle, MetadataLimits, Task, start_metadata_service,
+    start_metadata_service_tcp,
 };
 use qemu_worker::qemu::QgaClient;
 use qemu_worker::vm::{
-    Accelerator, LaunchPlan, NetworkAttachment, RunDir, StopStep, Vm, VmExit, VmTimeouts,
-    prepare_launch, take_screenshot, take_screenshot_ppm,
+    Accelerator, LaunchPlan, NetworkAttachment, RunDir, StopStep, TAP_DEVICE, TapNetwork, Vm,
+    VmExit, VmTimeouts, prepare_launch, take_screenshot, take_screenshot_ppm,
 };
 
 const READY: &str = "QEMU-WORKER-READY";
@@ -618,6 +619,117 @@ async fn artifacts_come_back_through_the_agent_port() {
         1
     );
     vm.teardown().await;
+    guest.assert_clean();
+    guest.close().await;
+}
+
+/// The probe script shared by the isolation tests: the guest's own metadata service
+/// must answer; every host service must stay out of reach.
+fn isolation_probes(targets: &[String]) -> String {
+    format!(
+        "timeout 10 wget -q -O - http://169.254.169.254/v1/ping && echo; echo OWN-METADATA-DONE; \
+         for target in {}; do \
+           if timeout 3 nc ${{target%:*}} ${{target#*:}} </dev/null 2>/dev/null | grep -q REACHED; \
+           then echo \"LEAK $target\"; else echo \"BLOCKED $target\"; fi; \
+         done; echo PROBES-DONE; exit 3",
+        targets.join(" ")
+    )
+}
+
+fn host_services() -> (u16, u16) {
+    let loopback = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let anywhere = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+    let ports = (
+        loopback.local_addr().expect("addr").port(),
+        anywhere.local_addr().expect("addr").port(),
+    );
+    for listener in [loopback, anywhere] {
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                use std::io::Write;
+                let _ = stream.write_all(b"HOST-SERVICE-REACHED\n");
+            }
+        });
+    }
+    ports
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tap_networking_isolates_the_guest_too() {
+    assert_eq!(
+        rustix::process::geteuid().as_raw(),
+        0,
+        "network: tap needs root; run the suite as root (CI does)"
+    );
+    let guest = Guest::new().await;
+    let (lo_port, any_port) = host_services();
+    let host = host_address();
+    let targets = [
+        format!("127.0.0.1:{lo_port}"),
+        format!("{host}:{any_port}"),
+        format!("169.254.169.2:{any_port}"),
+        "169.254.169.254:8080".to_owned(),
+    ];
+    let name = "tap";
+    let tap = TapNetwork::create(name).expect("namespace and tap");
+    let netns = tap.netns().to_owned();
+    let listener = tap
+        .bind_metadata()
+        .expect("metadata listener in the namespace");
+    let machine = guest.machine(name, |_| {});
+    let launch = prepare_launch(LaunchPlan {
+        name,
+        image: &guest.lease,
+        machine: &machine,
+        run_dir: RunDir::new(&guest.scratch.path().join(name)).expect("run dir"),
+        log_dir: guest.scratch.path().join(format!("{name}-logs")),
+        network: NetworkAttachment::Tap {
+            ifname: TAP_DEVICE.into(),
+            netns: netns.clone(),
+        },
+        accelerator: Accelerator::Tcg,
+    })
+    .expect("launch");
+    std::fs::create_dir_all(&launch.log_dir).expect("log dir");
+    let log = launch.log_dir.join("job.log");
+    let sink = LogSink::create(&log, 1 << 20).await.expect("log");
+    let task = Task {
+        command: vec!["/bin/sh".into(), "-c".into(), isolation_probes(&targets)],
+        env: Default::default(),
+        max_run_time: 120,
+        working_directory: "/root".into(),
+    };
+    let mut service = start_metadata_service_tcp(listener, &task, sink, MetadataLimits::default())
+        .expect("service");
+    let vm = Vm::start(launch, VmTimeouts::default())
+        .await
+        .expect("QEMU starts in the namespace");
+    vm.resume().await.expect("cont");
+    let code = tokio::time::timeout(Duration::from_secs(180), service.result())
+        .await
+        .expect("a result");
+    assert_eq!(code, Some(3));
+    let text = wait_for_log(&log, "PROBES-DONE", &guest, name, &vm).await;
+    assert!(
+        text.contains(r#"{"status":"ok"}"#),
+        "the guest reaches its own metadata service:\n{text}"
+    );
+    assert!(
+        !text.contains("LEAK"),
+        "a guest on tap reached a host service:\n{text}"
+    );
+    assert_eq!(text.matches("BLOCKED").count(), targets.len(), "{text}");
+    vm.teardown().await;
+    drop(service);
+    drop(tap);
+    let namespaces = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns");
+    assert!(
+        !String::from_utf8_lossy(&namespaces.stdout).contains(&netns),
+        "the namespace is deleted with the network"
+    );
     guest.assert_clean();
     guest.close().await;
 }

@@ -69,6 +69,7 @@ fn diskless(dir: &Path, name: &str, extra: &[&str]) -> VmLaunch {
         argv,
         run_dir,
         log_dir: dir.join(format!("{name}-logs")),
+        netns: None,
     }
 }
 

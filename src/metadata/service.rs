@@ -52,12 +52,13 @@ pub struct MetadataHandle {
     result: watch::Receiver<Option<i32>>,
     fetched: watch::Receiver<bool>,
     accept: tokio::task::JoinHandle<()>,
-    socket: PathBuf,
+    socket: Option<PathBuf>,
 }
 
 impl MetadataHandle {
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    /// The unix socket it listens on (none for a TCP listener in a namespace).
+    pub fn socket(&self) -> Option<&Path> {
+        self.socket.as_deref()
     }
 
     /// Waits until the guest has fetched its task; false if the service stopped.
@@ -83,8 +84,32 @@ impl MetadataHandle {
 impl Drop for MetadataHandle {
     fn drop(&mut self) {
         self.accept.abort();
-        let _ = std::fs::remove_file(&self.socket);
+        if let Some(socket) = &self.socket {
+            let _ = std::fs::remove_file(socket);
+        }
     }
+}
+
+/// Where the service listens: a unix socket in the run dir (user networking, reached
+/// through the guestfwd helper), or a TCP socket on 169.254.169.254:80 inside the VM's
+/// network namespace (tap networking).
+enum Listener {
+    Unix(UnixListener),
+    Tcp(tokio::net::TcpListener),
+}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<Connection> {
+        match self {
+            Self::Unix(listener) => listener.accept().await.map(|(s, _)| Connection::Unix(s)),
+            Self::Tcp(listener) => listener.accept().await.map(|(s, _)| Connection::Tcp(s)),
+        }
+    }
+}
+
+enum Connection {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
 }
 
 /// Starts the metadata service of one VM on `socket`, serving `task` and appending the
@@ -96,7 +121,35 @@ pub async fn start_metadata_service(
     limits: MetadataLimits,
 ) -> std::io::Result<MetadataHandle> {
     let _ = std::fs::remove_file(socket);
-    let listener = UnixListener::bind(socket)?;
+    let listener = Listener::Unix(UnixListener::bind(socket)?);
+    Ok(start(
+        listener,
+        Some(socket.to_path_buf()),
+        task,
+        log,
+        limits,
+    ))
+}
+
+/// Starts the metadata service of one VM on a TCP listener made inside its network
+/// namespace (see `TapNetwork::bind_metadata`).
+pub fn start_metadata_service_tcp(
+    listener: std::net::TcpListener,
+    task: &Task,
+    log: LogSink,
+    limits: MetadataLimits,
+) -> std::io::Result<MetadataHandle> {
+    let listener = Listener::Tcp(tokio::net::TcpListener::from_std(listener)?);
+    Ok(start(listener, None, task, log, limits))
+}
+
+fn start(
+    listener: Listener,
+    socket: Option<PathBuf>,
+    task: &Task,
+    log: LogSink,
+    limits: MetadataLimits,
+) -> MetadataHandle {
     let (result, result_rx) = watch::channel(None);
     let (fetched, fetched_rx) = watch::channel(false);
     let task = Bytes::from(
@@ -114,7 +167,7 @@ pub async fn start_metadata_service(
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
-                    let Ok((stream, _)) = accepted else { continue };
+                    let Ok(connection) = accepted else { continue };
                     let state = Arc::clone(&state);
                     let limits = state.limits;
                     connections.spawn(async move {
@@ -122,28 +175,31 @@ pub async fn start_metadata_service(
                             let state = Arc::clone(&state);
                             async move { Ok::<_, Infallible>(route(&state, request).await) }
                         });
-                        let _ = hyper::server::conn::http1::Builder::new()
+                        let mut builder = hyper::server::conn::http1::Builder::new();
+                        builder
                             .timer(TokioTimer::new())
                             .header_read_timeout(limits.head_timeout)
                             // The guestfwd helper shuts its write side at the guest's EOF
                             // and still wants the answer.
                             .half_close(true)
                             // hyper's smallest allowed buffer is 8 KiB.
-                            .max_buf_size(limits.max_head.max(8192))
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await;
+                            .max_buf_size(limits.max_head.max(8192));
+                        let _ = match connection {
+                            Connection::Unix(s) => builder.serve_connection(TokioIo::new(s), service).await,
+                            Connection::Tcp(s) => builder.serve_connection(TokioIo::new(s), service).await,
+                        };
                     });
                 }
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
             }
         }
     });
-    Ok(MetadataHandle {
+    MetadataHandle {
         result: result_rx,
         fetched: fetched_rx,
         accept,
-        socket: socket.to_path_buf(),
-    })
+        socket,
+    }
 }
 
 type Reply = Response<Full<Bytes>>;

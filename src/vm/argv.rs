@@ -67,8 +67,9 @@ pub enum NetworkAttachment {
     /// 169.254.169.254:80, which runs `guestfwd_command` per connection (its stdio is the
     /// connection).
     User { guestfwd_command: Vec<String> },
-    /// A tap device prepared (in the VM's network namespace) by the worker.
-    Tap { ifname: String },
+    /// A tap device prepared by the worker in the VM's network namespace (`netns`),
+    /// where QEMU runs.
+    Tap { ifname: String, netns: String },
 }
 
 /// Everything the QEMU command line is built from.
@@ -252,7 +253,7 @@ fn network_args(argv: &mut Args, network: &NetworkAttachment, m: &Machine) {
                 ),
             );
         }
-        NetworkAttachment::Tap { ifname } => {
+        NetworkAttachment::Tap { ifname, .. } => {
             argv.push(
                 "-netdev",
                 format!(

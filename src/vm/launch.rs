@@ -46,9 +46,14 @@ pub fn prepare_launch(plan: LaunchPlan<'_>) -> Result<VmLaunch, VmError> {
         network: &plan.network,
         accelerator: plan.accelerator,
     });
+    let netns = match &plan.network {
+        NetworkAttachment::Tap { netns, .. } => Some(netns.clone()),
+        NetworkAttachment::User { .. } => None,
+    };
     Ok(VmLaunch {
         argv,
         run_dir: plan.run_dir,
         log_dir: plan.log_dir,
+        netns,
     })
 }

@@ -5,6 +5,7 @@
 mod accel;
 mod argv;
 mod launch;
+mod network;
 mod run_dir;
 mod screenshot;
 mod supervisor;
@@ -15,6 +16,7 @@ pub use argv::{
     QGA_PORT_NAME, VmSpec, qemu_argv,
 };
 pub use launch::{LaunchPlan, prepare_launch};
+pub use network::{NetworkError, TAP_DEVICE, TapNetwork};
 pub use run_dir::{RunDir, RunDirError};
 pub use screenshot::{Screenshot, ScreenshotError, take_screenshot, take_screenshot_ppm};
 pub use supervisor::{StopStep, Vm, VmError, VmExit, VmLaunch, VmTimeouts};

@@ -51,6 +51,8 @@ pub struct VmLaunch {
     /// Where `qemu.log` (QEMU's stdout and stderr) and `console.log` (the serial
     /// console) are kept after the VM is gone.
     pub log_dir: PathBuf,
+    /// The network namespace QEMU runs in (`network: tap`).
+    pub netns: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -176,7 +178,15 @@ impl Vm {
             path: log_path.clone(),
             source,
         })?;
-        let mut child = Command::new("qemu-system-x86_64")
+        let mut command = match &launch.netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns, "qemu-system-x86_64"]);
+                command
+            }
+            None => Command::new("qemu-system-x86_64"),
+        };
+        let mut child = command
             .args(&launch.argv)
             .stdin(Stdio::null())
             .stdout(log)

@@ -35,6 +35,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run one job (no queue): the live log on stderr, the result report with --json.
+    Run {
+        payload: PathBuf,
+        /// Print the result report (schemas/result-report.schema.json) on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a job payload (YAML or JSON; `-` for stdin) and print every problem.
     Validate {
         payload: PathBuf,
@@ -174,6 +181,15 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let loaded = load_config(cli.config.as_deref()).exit_with(EXIT_OTHER)?;
             validate(&loaded, &payload, json)
         }
+        Command::Run { payload, json } => {
+            let loaded = load_config(cli.config.as_deref()).exit_with(EXIT_OTHER)?;
+            let text = read_payload(&payload).exit_with(EXIT_USAGE)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .exit_with(EXIT_OTHER)?;
+            runtime.block_on(run_job(&loaded, text, json))
+        }
         Command::Schema { out } => {
             let written = write_schemas(&out).exit_with(EXIT_OTHER)?;
             for path in written {
@@ -203,6 +219,49 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             runtime.block_on(vm(&loaded, command))
         }
     }
+}
+
+async fn run_job(loaded: &LoadedConfig, payload: String, json: bool) -> Result<ExitCode, Failure> {
+    use qemu_worker::engine::{Engine, JobRun};
+    let config = loaded.config.clone();
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let job_id = format!("run-{millis}-{}", std::process::id());
+    let job_dir = config.state_dir.join("jobs").join(&job_id);
+    let cache = open_cache(CacheSettings::from_config(&config)).await?;
+    let engine = Engine {
+        config,
+        cache: cache.clone(),
+        helper: std::env::current_exe().exit_with(EXIT_OTHER)?,
+    };
+    let report = engine
+        .run(&JobRun {
+            job_id: job_id.clone(),
+            run_id: 0,
+            payload,
+            job_dir: job_dir.clone(),
+            live_log: true,
+        })
+        .await;
+    drop(engine);
+    cache.close().await;
+    if json {
+        print(&(serde_json::to_string_pretty(&report).exit_with(EXIT_OTHER)? + "\n"))?;
+    }
+    let outcome = match (report.state, report.reason, report.exit_code) {
+        (state, Some(reason), _) => format!("{state} ({reason})"),
+        (state, None, Some(code)) => format!("{state} (exit code {code})"),
+        (state, None, None) => state.to_string(),
+    };
+    eprintln!(
+        "qemu-worker: job {job_id} {outcome}; log, report and artifacts in {}",
+        job_dir.display()
+    );
+    for issue in &report.errors {
+        eprintln!("  {issue}");
+    }
+    Ok(ExitCode::from(report.resolution().cli_exit_code()))
 }
 
 async fn vm(loaded: &LoadedConfig, command: VmCommand) -> Result<ExitCode, Failure> {

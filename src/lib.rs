@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod engine;
 pub mod image;
 pub mod job;
 pub mod metadata;

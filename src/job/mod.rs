@@ -21,7 +21,10 @@ pub use payload::{
     ArtifactKind, ArtifactSpec, ImageReference, ImageSource, JobPayload, PinnedImage,
 };
 pub(crate) use payload::{SHA256_PATTERN, artifact_name_problem};
-pub use report::{ExceptionReason, Resolution, ResultReport, ResultState, ValidationReport};
+pub use report::{
+    ArtifactRecord, ExceptionReason, PhaseTiming, Resolution, ResultReport, ResultState,
+    ValidationReport,
+};
 pub use validate::{
     MAX_DOCUMENT_BYTES, PayloadCheck, PayloadContext, load_machine_json, validate_payload,
 };

@@ -65,6 +65,34 @@ pub struct ResultReport {
     /// Every problem that made the job malformed (or other errors worth a line each).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<Issue>,
+    /// The artifacts stored, one entry per file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<ArtifactRecord>,
+    /// The final screenshot (PNG), relative to the job directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub screenshot: Option<String>,
+    /// Milliseconds spent in each phase of the job, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timings: Vec<PhaseTiming>,
+}
+
+/// One stored artifact file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ArtifactRecord {
+    /// The stored name, e.g. `public/logs/a.txt`.
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+    pub content_type: String,
+}
+
+/// How long one phase of a job took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PhaseTiming {
+    pub phase: String,
+    pub millis: u64,
 }
 
 impl ResultReport {
@@ -79,6 +107,9 @@ impl ResultReport {
             reason,
             exit_code,
             errors,
+            artifacts: Vec::new(),
+            screenshot: None,
+            timings: Vec::new(),
         }
     }
 

@@ -36,6 +36,16 @@ impl std::fmt::Debug for LogMsg {
 impl LogSink {
     /// Creates (truncates) the log file at `path`, capped at `max_bytes`.
     pub async fn create(path: &Path, max_bytes: u64) -> Result<Self, LogWriterError> {
+        Self::create_with_tee(path, max_bytes, false).await
+    }
+
+    /// Like `create`; with `tee` everything written is also copied to stderr live
+    /// (what `qemu-worker run` shows its user).
+    pub async fn create_with_tee(
+        path: &Path,
+        max_bytes: u64,
+        tee: bool,
+    ) -> Result<Self, LogWriterError> {
         let file =
             tokio::fs::File::create(path)
                 .await
@@ -61,6 +71,11 @@ impl LogSink {
                 };
                 if truncated {
                     continue;
+                }
+                if tee {
+                    let mut stderr = tokio::io::stderr();
+                    let _ = stderr.write_all(&data).await;
+                    let _ = stderr.flush().await;
                 }
                 let room = max_bytes.saturating_sub(written);
                 let take = (data.len() as u64).min(room) as usize;

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use super::argv::{Accelerator, NetworkAttachment, VmSpec, qemu_argv};
 use super::run_dir::RunDir;
-use super::supervisor::{VmError, VmLaunch, create_private_dir};
+use super::supervisor::{VmError, VmLaunch, create_run_dir};
 use crate::image::ImageLease;
 use crate::job::Machine;
 
@@ -22,7 +22,7 @@ pub struct LaunchPlan<'a> {
 /// Creates the run dir (0700) with the job's overlay in it, and builds QEMU's command
 /// line. The overlay goes away with the run dir when the VM is torn down.
 pub fn prepare_launch(plan: LaunchPlan<'_>) -> Result<VmLaunch, VmError> {
-    create_private_dir(plan.run_dir.path())?;
+    create_run_dir(plan.run_dir.path())?;
     let overlay = plan.run_dir.path().join("overlay.qcow2");
     let disk = plan.image.create_overlay(&overlay).map_err(|e| {
         let _ = std::fs::remove_dir_all(plan.run_dir.path());

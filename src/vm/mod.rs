@@ -19,4 +19,4 @@ pub use launch::{LaunchPlan, prepare_launch};
 pub use network::{NetworkError, TAP_DEVICE, TapNetwork};
 pub use run_dir::{RunDir, RunDirError};
 pub use screenshot::{Screenshot, ScreenshotError, take_screenshot, take_screenshot_ppm};
-pub use supervisor::{StopStep, Vm, VmError, VmExit, VmLaunch, VmTimeouts};
+pub use supervisor::{StopStep, Vm, VmError, VmExit, VmLaunch, VmTimeouts, create_run_dir};

@@ -163,7 +163,7 @@ impl Vm {
             log_dir: launch.log_dir.clone(),
             process_group: None,
         };
-        create_private_dir(&run_path)?;
+        create_run_dir(&run_path)?;
         std::fs::create_dir_all(&launch.log_dir).map_err(|source| VmError::Prepare {
             path: launch.log_dir.clone(),
             source,
@@ -375,8 +375,8 @@ impl Vm {
     }
 }
 
-/// Creates `dir` readable by its owner only (QEMU's sockets live there).
-pub(crate) fn create_private_dir(dir: &Path) -> Result<(), VmError> {
+/// Creates a run dir readable by its owner only (QEMU's sockets live there).
+pub fn create_run_dir(dir: &Path) -> Result<(), VmError> {
     let prepare = |source| VmError::Prepare {
         path: dir.to_path_buf(),
         source,

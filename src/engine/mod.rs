@@ -1,0 +1,8 @@
+//! The job lifecycle: one owner drives each job from its payload to its resolution
+//! (validate, fetch, machine and limits, network and metadata, start, wait with
+//! maxRunTime, collect, resolve, tear down). The CLI and, later, the queue loop drive
+//! the same engine.
+
+mod run;
+
+pub use run::{Engine, JobRun};

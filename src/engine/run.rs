@@ -1,0 +1,505 @@
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::agent::AgentClient;
+use crate::config::{NetworkBackend, WorkerConfig};
+use crate::image::{ImageCache, ImageLease, ImageRequest};
+use crate::job::{
+    ArtifactKind, ArtifactRecord, ExceptionReason, Identity, JobPayload, MachineLayers,
+    PayloadContext, PhaseTiming, Resolution, ResultReport, validate_payload,
+};
+use crate::metadata::{
+    LogSink, MetadataHandle, MetadataLimits, Task, start_metadata_service,
+    start_metadata_service_tcp,
+};
+use crate::schema::Issue;
+use crate::vm::{
+    LaunchPlan, NetworkAttachment, RunDir, TAP_DEVICE, TapNetwork, Vm, VmExit, VmTimeouts,
+    choose_accelerator, prepare_launch, take_screenshot,
+};
+
+/// One run of one job.
+#[derive(Debug, Clone)]
+pub struct JobRun {
+    pub job_id: String,
+    pub run_id: u32,
+    /// The payload as submitted (YAML or JSON).
+    pub payload: String,
+    /// Where the job's log, report, artifacts and screenshots go.
+    pub job_dir: PathBuf,
+    /// Copy the job log to stderr as it is written.
+    pub live_log: bool,
+}
+
+/// What the engine needs besides the job: the configuration, the image cache, and the
+/// program QEMU runs as the guestfwd helper (this binary, `metadata-splice`).
+#[derive(Debug, Clone)]
+pub struct Engine {
+    pub config: WorkerConfig,
+    pub cache: ImageCache,
+    pub helper: PathBuf,
+}
+
+/// Accumulates the report while a job runs.
+struct Progress {
+    started: Instant,
+    phase_start: Instant,
+    timings: Vec<PhaseTiming>,
+    log: Option<LogSink>,
+}
+
+impl Progress {
+    fn phase(&mut self, name: &str) {
+        let now = Instant::now();
+        self.timings.push(PhaseTiming {
+            phase: name.to_owned(),
+            millis: u64::try_from((now - self.phase_start).as_millis()).unwrap_or(u64::MAX),
+        });
+        self.phase_start = now;
+    }
+
+    async fn error(&self, issue: &Issue) {
+        if let Some(log) = &self.log {
+            log.line(&format!("[qemu-worker:error] {issue}")).await;
+        }
+    }
+
+    async fn note(&self, line: &str) {
+        if let Some(log) = &self.log {
+            log.line(&format!("[qemu-worker] {line}")).await;
+        }
+    }
+}
+
+impl Engine {
+    /// Runs a job to its resolution and writes `report.json` in its directory. Never
+    /// panics on bad input; every VM, socket and namespace it made is gone when it
+    /// returns.
+    pub async fn run(&self, job: &JobRun) -> ResultReport {
+        let mut progress = Progress {
+            started: Instant::now(),
+            phase_start: Instant::now(),
+            timings: Vec::new(),
+            log: None,
+        };
+        let mut report = self.run_inner(job, &mut progress).await;
+        for issue in &report.errors {
+            progress.error(issue).await;
+        }
+        if let Some(log) = &progress.log {
+            log.flush().await;
+        }
+        progress.timings.push(PhaseTiming {
+            phase: "total".into(),
+            millis: u64::try_from(progress.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        });
+        report.timings = progress.timings;
+        if let Ok(text) = serde_json::to_vec_pretty(&report) {
+            let _ = tokio::fs::write(job.job_dir.join("report.json"), text).await;
+        }
+        report
+    }
+
+    async fn run_inner(&self, job: &JobRun, progress: &mut Progress) -> ResultReport {
+        if let Err(e) = tokio::fs::create_dir_all(&job.job_dir).await {
+            return exception(
+                ExceptionReason::InternalError,
+                format!("cannot create the job directory: {e}"),
+            );
+        }
+        match LogSink::create_with_tee(
+            &job.job_dir.join("job.log"),
+            self.config.logs.max_size.bytes(),
+            job.live_log,
+        )
+        .await
+        {
+            Ok(log) => progress.log = Some(log),
+            Err(e) => return exception(ExceptionReason::InternalError, e.to_string()),
+        }
+
+        // Validate before spending anything.
+        let identity = Identity::derive(&job.job_id, job.run_id);
+        let check = validate_payload(
+            &job.payload,
+            &PayloadContext::from_config(&self.config),
+            &identity,
+        );
+        progress.phase("validate");
+        let Some(payload) = check.payload.filter(|_| check.issues.is_empty()) else {
+            return ResultReport::malformed_payload(check.issues);
+        };
+
+        let accelerator = match choose_accelerator(self.config.accelerator).await {
+            Ok(accelerator) => accelerator,
+            Err(e) => return exception(ExceptionReason::ResourceUnavailable, e.to_string()),
+        };
+        progress.phase("accelerator");
+
+        let request = match ImageRequest::from_reference(&payload.image) {
+            Ok(request) => request,
+            Err(message) => {
+                return ResultReport::malformed_payload(vec![Issue::new("/image", message)]);
+            }
+        };
+        let lease = match self.cache.acquire(&request, None).await {
+            Ok(lease) => lease,
+            Err(e) => return ResultReport::new(Resolution::Exception(e.reason()), e.to_issues()),
+        };
+        progress.phase("image");
+
+        let layers = MachineLayers {
+            payload: payload.machine.clone().unwrap_or_default(),
+            image: lease.contents().machine.clone(),
+            worker_config: self.config.machine.clone(),
+        };
+        let machine = match layers.resolve(&self.config.limits, &identity) {
+            Ok(machine) => machine,
+            Err(issues) => return ResultReport::malformed_payload(issues),
+        };
+        progress.phase("machine");
+
+        self.boot_and_run(job, &payload, &lease, &machine, accelerator, progress)
+            .await
+    }
+
+    async fn boot_and_run(
+        &self,
+        job: &JobRun,
+        payload: &JobPayload,
+        lease: &ImageLease,
+        machine: &crate::job::Machine,
+        accelerator: crate::vm::Accelerator,
+        progress: &mut Progress,
+    ) -> ResultReport {
+        let Some(log) = progress.log.clone() else {
+            return exception(
+                ExceptionReason::InternalError,
+                "the job log is not open".into(),
+            );
+        };
+        let name = short_name(&job.job_id, job.run_id);
+        let run_dir = match RunDir::new(&self.config.state_dir.join("run").join(&name)) {
+            Ok(run_dir) => run_dir,
+            Err(e) => return exception(ExceptionReason::InternalError, e.to_string()),
+        };
+        let task = Task {
+            command: payload.command.clone(),
+            env: payload.env.clone(),
+            max_run_time: payload.max_run_time,
+            working_directory: "/root".into(),
+        };
+        // The network, and the metadata service on it; both live until the end of the job.
+        let (network, service, _tap) = match self.network(&name, &run_dir, &task, log.clone()).await
+        {
+            Ok(parts) => parts,
+            Err(message) => return exception(ExceptionReason::ResourceUnavailable, message),
+        };
+        let mut service = service;
+        let launch = match prepare_launch(LaunchPlan {
+            name: &name,
+            image: lease,
+            machine,
+            run_dir,
+            log_dir: job.job_dir.clone(),
+            network,
+            accelerator,
+        }) {
+            Ok(launch) => launch,
+            Err(e) => return exception(ExceptionReason::InternalError, e.to_string()),
+        };
+        let timeouts = VmTimeouts {
+            powerdown: Duration::from_secs(self.config.timeouts.shutdown_seconds),
+            ..VmTimeouts::default()
+        };
+        let mut vm = match Vm::start(launch, timeouts).await {
+            Ok(vm) => vm,
+            Err(e) => return exception(ExceptionReason::InternalError, e.to_string()),
+        };
+        if let Err(e) = vm.resume().await {
+            vm.teardown().await;
+            return exception(ExceptionReason::InternalError, e.to_string());
+        }
+        progress.phase("start");
+
+        let outcome = self.wait_for_result(&mut vm, &mut service, payload).await;
+        progress.phase("run");
+
+        let mut report = match outcome {
+            Outcome::Exited(0) => ResultReport::new(Resolution::Completed, Vec::new()),
+            Outcome::Exited(code) => ResultReport::new(
+                Resolution::Failed {
+                    exit_code: Some(code),
+                },
+                Vec::new(),
+            ),
+            Outcome::TimedOut => {
+                progress
+                    .note(&format!(
+                        "maxRunTime of {} seconds exceeded; the VM is stopped",
+                        payload.max_run_time
+                    ))
+                    .await;
+                ResultReport::new(Resolution::Failed { exit_code: None }, Vec::new())
+            }
+            Outcome::GuestEnded(exit) => {
+                progress
+                    .note(&format!(
+                        "the guest ended before reporting a result ({exit:?})"
+                    ))
+                    .await;
+                ResultReport::new(Resolution::Failed { exit_code: None }, Vec::new())
+            }
+            Outcome::NeverStarted => {
+                progress
+                    .note(&format!(
+                        "the guest tools did not fetch the task within {} seconds (does the image have them?)",
+                        self.config.timeouts.guest_ready_seconds
+                    ))
+                    .await;
+                ResultReport::new(Resolution::Failed { exit_code: None }, Vec::new())
+            }
+        };
+
+        if vm.wait(Duration::ZERO).await.is_none() {
+            let failures = self
+                .collect_artifacts(&vm, payload, &job.job_dir, &mut report)
+                .await;
+            if !failures.is_empty() && report.state == crate::job::ResultState::Completed {
+                report = ResultReport {
+                    artifacts: report.artifacts,
+                    ..ResultReport::new(Resolution::Failed { exit_code: Some(0) }, Vec::new())
+                };
+            }
+            report.errors.extend(failures);
+            progress.phase("artifacts");
+            if let Ok(shot) =
+                take_screenshot(vm.qmp(), vm.run_dir().path(), Duration::from_secs(10)).await
+            {
+                let dir = job.job_dir.join("screenshots");
+                if tokio::fs::create_dir_all(&dir).await.is_ok()
+                    && tokio::fs::write(dir.join("final.png"), &shot.png)
+                        .await
+                        .is_ok()
+                {
+                    report.screenshot = Some("screenshots/final.png".into());
+                }
+            }
+            progress.phase("screenshot");
+        }
+        let exit = vm.teardown().await;
+        if matches!(exit, VmExit::QemuFailed { .. }) {
+            progress
+                .note(&format!("QEMU ended abnormally: {exit:?}"))
+                .await;
+        }
+        if needs_console(&report) {
+            let console = tokio::fs::read_to_string(job.job_dir.join("console.log"))
+                .await
+                .unwrap_or_default();
+            let tail: Vec<&str> = console.lines().rev().take(20).collect();
+            for line in tail.into_iter().rev() {
+                progress.note(&format!("console: {line}")).await;
+            }
+        }
+        progress.phase("teardown");
+        report
+    }
+
+    /// Sets up the VM's network and its metadata service.
+    async fn network(
+        &self,
+        name: &str,
+        run_dir: &RunDir,
+        task: &Task,
+        log: LogSink,
+    ) -> Result<(NetworkAttachment, MetadataHandle, Option<TapNetwork>), String> {
+        match self.config.network.backend {
+            NetworkBackend::User => {
+                // The run dir must exist for the socket; prepare_launch keeps it.
+                crate::vm::create_run_dir(run_dir.path()).map_err(|e| e.to_string())?;
+                let socket = run_dir.metadata_socket();
+                let service = start_metadata_service(
+                    Path::new(&socket),
+                    task,
+                    log,
+                    MetadataLimits::default(),
+                )
+                .await
+                .map_err(|e| format!("the metadata service cannot start: {e}"))?;
+                let attachment = NetworkAttachment::User {
+                    guestfwd_command: vec![
+                        self.helper.display().to_string(),
+                        "metadata-splice".into(),
+                        socket,
+                    ],
+                };
+                Ok((attachment, service, None))
+            }
+            NetworkBackend::Tap => {
+                let tap = TapNetwork::create(name).map_err(|e| e.to_string())?;
+                let listener = tap.bind_metadata().map_err(|e| e.to_string())?;
+                let service =
+                    start_metadata_service_tcp(listener, task, log, MetadataLimits::default())
+                        .map_err(|e| format!("the metadata service cannot start: {e}"))?;
+                let attachment = NetworkAttachment::Tap {
+                    ifname: TAP_DEVICE.into(),
+                    netns: tap.netns().to_owned(),
+                };
+                Ok((attachment, service, Some(tap)))
+            }
+        }
+    }
+
+    async fn wait_for_result(
+        &self,
+        vm: &mut Vm,
+        service: &mut MetadataHandle,
+        payload: &JobPayload,
+    ) -> Outcome {
+        let ready = Duration::from_secs(self.config.timeouts.guest_ready_seconds);
+        let fetched = tokio::select! {
+            fetched = service.task_fetched() => fetched,
+            exit = vm.wait(ready) => match exit {
+                Some(exit) => return Outcome::GuestEnded(exit),
+                None => false,
+            },
+        };
+        if !fetched {
+            return Outcome::NeverStarted;
+        }
+        let max_run_time = Duration::from_secs(payload.max_run_time);
+        tokio::select! {
+            code = service.result() => match code {
+                Some(code) => Outcome::Exited(code),
+                None => Outcome::GuestEnded(VmExit::Stopped { step: crate::vm::StopStep::Kill }),
+            },
+            exit = vm.wait(max_run_time) => match exit {
+                Some(exit) => service.reported().map_or(Outcome::GuestEnded(exit), Outcome::Exited),
+                None => Outcome::TimedOut,
+            },
+        }
+    }
+
+    /// Pulls every declared artifact through the agent port. Returns the problems (a
+    /// missing artifact fails the job, as in taskcluster).
+    async fn collect_artifacts(
+        &self,
+        vm: &Vm,
+        payload: &JobPayload,
+        job_dir: &Path,
+        report: &mut ResultReport,
+    ) -> Vec<Issue> {
+        if payload.artifacts.is_empty() {
+            return Vec::new();
+        }
+        let mut problems = Vec::new();
+        let socket = PathBuf::from(vm.run_dir().agent_socket());
+        let mut agent = match AgentClient::connect(&socket, Duration::from_secs(30)).await {
+            Ok(agent) => agent,
+            Err(e) => {
+                problems.push(Issue::new(
+                    "/artifacts",
+                    format!("the guest tools did not answer on the agent port: {e}"),
+                ));
+                return problems;
+            }
+        };
+        let store = job_dir.join("artifacts");
+        let mut budget = self.config.artifacts.max_total_size.bytes();
+        for (index, spec) in payload.artifacts.iter().enumerate() {
+            let dest = store.join(&spec.name);
+            if let Some(parent) = dest.parent() {
+                let _ = tokio::fs::create_dir_all(parent).await;
+            }
+            let cap = budget.min(match spec.kind {
+                ArtifactKind::File => self.config.artifacts.max_file_size.bytes(),
+                ArtifactKind::Directory => budget,
+            });
+            match agent
+                .fetch(
+                    &spec.path,
+                    spec.kind,
+                    &dest,
+                    cap,
+                    false,
+                    Duration::from_secs(60),
+                )
+                .await
+            {
+                Ok(tree) => {
+                    for file in tree.files {
+                        budget = budget.saturating_sub(file.size);
+                        let name = if file.name.is_empty() {
+                            spec.name.clone()
+                        } else {
+                            format!("{}/{}", spec.name, file.name)
+                        };
+                        report.artifacts.push(ArtifactRecord {
+                            content_type: content_type(&name).into(),
+                            name,
+                            size: file.size,
+                            sha256: file.sha256,
+                        });
+                    }
+                }
+                Err(e) => {
+                    problems.push(Issue::new(
+                        format!("/artifacts/{index}"),
+                        format!("artifact {}: {e}", spec.name),
+                    ));
+                    // The port may hold the rest of an interrupted answer: start afresh.
+                    match AgentClient::connect(&socket, Duration::from_secs(30)).await {
+                        Ok(fresh) => agent = fresh,
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+        problems
+    }
+}
+
+enum Outcome {
+    Exited(i32),
+    TimedOut,
+    GuestEnded(VmExit),
+    NeverStarted,
+}
+
+/// A failure without an exit code is explained by the end of the serial console.
+fn needs_console(report: &ResultReport) -> bool {
+    report.state == crate::job::ResultState::Failed && report.exit_code.is_none()
+}
+
+fn exception(reason: ExceptionReason, message: String) -> ResultReport {
+    ResultReport::new(Resolution::Exception(reason), vec![Issue::new("", message)])
+}
+
+/// A short, unique, filesystem- and socket-friendly name for a run.
+fn short_name(job_id: &str, run_id: u32) -> String {
+    let id = Identity::derive(job_id, run_id);
+    format!("j{}-{run_id}", &id.disk_serial[2..14])
+}
+
+/// A content type from the file name; enough for browsers to show common CI outputs.
+fn content_type(name: &str) -> &'static str {
+    let ext = name
+        .rsplit_once('.')
+        .map_or("", |(_, ext)| ext)
+        .to_ascii_lowercase();
+    match ext.as_str() {
+        "txt" | "log" => "text/plain; charset=utf-8",
+        "json" => "application/json",
+        "xml" => "application/xml",
+        "html" | "htm" => "text/html; charset=utf-8",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "svg" => "image/svg+xml",
+        "gz" | "tgz" => "application/gzip",
+        "zst" => "application/zstd",
+        "tar" => "application/x-tar",
+        "zip" => "application/zip",
+        _ => "application/octet-stream",
+    }
+}

@@ -267,8 +267,8 @@ async fn run_job(loaded: &LoadedConfig, payload: String, json: bool) -> Result<E
 async fn vm(loaded: &LoadedConfig, command: VmCommand) -> Result<ExitCode, Failure> {
     use qemu_worker::job::{Identity, MachineLayers};
     use qemu_worker::vm::{
-        LaunchPlan, NetworkAttachment, RunDir, Vm, VmTimeouts, choose_accelerator, prepare_launch,
-        take_screenshot,
+        LaunchPlan, NetworkAttachment, RunDir, Vm, VmTimeouts, choose_accelerator_cached,
+        prepare_launch, take_screenshot,
     };
     let VmCommand::Boot {
         image,
@@ -278,7 +278,7 @@ async fn vm(loaded: &LoadedConfig, command: VmCommand) -> Result<ExitCode, Failu
     } = command;
     let config = &loaded.config;
     let source = cli_image_source(&image)?;
-    let accelerator = choose_accelerator(config.accelerator)
+    let accelerator = choose_accelerator_cached(config.accelerator, &config.state_dir)
         .await
         .exit_with(EXIT_OTHER)?;
     let cache = open_cache(CacheSettings::from_config(config)).await?;

@@ -15,7 +15,7 @@ use crate::metadata::{
 use crate::schema::Issue;
 use crate::vm::{
     LaunchPlan, NetworkAttachment, RunDir, TAP_DEVICE, TapNetwork, Vm, VmExit, VmTimeouts,
-    choose_accelerator, prepare_launch, take_screenshot,
+    choose_accelerator_cached, prepare_launch, take_screenshot,
 };
 
 /// One run of one job.
@@ -130,7 +130,12 @@ impl Engine {
             return ResultReport::malformed_payload(check.issues);
         };
 
-        let accelerator = match choose_accelerator(self.config.accelerator).await {
+        let accelerator = match choose_accelerator_cached(
+            self.config.accelerator,
+            &self.config.state_dir,
+        )
+        .await
+        {
             Ok(accelerator) => accelerator,
             Err(e) => return exception(ExceptionReason::ResourceUnavailable, e.to_string()),
         };

@@ -150,6 +150,80 @@ pub async fn probe(accelerator: Accelerator, deadline: Duration) -> Result<Durat
 /// The KVM verdict, probed once per process.
 static KVM_VERDICT: OnceCell<Result<Duration, ProbeFailure>> = OnceCell::const_new();
 
+/// The probe's verdict as kept in `<stateDir>/accelerator-probe.json`: valid for the
+/// same host boot and the same QEMU binary.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredVerdict {
+    boot_id: String,
+    qemu: String,
+    kvm_works: bool,
+    why: String,
+}
+
+/// What identifies this boot and this QEMU binary.
+fn verdict_key() -> Option<(String, String)> {
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let qemu = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("qemu-system-x86_64"))
+            .find(|p| p.is_file())
+    })?;
+    let meta = std::fs::metadata(&qemu).ok()?;
+    use std::os::unix::fs::MetadataExt;
+    Some((
+        boot_id.trim().to_owned(),
+        format!("{} {} {}", qemu.display(), meta.len(), meta.mtime()),
+    ))
+}
+
+/// Like `choose_accelerator`, but a KVM verdict probed earlier on this boot with this
+/// QEMU (by any qemu-worker process using `state_dir`) is reused instead of probing
+/// again: the probe costs its full deadline on hosts whose KVM hangs.
+pub async fn choose_accelerator_cached(
+    choice: AcceleratorChoice,
+    state_dir: &Path,
+) -> Result<Accelerator, AccelError> {
+    if choice == AcceleratorChoice::Tcg || KVM_VERDICT.initialized() {
+        return choose_accelerator(choice).await;
+    }
+    let file = state_dir.join("accelerator-probe.json");
+    if let Some((boot_id, qemu)) = verdict_key() {
+        let stored: Option<StoredVerdict> = std::fs::read(&file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if let Some(stored) = stored.filter(|s| s.boot_id == boot_id && s.qemu == qemu) {
+            let verdict = if stored.kvm_works {
+                Ok(Duration::ZERO)
+            } else {
+                Err(ProbeFailure(stored.why.clone()))
+            };
+            let _ = KVM_VERDICT.set(verdict);
+            tracing::info!(file = %file.display(), "accelerator: using the KVM probe verdict from earlier on this boot");
+            return choose_accelerator(choice).await;
+        }
+        let chosen = choose_accelerator(choice).await;
+        if let Some(verdict) = KVM_VERDICT.get() {
+            let stored = StoredVerdict {
+                boot_id,
+                qemu,
+                kvm_works: verdict.is_ok(),
+                why: verdict
+                    .as_ref()
+                    .err()
+                    .map(|f| f.0.clone())
+                    .unwrap_or_default(),
+            };
+            if let Ok(bytes) = serde_json::to_vec_pretty(&stored) {
+                let _ = std::fs::create_dir_all(state_dir);
+                let _ = std::fs::write(&file, bytes);
+            }
+        }
+        return chosen;
+    }
+    choose_accelerator(choice).await
+}
+
 /// Decides the accelerator for this process's VMs. `auto` uses KVM only if the probe
 /// guest proves it works, and says in the log, once, what it tried and chose; `kvm`
 /// fails (the job is resource-unavailable) rather than hang when KVM does not work.

@@ -10,7 +10,9 @@ mod run_dir;
 mod screenshot;
 mod supervisor;
 
-pub use accel::{AccelError, PROBE_DEADLINE, ProbeFailure, choose_accelerator, probe};
+pub use accel::{
+    AccelError, PROBE_DEADLINE, ProbeFailure, choose_accelerator, choose_accelerator_cached, probe,
+};
 pub use argv::{
     AGENT_PORT_NAME, Accelerator, BootDisk, DiskFormat, DiskLayer, KernelFiles, NetworkAttachment,
     QGA_PORT_NAME, VmSpec, qemu_argv,

@@ -10,16 +10,14 @@
 //! `cargo bench --bench guest` (needs images/build-test-image).
 
 use std::collections::BTreeMap;
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use qemu_worker::agent::AgentClient;
-use qemu_worker::image::{
-    CacheSettings, FetchPolicy, Fetcher, ImageCache, ImageLimits, ImageRequest,
-};
-use qemu_worker::job::{
-    ArtifactKind, Identity, ImageSource, MachineDefinition, MachineLayers, MachineLimits,
-};
+use qemu_worker::job::{ArtifactKind, Identity, MachineDefinition, MachineLayers, MachineLimits};
 use qemu_worker::metadata::{
     LogSink, MetadataHandle, MetadataLimits, Task, start_metadata_service,
 };
@@ -114,38 +112,13 @@ async fn host_ping(socket: &Path) -> Duration {
 }
 
 fn main() {
-    let image = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/out/qemu-worker-test.tar.zst");
-    assert!(image.is_file(), "run images/build-test-image first");
     let scratch = tempfile::Builder::new()
         .prefix("qw-bg")
         .tempdir_in("/tmp")
         .expect("tempdir");
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
-        let cache = ImageCache::open(
-            CacheSettings {
-                dir: scratch.path().join("cache"),
-                max_size: 1 << 30,
-                min_free: 0,
-                limits: ImageLimits {
-                    max_image_bytes: 1 << 30,
-                },
-                allowed_local_dirs: vec![image.parent().expect("dir").to_path_buf()],
-            },
-            Fetcher::new(FetchPolicy::default()).expect("fetcher"),
-        )
-        .await
-        .expect("cache");
-        let lease = cache
-            .acquire(
-                &ImageRequest {
-                    source: ImageSource::Local(image.clone()),
-                    sha256: None,
-                },
-                None,
-            )
-            .await
-            .expect("image");
+        let (cache, lease) = common::cached_test_image(scratch.path()).await;
         metadata_latency(scratch.path(), &lease).await;
         log_throughput(scratch.path(), &lease).await;
         artifact_throughput(scratch.path(), &lease).await;

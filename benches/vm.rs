@@ -9,14 +9,15 @@
 //!
 //! `cargo bench --bench vm` (needs images/build-test-image).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use qemu_worker::image::{
-    CacheSettings, FetchPolicy, Fetcher, ImageCache, ImageLease, ImageLimits, ImageRequest,
-};
-use qemu_worker::job::{Identity, ImageSource, Machine, MachineLayers, MachineLimits};
+use qemu_worker::image::ImageLease;
+use qemu_worker::job::{Identity, Machine, MachineLayers, MachineLimits};
 use qemu_worker::qemu::QgaClient;
 use qemu_worker::vm::{
     Accelerator, LaunchPlan, NetworkAttachment, RunDir, Vm, VmTimeouts, prepare_launch,
@@ -74,38 +75,13 @@ impl Bench {
 }
 
 fn main() {
-    let image = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/out/qemu-worker-test.tar.zst");
-    assert!(image.is_file(), "run images/build-test-image first");
     let scratch = tempfile::Builder::new()
         .prefix("qw-bvm")
         .tempdir_in("/tmp")
         .expect("tempdir");
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
-        let cache = ImageCache::open(
-            CacheSettings {
-                dir: scratch.path().join("cache"),
-                max_size: 1 << 30,
-                min_free: 0,
-                limits: ImageLimits {
-                    max_image_bytes: 1 << 30,
-                },
-                allowed_local_dirs: vec![image.parent().expect("dir").to_path_buf()],
-            },
-            Fetcher::new(FetchPolicy::default()).expect("fetcher"),
-        )
-        .await
-        .expect("cache");
-        let lease = cache
-            .acquire(
-                &ImageRequest {
-                    source: ImageSource::Local(image.clone()),
-                    sha256: None,
-                },
-                None,
-            )
-            .await
-            .expect("image");
+        let (cache, lease) = common::cached_test_image(scratch.path()).await;
         let layers = MachineLayers {
             image: lease.contents().machine.clone(),
             ..Default::default()

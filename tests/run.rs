@@ -2,10 +2,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use common::require;
+use common::{qemu_processes_under, require, test_image};
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -14,7 +14,7 @@ struct Fixture {
 impl Fixture {
     fn new() -> Self {
         require("qemu-system-x86_64", "qemu-system-x86");
-        let image = image();
+        let image = test_image();
         let dir = tempfile::Builder::new()
             .prefix("qw-run")
             .tempdir_in("/tmp")
@@ -60,14 +60,7 @@ impl Fixture {
     }
 
     fn assert_no_vm_left(&self) {
-        let needle = self.dir.path().display().to_string();
-        let running: Vec<String> = std::fs::read_dir("/proc")
-            .expect("/proc")
-            .flatten()
-            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-            .filter(|c| c.contains("qemu-system") && c.contains(&needle))
-            .collect();
+        let running = qemu_processes_under(self.dir.path());
         assert!(running.is_empty(), "QEMU left running: {running:?}");
         let run = self.dir.path().join("state/run");
         let left: Vec<_> = std::fs::read_dir(&run)
@@ -77,19 +70,10 @@ impl Fixture {
     }
 }
 
-fn image() -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/out/qemu-worker-test.tar.zst");
-    assert!(
-        path.is_file(),
-        "the test image is missing: run images/build-test-image (scripts/test does it)"
-    );
-    path
-}
-
 fn payload(script: &str, max_run_time: u64, artifacts: &str) -> String {
     format!(
         "image: {}\ncommand: [/bin/sh, -c, {script:?}]\nmaxRunTime: {max_run_time}\n{artifacts}",
-        image().display()
+        test_image().display()
     )
 }
 
@@ -184,7 +168,7 @@ fn a_malformed_job_is_resolved_without_starting_a_vm() {
     let fx = Fixture::new();
     let (output, report) = fx.run(&format!(
         "image: {}\ncommand: []\nmaxRunTime: 0\nmachine: {{memory: 4096}}\n",
-        image().display()
+        test_image().display()
     ));
     assert_eq!(output.status.code(), Some(2));
     assert_eq!(

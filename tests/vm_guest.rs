@@ -6,13 +6,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::require;
+use common::{cached_test_image, qemu_processes_under, require};
 use qemu_worker::agent::{AgentClient, AgentError};
-use qemu_worker::image::{
-    CacheSettings, FetchPolicy, Fetcher, ImageCache, ImageLease, ImageLimits, ImageRequest,
-};
+use qemu_worker::image::{ImageCache, ImageLease};
 use qemu_worker::job::ArtifactKind;
-use qemu_worker::job::{Identity, ImageSource, MachineDefinition, MachineLayers, MachineLimits};
+use qemu_worker::job::{Identity, MachineDefinition, MachineLayers, MachineLimits};
 use qemu_worker::metadata::{
     LogSink, MetadataHandle, MetadataLimits, Task, start_metadata_service,
     start_metadata_service_tcp,
@@ -34,39 +32,11 @@ struct Guest {
 impl Guest {
     async fn new() -> Self {
         require("qemu-system-x86_64", "qemu-system-x86");
-        let image =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("images/out/qemu-worker-test.tar.zst");
-        assert!(
-            image.is_file(),
-            "the test image is missing: run images/build-test-image (scripts/test does it)"
-        );
         let scratch = tempfile::Builder::new()
             .prefix("qw-g")
             .tempdir_in("/tmp")
             .expect("tempdir");
-        let settings = CacheSettings {
-            dir: scratch.path().join("cache"),
-            max_size: 1 << 30,
-            min_free: 0,
-            limits: ImageLimits {
-                max_image_bytes: 1 << 30,
-            },
-            allowed_local_dirs: vec![image.parent().expect("images/out").to_path_buf()],
-        };
-        let cache = ImageCache::open(
-            settings,
-            Fetcher::new(FetchPolicy::default()).expect("fetcher"),
-        )
-        .await
-        .expect("cache");
-        let request = ImageRequest {
-            source: ImageSource::Local(image),
-            sha256: None,
-        };
-        let lease = cache
-            .acquire(&request, None)
-            .await
-            .expect("the test image is valid");
+        let (cache, lease) = cached_test_image(scratch.path()).await;
         Self {
             scratch,
             cache,
@@ -213,14 +183,7 @@ impl Guest {
 
     /// No QEMU process and no run dir of this test remains.
     fn assert_clean(&self) {
-        let needle = self.scratch.path().display().to_string();
-        let running: Vec<String> = std::fs::read_dir("/proc")
-            .expect("/proc")
-            .flatten()
-            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-            .filter(|c| c.contains("qemu-system") && c.contains(&needle))
-            .collect();
+        let running = qemu_processes_under(self.scratch.path());
         assert!(running.is_empty(), "QEMU left running: {running:?}");
         let dirs: Vec<String> = std::fs::read_dir(self.scratch.path())
             .expect("scratch")

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::require;
+use common::{qemu_processes_under, require};
 use qemu_worker::config::AcceleratorChoice;
 use qemu_worker::qemu::{QgaClient, QgaError};
 use qemu_worker::vm::{
@@ -71,18 +71,6 @@ fn diskless(dir: &Path, name: &str, extra: &[&str]) -> VmLaunch {
         log_dir: dir.join(format!("{name}-logs")),
         netns: None,
     }
-}
-
-/// QEMU processes whose command line mentions `dir`.
-fn qemu_processes_under(dir: &Path) -> Vec<String> {
-    let needle = dir.display().to_string();
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .flatten()
-        .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
-        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
-        .filter(|cmdline| cmdline.contains("qemu-system") && cmdline.contains(&needle))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]

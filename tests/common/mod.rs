@@ -90,3 +90,66 @@ impl TestQmp {
         }
     }
 }
+
+/// QEMU processes whose command line mentions `dir` (tests give every VM paths under
+/// their own scratch directory, so this finds exactly their leftovers).
+pub fn qemu_processes_under(dir: &Path) -> Vec<String> {
+    let needle = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .filter(|c| c.contains("qemu-system") && c.contains(&needle))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The test image built by `images/build-test-image`.
+pub fn test_image() -> std::path::PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/out/qemu-worker-test.tar.zst");
+    assert!(
+        path.is_file(),
+        "the test image is missing: run images/build-test-image (scripts/test does it)"
+    );
+    path
+}
+
+/// A cache in `dir` holding the test image, and a lease on it.
+pub async fn cached_test_image(
+    dir: &Path,
+) -> (
+    qemu_worker::image::ImageCache,
+    qemu_worker::image::ImageLease,
+) {
+    use qemu_worker::image::{
+        CacheSettings, FetchPolicy, Fetcher, ImageCache, ImageLimits, ImageRequest,
+    };
+    let image = test_image();
+    let settings = CacheSettings {
+        dir: dir.join("cache"),
+        max_size: 1 << 30,
+        min_free: 0,
+        limits: ImageLimits {
+            max_image_bytes: 1 << 30,
+        },
+        allowed_local_dirs: vec![image.parent().expect("images/out").to_path_buf()],
+    };
+    let cache = ImageCache::open(
+        settings,
+        Fetcher::new(FetchPolicy::default()).expect("fetcher"),
+    )
+    .await
+    .expect("cache");
+    let request = ImageRequest {
+        source: qemu_worker::job::ImageSource::Local(image),
+        sha256: None,
+    };
+    let lease = cache
+        .acquire(&request, None)
+        .await
+        .expect("the test image is valid");
+    (cache, lease)
+}

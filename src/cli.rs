@@ -235,6 +235,25 @@ async fn run_job(loaded: &LoadedConfig, payload: String, json: bool) -> Result<E
         cache: cache.clone(),
         helper: std::env::current_exe().exit_with(EXIT_OTHER)?,
     };
+    // Ctrl-C cancels the job, SIGTERM is a shutdown: either way the engine tears the VM
+    // down (exiting on the signal would leave QEMU running in its own process group).
+    let (cancel, cancel_rx) = tokio::sync::watch::channel(None);
+    let signals = tokio::spawn(async move {
+        use qemu_worker::job::ExceptionReason;
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        let reason = tokio::select! {
+            _ = int.recv() => ExceptionReason::Canceled,
+            _ = term.recv() => ExceptionReason::WorkerShutdown,
+        };
+        eprintln!("qemu-worker: stopping the job ({reason})");
+        let _ = cancel.send(Some(reason));
+    });
     let report = engine
         .run(&JobRun {
             job_id: job_id.clone(),
@@ -242,8 +261,10 @@ async fn run_job(loaded: &LoadedConfig, payload: String, json: bool) -> Result<E
             payload,
             job_dir: job_dir.clone(),
             live_log: true,
+            cancel: cancel_rx,
         })
         .await;
+    signals.abort();
     drop(engine);
     cache.close().await;
     if json {

@@ -197,3 +197,51 @@ fn a_malformed_job_is_resolved_without_starting_a_vm() {
     let log = std::fs::read_to_string(fx.job_dir().join("job.log")).expect("log");
     assert_eq!(log.matches("[qemu-worker:error]").count(), 3, "{log}");
 }
+
+#[test]
+fn an_interrupted_run_tears_the_vm_down() {
+    let fx = Fixture::new();
+    let path = fx.dir.path().join("payload.yml");
+    std::fs::write(&path, payload("echo waiting; sleep 600", 600, "")).expect("payload");
+    let child = Command::new(env!("CARGO_BIN_EXE_qemu-worker"))
+        .arg("--config")
+        .arg(fx.dir.path().join("worker.yml"))
+        .args(["run", "--json"])
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("qemu-worker runs");
+    // Wait until the command runs in the guest, then interrupt as a user would.
+    let jobs = fx.dir.path().join("state/jobs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let started = std::fs::read_dir(&jobs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|job| {
+                std::fs::read_to_string(job.path().join("job.log"))
+                    .is_ok_and(|l| l.contains("waiting"))
+            });
+        if started {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).expect("SIGINT");
+    let output = child.wait_with_output().expect("wait");
+    let report: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("a report after the interrupt");
+    assert_eq!(
+        (report["state"].as_str(), report["reason"].as_str()),
+        (Some("exception"), Some("canceled"))
+    );
+    assert_eq!(output.status.code(), Some(3));
+    fx.assert_no_vm_left();
+}

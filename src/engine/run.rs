@@ -29,6 +29,9 @@ pub struct JobRun {
     pub job_dir: PathBuf,
     /// Copy the job log to stderr as it is written.
     pub live_log: bool,
+    /// Becomes `Some(reason)` to stop the job early (canceled, worker shutting down);
+    /// the VM is torn down and the job resolved with that reason.
+    pub cancel: tokio::sync::watch::Receiver<Option<ExceptionReason>>,
 }
 
 /// What the engine needs besides the job: the configuration, the image cache, and the
@@ -118,6 +121,9 @@ impl Engine {
             Err(e) => return exception(ExceptionReason::InternalError, e.to_string()),
         }
 
+        if let Some(reason) = *job.cancel.borrow() {
+            return ResultReport::new(Resolution::Exception(reason), Vec::new());
+        }
         // Validate before spending anything.
         let identity = Identity::derive(&job.job_id, job.run_id);
         let check = validate_payload(
@@ -227,7 +233,14 @@ impl Engine {
         }
         progress.phase("start");
 
-        let outcome = self.wait_for_result(&mut vm, &mut service, payload).await;
+        let mut cancel = job.cancel.clone();
+        let outcome = tokio::select! {
+            outcome = self.wait_for_result(&mut vm, &mut service, payload) => outcome,
+            reason = cancel.wait_for(Option::is_some) => match reason.ok().and_then(|r| *r) {
+                Some(reason) => Outcome::Canceled(reason),
+                None => Outcome::Canceled(ExceptionReason::Canceled),
+            },
+        };
         progress.phase("run");
 
         let mut report = match outcome {
@@ -255,6 +268,14 @@ impl Engine {
                     .await;
                 ResultReport::new(Resolution::Failed { exit_code: None }, Vec::new())
             }
+            Outcome::Canceled(reason) => {
+                progress
+                    .note(&format!(
+                        "the job was stopped ({reason}); the VM is shut down"
+                    ))
+                    .await;
+                ResultReport::new(Resolution::Exception(reason), Vec::new())
+            }
             Outcome::NeverStarted => {
                 progress
                     .note(&format!(
@@ -266,7 +287,8 @@ impl Engine {
             }
         };
 
-        if vm.wait(Duration::ZERO).await.is_none() {
+        let canceled = report.state == crate::job::ResultState::Exception;
+        if !canceled && vm.wait(Duration::ZERO).await.is_none() {
             let failures = self
                 .collect_artifacts(&vm, payload, &job.job_dir, &mut report)
                 .await;
@@ -467,6 +489,7 @@ impl Engine {
 
 enum Outcome {
     Exited(i32),
+    Canceled(ExceptionReason),
     TimedOut,
     GuestEnded(VmExit),
     NeverStarted,

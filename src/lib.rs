@@ -11,5 +11,6 @@ pub mod image;
 pub mod job;
 pub mod metadata;
 pub mod qemu;
+pub mod queue;
 pub mod schema;
 pub mod vm;

@@ -6,7 +6,7 @@ mod limits;
 mod machine;
 mod payload;
 mod report;
-mod string_enum;
+pub(crate) mod string_enum;
 mod validate;
 
 pub use identity::Identity;

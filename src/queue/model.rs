@@ -1,0 +1,72 @@
+use crate::job::ResultReport;
+use crate::job::string_enum::string_enum;
+
+string_enum! {
+    /// Where a job is in its life.
+    pub enum JobState {
+        Pending = "pending",
+        Running = "running",
+        Completed = "completed",
+        Failed = "failed",
+        Exception = "exception",
+    }
+}
+
+impl JobState {
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|s| s.as_str() == text)
+    }
+}
+
+/// A job to add to the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewJob {
+    /// The payload as submitted (validated when a worker runs it).
+    pub payload: String,
+    /// Higher runs first; equal priorities run in submission order.
+    pub priority: i32,
+    /// How many runs the job may have in all (a run ends early when its claim expires).
+    pub max_runs: u32,
+}
+
+/// A run a worker holds: the job, the run number, and the fencing token that every
+/// later call must present (a run that lost its claim cannot touch the job again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub job_id: String,
+    pub run_id: u32,
+    pub token: u64,
+    pub payload: String,
+    pub lease_until_ms: u64,
+}
+
+/// A run whose lease ran out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredRun {
+    pub job_id: String,
+    pub run_id: u32,
+    /// Whether the job went back to the queue (it had runs left).
+    pub requeued: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobStatus {
+    pub job_id: String,
+    pub state: JobState,
+    /// The latest run (0 before the first claim).
+    pub run_id: u32,
+    pub runs: u32,
+    pub report: Option<ResultReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    #[error("queue database error: {0}")]
+    Database(String),
+    #[error("no job {job_id}")]
+    NotFound { job_id: String },
+    #[error("run {run_id} of {job_id} no longer holds its claim")]
+    StaleClaim { job_id: String, run_id: u32 },
+    #[error("{job_id} was canceled")]
+    Canceled { job_id: String },
+}

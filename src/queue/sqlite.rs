@@ -1,0 +1,413 @@
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use super::model::{Claim, ExpiredRun, JobState, JobStatus, NewJob, QueueError};
+use crate::job::{ExceptionReason, ResultReport, ResultState};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    payload TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    run_id INTEGER NOT NULL DEFAULT 0,
+    token INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    lease_until INTEGER NOT NULL DEFAULT 0,
+    runs INTEGER NOT NULL DEFAULT 0,
+    max_runs INTEGER NOT NULL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    report TEXT,
+    created_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_pending ON jobs (state, priority DESC, seq);
+CREATE TABLE IF NOT EXISTS runs (
+    job_id TEXT NOT NULL,
+    run_id INTEGER NOT NULL,
+    worker TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    PRIMARY KEY (job_id, run_id)
+);
+";
+
+/// The embedded queue: one SQLite database in WAL mode. Claims take the write lock
+/// up front (`BEGIN IMMEDIATE`), so two claimers never pick the same job.
+#[derive(Debug, Clone)]
+pub struct SqliteQueue {
+    path: PathBuf,
+    /// One connection per handle; SQLite serializes writers itself.
+    connection: Arc<Mutex<Connection>>,
+}
+
+fn db(source: rusqlite::Error) -> QueueError {
+    QueueError::Database(source.to_string())
+}
+
+impl SqliteQueue {
+    pub fn open(path: &Path) -> Result<Self, QueueError> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| QueueError::Database(e.to_string()))?;
+        }
+        let connection = Connection::open(path).map_err(db)?;
+        connection
+            .busy_timeout(Duration::from_secs(30))
+            .map_err(db)?;
+        connection
+            .pragma_update(None, "journal_mode", "WAL")
+            .map_err(db)?;
+        connection
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(db)?;
+        connection.execute_batch(SCHEMA).map_err(db)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            connection: Arc::new(Mutex::new(connection)),
+        })
+    }
+
+    /// Another handle on the same database with its own connection (for concurrency).
+    pub fn reopen(&self) -> Result<Self, QueueError> {
+        Self::open(&self.path)
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, QueueError>,
+    ) -> Result<T, QueueError> {
+        let mut connection = self
+            .connection
+            .lock()
+            .map_err(|_| QueueError::Database("the connection lock is poisoned".into()))?;
+        f(&mut connection)
+    }
+
+    pub fn enqueue(&self, job: &NewJob, now_ms: u64) -> Result<String, QueueError> {
+        self.with(|c| {
+            let seq: i64 = c
+                .query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs", [], |r| {
+                    r.get(0)
+                })
+                .map_err(db)?;
+            let id = format!("job-{seq:08}-{}", &token_hex(now_ms, seq)[..8]);
+            c.execute(
+                "INSERT INTO jobs (id, seq, payload, priority, state, max_runs, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6)",
+                params![
+                    id,
+                    seq,
+                    job.payload,
+                    job.priority,
+                    i64::from(job.max_runs),
+                    now_ms as i64
+                ],
+            )
+            .map_err(db)?;
+            Ok(id)
+        })
+    }
+
+    /// Claims the pending job with the highest priority (oldest first), starting a new
+    /// run with a fresh fencing token and a lease until `now + lease`.
+    pub fn claim(
+        &self,
+        worker: &str,
+        lease: Duration,
+        now_ms: u64,
+    ) -> Result<Option<Claim>, QueueError> {
+        self.with(|c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
+            let next: Option<(String, i64, String)> = tx
+                .query_row(
+                    "SELECT id, run_id, payload FROM jobs WHERE state = 'pending'
+                     ORDER BY priority DESC, seq LIMIT 1",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(db)?;
+            let Some((job_id, last_run, payload)) = next else {
+                return Ok(None);
+            };
+            let run_id = u32::try_from(last_run + 1).unwrap_or(u32::MAX);
+            let token = token(now_ms, last_run);
+            let lease_until = now_ms + u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+            tx.execute(
+                "UPDATE jobs SET state = 'running', run_id = ?2, token = ?3, worker = ?4,
+                 lease_until = ?5, runs = runs + 1 WHERE id = ?1",
+                params![
+                    job_id,
+                    i64::from(run_id),
+                    token as i64,
+                    worker,
+                    lease_until as i64
+                ],
+            )
+            .map_err(db)?;
+            tx.execute(
+                "INSERT INTO runs (job_id, run_id, worker, state) VALUES (?1, ?2, ?3, 'running')",
+                params![job_id, i64::from(run_id), worker],
+            )
+            .map_err(db)?;
+            tx.commit().map_err(db)?;
+            Ok(Some(Claim {
+                job_id,
+                run_id,
+                token,
+                payload,
+                lease_until_ms: lease_until,
+            }))
+        })
+    }
+
+    /// Extends the lease of a run that still holds its claim. Fails with `StaleClaim`
+    /// when the run lost it (expired and re-queued, resolved, or a newer run), and with
+    /// `Canceled` when someone asked to cancel the job.
+    pub fn heartbeat(
+        &self,
+        claim: &Claim,
+        lease: Duration,
+        now_ms: u64,
+    ) -> Result<u64, QueueError> {
+        self.with(|c| {
+            let lease_until = now_ms + u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+            let changed = c
+                .execute(
+                    "UPDATE jobs SET lease_until = ?4 WHERE id = ?1 AND run_id = ?2 AND token = ?3
+                     AND state = 'running'",
+                    params![
+                        claim.job_id,
+                        i64::from(claim.run_id),
+                        claim.token as i64,
+                        lease_until as i64
+                    ],
+                )
+                .map_err(db)?;
+            if changed == 0 {
+                return Err(QueueError::StaleClaim {
+                    job_id: claim.job_id.clone(),
+                    run_id: claim.run_id,
+                });
+            }
+            let canceled: bool = c
+                .query_row(
+                    "SELECT cancel_requested FROM jobs WHERE id = ?1",
+                    [&claim.job_id],
+                    |r| r.get(0),
+                )
+                .map_err(db)?;
+            if canceled {
+                return Err(QueueError::Canceled {
+                    job_id: claim.job_id.clone(),
+                });
+            }
+            Ok(lease_until)
+        })
+    }
+
+    /// Records a run's result, if the run still holds its claim.
+    pub fn resolve(&self, claim: &Claim, report: &ResultReport) -> Result<(), QueueError> {
+        let state = JobState::from(report.state);
+        let text =
+            serde_json::to_string(report).map_err(|e| QueueError::Database(e.to_string()))?;
+        self.with(|c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
+            let changed = tx
+                .execute(
+                    "UPDATE jobs SET state = ?4, report = ?5, worker = NULL
+                     WHERE id = ?1 AND run_id = ?2 AND token = ?3 AND state = 'running'",
+                    params![
+                        claim.job_id,
+                        i64::from(claim.run_id),
+                        claim.token as i64,
+                        state.as_str(),
+                        text
+                    ],
+                )
+                .map_err(db)?;
+            if changed == 0 {
+                return Err(QueueError::StaleClaim {
+                    job_id: claim.job_id.clone(),
+                    run_id: claim.run_id,
+                });
+            }
+            tx.execute(
+                "UPDATE runs SET state = ?3, reason = ?4 WHERE job_id = ?1 AND run_id = ?2",
+                params![
+                    claim.job_id,
+                    i64::from(claim.run_id),
+                    report.state.as_str(),
+                    report.reason.map(ExceptionReason::as_str)
+                ],
+            )
+            .map_err(db)?;
+            tx.commit().map_err(db)
+        })
+    }
+
+    /// Resolves every run whose lease ran out as `exception/claim-expired`, and puts its
+    /// job back in the queue while it has runs left (otherwise the job ends with that
+    /// exception). Returns the expired runs.
+    pub fn expire(&self, now_ms: u64) -> Result<Vec<ExpiredRun>, QueueError> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+            let expired: Vec<(String, i64, i64, i64)> = {
+                let mut statement = tx
+                    .prepare("SELECT id, run_id, runs, max_runs FROM jobs WHERE state = 'running' AND lease_until < ?1")
+                    .map_err(db)?;
+                let rows = statement
+                    .query_map([now_ms as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                    .map_err(db)?;
+                rows.collect::<Result<_, _>>().map_err(db)?
+            };
+            let mut out = Vec::new();
+            for (job_id, run_id, runs, max_runs) in expired {
+                let requeued = runs < max_runs;
+                let report = ResultReport::new(
+                    crate::job::Resolution::Exception(ExceptionReason::ClaimExpired),
+                    Vec::new(),
+                );
+                let report_text = serde_json::to_string(&report).map_err(|e| QueueError::Database(e.to_string()))?;
+                if requeued {
+                    tx.execute(
+                        "UPDATE jobs SET state = 'pending', worker = NULL, token = 0 WHERE id = ?1",
+                        [&job_id],
+                    )
+                    .map_err(db)?;
+                } else {
+                    tx.execute(
+                        "UPDATE jobs SET state = 'exception', worker = NULL, report = ?2 WHERE id = ?1",
+                        params![job_id, report_text],
+                    )
+                    .map_err(db)?;
+                }
+                tx.execute(
+                    "UPDATE runs SET state = 'exception', reason = 'claim-expired' WHERE job_id = ?1 AND run_id = ?2",
+                    params![job_id, run_id],
+                )
+                .map_err(db)?;
+                out.push(ExpiredRun {
+                    job_id,
+                    run_id: u32::try_from(run_id).unwrap_or(u32::MAX),
+                    requeued,
+                });
+            }
+            tx.commit().map_err(db)?;
+            Ok(out)
+        })
+    }
+
+    /// Cancels a job: a pending one ends at once as `exception/canceled`; a running one
+    /// is flagged, and its worker learns it at the next heartbeat.
+    pub fn cancel(&self, job_id: &str) -> Result<JobState, QueueError> {
+        let report = ResultReport::new(
+            crate::job::Resolution::Exception(ExceptionReason::Canceled),
+            Vec::new(),
+        );
+        let text =
+            serde_json::to_string(&report).map_err(|e| QueueError::Database(e.to_string()))?;
+        self.with(|c| {
+            let state = state_of(c, job_id)?;
+            match state {
+                JobState::Pending => {
+                    c.execute(
+                        "UPDATE jobs SET state = 'exception', report = ?2 WHERE id = ?1 AND state = 'pending'",
+                        params![job_id, text],
+                    )
+                    .map_err(db)?;
+                    Ok(JobState::Exception)
+                }
+                JobState::Running => {
+                    c.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?1", [job_id])
+                        .map_err(db)?;
+                    Ok(JobState::Running)
+                }
+                done => Ok(done),
+            }
+        })
+    }
+
+    pub fn status(&self, job_id: &str) -> Result<JobStatus, QueueError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT id, state, run_id, runs, report FROM jobs WHERE id = ?1",
+                [job_id],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, Option<String>>(4)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(db)?
+            .map(|(id, state, run_id, runs, report)| JobStatus {
+                job_id: id,
+                state: JobState::parse(&state).unwrap_or(JobState::Exception),
+                run_id: u32::try_from(run_id).unwrap_or(0),
+                runs: u32::try_from(runs).unwrap_or(0),
+                report: report.and_then(|r| serde_json::from_str(&r).ok()),
+            })
+            .ok_or_else(|| QueueError::NotFound {
+                job_id: job_id.to_owned(),
+            })
+        })
+    }
+}
+
+fn state_of(c: &Connection, job_id: &str) -> Result<JobState, QueueError> {
+    let state: Option<String> = c
+        .query_row("SELECT state FROM jobs WHERE id = ?1", [job_id], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(db)?;
+    state
+        .and_then(|s| JobState::parse(&s))
+        .ok_or_else(|| QueueError::NotFound {
+            job_id: job_id.to_owned(),
+        })
+}
+
+impl From<ResultState> for JobState {
+    fn from(state: ResultState) -> Self {
+        match state {
+            ResultState::Completed => Self::Completed,
+            ResultState::Failed => Self::Failed,
+            ResultState::Exception => Self::Exception,
+        }
+    }
+}
+
+/// A fencing token: unique per claim, not guessable from the job id alone.
+fn token(now_ms: u64, salt: i64) -> u64 {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(now_ms.to_be_bytes());
+    hasher.update(salt.to_be_bytes());
+    hasher.update(std::process::id().to_be_bytes());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    hasher.update(nanos.to_be_bytes());
+    let digest: [u8; 32] = hasher.finalize().into();
+    // Positive when stored as SQLite's signed 64-bit integer.
+    u64::from_be_bytes([
+        digest[0], digest[1], digest[2], digest[3], digest[4], digest[5], digest[6], digest[7],
+    ]) >> 1
+}
+
+fn token_hex(now_ms: u64, salt: i64) -> String {
+    format!("{:016x}", token(now_ms, salt))
+}

@@ -1,0 +1,174 @@
+//! Queue conformance: the semantics every backend must have. Run here against the
+//! embedded SQLite queue; the PostgreSQL backend will run the same cases.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use qemu_worker::job::{ExceptionReason, Resolution, ResultReport, ResultState};
+use qemu_worker::queue::{JobState, NewJob, QueueError, SqliteQueue};
+
+const LEASE: Duration = Duration::from_secs(60);
+
+fn queue() -> (tempfile::TempDir, SqliteQueue) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let queue = SqliteQueue::open(&dir.path().join("queue.sqlite")).expect("open");
+    (dir, queue)
+}
+
+fn job(payload: &str, priority: i32) -> NewJob {
+    NewJob {
+        payload: payload.into(),
+        priority,
+        max_runs: 2,
+    }
+}
+
+#[test]
+fn claims_go_by_priority_then_submission_order() {
+    let (_dir, q) = queue();
+    for (payload, priority) in [("low-1", 0), ("high-1", 5), ("low-2", 0), ("high-2", 5)] {
+        q.enqueue(&job(payload, priority), 1).expect("enqueue");
+    }
+    let order: Vec<String> =
+        std::iter::from_fn(|| q.claim("w", LEASE, 2).expect("claim").map(|c| c.payload)).collect();
+    assert_eq!(order, ["high-1", "high-2", "low-1", "low-2"]);
+}
+
+#[test]
+fn a_claim_is_fenced_by_its_token() {
+    let (_dir, q) = queue();
+    let id = q.enqueue(&job("p", 0), 1).expect("enqueue");
+    let claim = q.claim("w1", LEASE, 10).expect("claim").expect("a job");
+    assert_eq!((claim.job_id.as_str(), claim.run_id), (id.as_str(), 1));
+    assert!(q.heartbeat(&claim, LEASE, 20).expect("heartbeat") > claim.lease_until_ms);
+
+    let mut forged = claim.clone();
+    forged.token ^= 1;
+    assert!(matches!(
+        q.heartbeat(&forged, LEASE, 30),
+        Err(QueueError::StaleClaim { .. })
+    ));
+    let done = ResultReport::new(Resolution::Completed, Vec::new());
+    assert!(matches!(
+        q.resolve(&forged, &done),
+        Err(QueueError::StaleClaim { .. })
+    ));
+
+    q.resolve(&claim, &done).expect("resolve");
+    let status = q.status(&id).expect("status");
+    assert_eq!(status.state, JobState::Completed);
+    assert_eq!(status.report.expect("report").state, ResultState::Completed);
+    assert!(
+        matches!(q.resolve(&claim, &done), Err(QueueError::StaleClaim { .. })),
+        "resolved once"
+    );
+    assert!(q.claim("w1", LEASE, 40).expect("claim").is_none());
+}
+
+#[test]
+fn expired_leases_requeue_until_the_retry_limit() {
+    let (_dir, q) = queue();
+    let id = q.enqueue(&job("p", 0), 0).expect("enqueue");
+    let first = q
+        .claim("w1", Duration::from_millis(100), 1_000)
+        .expect("claim")
+        .expect("job");
+    assert!(
+        q.expire(1_050).expect("expire").is_empty(),
+        "the lease still runs"
+    );
+    let expired = q.expire(1_200).expect("expire");
+    assert_eq!(expired.len(), 1);
+    assert!(expired[0].requeued);
+    assert_eq!(q.status(&id).expect("status").state, JobState::Pending);
+
+    // The expired run can no longer act; the job runs again as run 2.
+    assert!(matches!(
+        q.heartbeat(&first, LEASE, 1_300),
+        Err(QueueError::StaleClaim { .. })
+    ));
+    let second = q
+        .claim("w2", Duration::from_millis(100), 1_300)
+        .expect("claim")
+        .expect("job again");
+    assert_eq!(second.run_id, 2);
+    assert!(matches!(
+        q.resolve(
+            &first,
+            &ResultReport::new(Resolution::Completed, Vec::new())
+        ),
+        Err(QueueError::StaleClaim { .. })
+    ));
+
+    // With max_runs 2, the second expiry ends the job.
+    let expired = q.expire(2_000).expect("expire");
+    assert!(!expired[0].requeued);
+    let status = q.status(&id).expect("status");
+    assert_eq!(status.state, JobState::Exception);
+    assert_eq!(
+        status.report.expect("report").reason,
+        Some(ExceptionReason::ClaimExpired)
+    );
+    assert_eq!(status.runs, 2);
+}
+
+#[test]
+fn cancel_ends_pending_jobs_and_signals_running_ones() {
+    let (_dir, q) = queue();
+    let pending = q.enqueue(&job("a", 0), 0).expect("enqueue");
+    let running = q.enqueue(&job("b", 0), 0).expect("enqueue");
+    assert_eq!(q.cancel(&pending).expect("cancel"), JobState::Exception);
+    assert_eq!(
+        q.status(&pending)
+            .expect("status")
+            .report
+            .expect("report")
+            .reason,
+        Some(ExceptionReason::Canceled)
+    );
+    let claim = q
+        .claim("w", LEASE, 1)
+        .expect("claim")
+        .expect("the other job");
+    assert_eq!(claim.job_id, running);
+    assert_eq!(q.cancel(&running).expect("cancel"), JobState::Running);
+    assert!(matches!(
+        q.heartbeat(&claim, LEASE, 2),
+        Err(QueueError::Canceled { .. })
+    ));
+    assert!(matches!(
+        q.cancel("job-nope"),
+        Err(QueueError::NotFound { .. })
+    ));
+}
+
+#[test]
+fn concurrent_claimers_never_claim_a_job_twice() {
+    let (_dir, q) = queue();
+    const JOBS: usize = 300;
+    for n in 0..JOBS {
+        q.enqueue(&job(&n.to_string(), 0), 0).expect("enqueue");
+    }
+    let claimed = Arc::new(Mutex::new(Vec::new()));
+    std::thread::scope(|scope| {
+        for worker in 0..8 {
+            let q = q.reopen().expect("own connection");
+            let claimed = Arc::clone(&claimed);
+            scope.spawn(move || {
+                while let Some(claim) = q.claim(&format!("w{worker}"), LEASE, 1).expect("claim") {
+                    q.resolve(
+                        &claim,
+                        &ResultReport::new(Resolution::Completed, Vec::new()),
+                    )
+                    .expect("resolve");
+                    claimed.lock().expect("lock").push(claim.job_id);
+                }
+            });
+        }
+    });
+    let claimed = claimed.lock().expect("lock");
+    let unique: HashSet<&String> = claimed.iter().collect();
+    assert_eq!(claimed.len(), JOBS, "every job claimed");
+    assert_eq!(unique.len(), JOBS, "no job claimed twice");
+}

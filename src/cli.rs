@@ -42,6 +42,44 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run jobs from the queue until SIGTERM or Ctrl-C.
+    Serve,
+    /// Add a job to the queue and print its id.
+    Submit {
+        payload: PathBuf,
+        /// Higher runs first.
+        #[arg(long, default_value_t = 0)]
+        priority: i32,
+        /// Runs the job may have in all (a run whose worker disappears is retried).
+        #[arg(long, default_value_t = 3)]
+        max_runs: u32,
+    },
+    /// Show a job's state and its result report.
+    Status {
+        job: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List jobs, newest first.
+    Jobs {
+        /// Only jobs in this state (pending, running, completed, failed, exception).
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// Print a job's log (of its latest run); --follow keeps printing until it ends.
+    Logs {
+        job: String,
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Copy a job's artifacts (of its latest run) into DIR.
+    Artifacts {
+        job: String,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Cancel a job: a pending one at once, a running one at its next heartbeat.
+    Cancel { job: String },
     /// Check a job payload (YAML or JSON; `-` for stdin) and print every problem.
     Validate {
         payload: PathBuf,
@@ -190,6 +228,99 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 .exit_with(EXIT_OTHER)?;
             runtime.block_on(run_job(&loaded, text, json))
         }
+        Command::Serve => {
+            let loaded = load_config(cli.config.as_deref()).exit_with(EXIT_OTHER)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .exit_with(EXIT_OTHER)?;
+            runtime.block_on(serve(&loaded))
+        }
+        Command::Submit {
+            payload,
+            priority,
+            max_runs,
+        } => {
+            let loaded = load_config(cli.config.as_deref()).exit_with(EXIT_OTHER)?;
+            let text = read_payload(&payload).exit_with(EXIT_USAGE)?;
+            let queue = open_queue(&loaded)?;
+            let job = qemu_worker::queue::NewJob {
+                payload: text,
+                priority,
+                max_runs: max_runs.max(1),
+            };
+            let id = queue.enqueue(&job, now_ms()).exit_with(EXIT_OTHER)?;
+            print(&format!("{id}\n"))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { job, json } => {
+            let loaded = load_config(cli.config.as_deref()).exit_with(EXIT_OTHER)?;
+            let status = open_queue(&loaded)?.status(&job).exit_with(EXIT_USAGE)?;
+            if json {
+                print(&(serde_json::to_string_pretty(&status).exit_with(EXIT_OTHER)? + "\n"))?;
+            } else {
+                let mut out = format!(
+                    "{} {} (run {} of {})\n",
+                    status.job_id, status.state, status.run_id, status.runs
+                );
+                if let Some(report) = &status.report {
+                    if let Some(code) = report.exit_code {
+                        out.push_str(&format!("  exit code {code}\n"));
+                    }
+                    if let Some(reason) = report.reason {
+                        out.push_str(&format!("  reason {reason}\n"));
+                    }
+                    for issue in &report.errors {
+                        out.push_str(&format!("  {issue}\n"));
+                    }
+                }
+                print(&out)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Jobs { state } => {
+            let loaded = load_config(cli.config.as_deref()).exit_with(EXIT_OTHER)?;
+            let state = match state {
+                Some(text) => Some(
+                    qemu_worker::queue::JobState::parse(&text)
+                        .ok_or_else(|| anyhow::anyhow!("unknown state {text:?}: pending, running, completed, failed or exception"))
+                        .exit_with(EXIT_USAGE)?,
+                ),
+                None => None,
+            };
+            let jobs = open_queue(&loaded)?.list(state).exit_with(EXIT_OTHER)?;
+            let out: String = jobs
+                .iter()
+                .map(|j| format!("{}  {:<9}  run {}\n", j.job_id, j.state.as_str(), j.run_id))
+                .collect();
+            print(&out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Logs { job, follow } => {
+            let loaded = load_config(cli.config.as_deref()).exit_with(EXIT_OTHER)?;
+            logs(&loaded, &job, follow)
+        }
+        Command::Artifacts { job, out } => {
+            let loaded = load_config(cli.config.as_deref()).exit_with(EXIT_OTHER)?;
+            let dir = run_dir_of(&loaded, &job)?.join("artifacts");
+            let copied = copy_tree(&dir, &out).exit_with(EXIT_OTHER)?;
+            print(&format!("{copied} file(s) copied into {}\n", out.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cancel { job } => {
+            let loaded = load_config(cli.config.as_deref()).exit_with(EXIT_OTHER)?;
+            let state = open_queue(&loaded)?.cancel(&job).exit_with(EXIT_USAGE)?;
+            print(&format!(
+                "{job}: {}\n",
+                match state {
+                    qemu_worker::queue::JobState::Running =>
+                        "cancel requested; its worker stops it at the next heartbeat",
+                    qemu_worker::queue::JobState::Exception => "canceled",
+                    _ => "already finished",
+                }
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Schema { out } => {
             let written = write_schemas(&out).exit_with(EXIT_OTHER)?;
             for path in written {
@@ -219,6 +350,123 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             runtime.block_on(vm(&loaded, command))
         }
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn open_queue(loaded: &LoadedConfig) -> Result<qemu_worker::queue::SqliteQueue, Failure> {
+    let path = loaded
+        .config
+        .sqlite_path()
+        .ok_or_else(|| anyhow::anyhow!("the PostgreSQL queue backend is not implemented yet; use queue: {{backend: sqlite}}"))
+        .exit_with(EXIT_OTHER)?;
+    qemu_worker::queue::SqliteQueue::open(&path).exit_with(EXIT_OTHER)
+}
+
+/// The directory of a job's latest run.
+fn run_dir_of(loaded: &LoadedConfig, job: &str) -> Result<PathBuf, Failure> {
+    let status = open_queue(loaded)?.status(job).exit_with(EXIT_USAGE)?;
+    Ok(loaded
+        .config
+        .state_dir
+        .join("jobs")
+        .join(&status.job_id)
+        .join(format!("run-{}", status.run_id)))
+}
+
+fn logs(loaded: &LoadedConfig, job: &str, follow: bool) -> Result<ExitCode, Failure> {
+    let queue = open_queue(loaded)?;
+    let mut shown = 0usize;
+    let mut run = 0;
+    loop {
+        let status = queue.status(job).exit_with(EXIT_USAGE)?;
+        if status.run_id != run {
+            run = status.run_id;
+            shown = 0;
+        }
+        let path = loaded
+            .config
+            .state_dir
+            .join("jobs")
+            .join(job)
+            .join(format!("run-{run}"))
+            .join("job.log");
+        let bytes = std::fs::read(&path).unwrap_or_default();
+        if bytes.len() > shown {
+            std::io::stdout()
+                .write_all(&bytes[shown..])
+                .exit_with(EXIT_OTHER)?;
+            let _ = std::io::stdout().flush();
+            shown = bytes.len();
+        }
+        let finished = !matches!(
+            status.state,
+            qemu_worker::queue::JobState::Pending | qemu_worker::queue::JobState::Running
+        );
+        if !follow || finished {
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<usize> {
+    std::fs::create_dir_all(to)?;
+    let mut copied = 0;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copied += copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+            copied += 1;
+        }
+    }
+    Ok(copied)
+}
+
+async fn serve(loaded: &LoadedConfig) -> Result<ExitCode, Failure> {
+    use qemu_worker::engine::{Engine, Worker};
+    let queue = open_queue(loaded)?;
+    let cache = open_cache(CacheSettings::from_config(&loaded.config)).await?;
+    let worker = Worker {
+        engine: Engine {
+            config: loaded.config.clone(),
+            cache: cache.clone(),
+            helper: std::env::current_exe().exit_with(EXIT_OTHER)?,
+        },
+        queue,
+        worker_id: format!("{}-{}", hostname(), std::process::id()),
+        grace: std::time::Duration::from_secs(loaded.config.timeouts.grace_seconds),
+    };
+    let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            let _ = shutdown.send(true);
+        }
+    });
+    worker.serve(shutdown_rx).await;
+    drop(worker);
+    cache.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "worker".to_owned(), |h| h.trim().to_owned())
 }
 
 async fn run_job(loaded: &LoadedConfig, payload: String, json: bool) -> Result<ExitCode, Failure> {

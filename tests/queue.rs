@@ -172,3 +172,47 @@ fn concurrent_claimers_never_claim_a_job_twice() {
     assert_eq!(claimed.len(), JOBS, "every job claimed");
     assert_eq!(unique.len(), JOBS, "no job claimed twice");
 }
+
+#[test]
+fn a_shutting_down_worker_gives_its_jobs_back() {
+    let (_dir, q) = queue();
+    let id = q.enqueue(&job("p", 0), 0).expect("enqueue");
+    let first = q.claim("w1", LEASE, 1).expect("claim").expect("job");
+    assert!(q.release(&first).expect("release"), "requeued: runs left");
+    assert_eq!(q.status(&id).expect("status").state, JobState::Pending);
+    let second = q.claim("w2", LEASE, 2).expect("claim").expect("job again");
+    assert!(!q.release(&second).expect("release"), "no runs left");
+    let status = q.status(&id).expect("status");
+    assert_eq!(status.state, JobState::Exception);
+    assert_eq!(
+        status.report.expect("report").reason,
+        Some(ExceptionReason::WorkerShutdown)
+    );
+    assert!(matches!(
+        q.release(&second),
+        Err(QueueError::StaleClaim { .. })
+    ));
+}
+
+#[test]
+fn jobs_are_listed_newest_first_and_by_state() {
+    let (_dir, q) = queue();
+    let a = q.enqueue(&job("a", 0), 0).expect("enqueue");
+    let b = q.enqueue(&job("b", 0), 0).expect("enqueue");
+    let claim = q.claim("w", LEASE, 1).expect("claim").expect("job");
+    assert_eq!(claim.job_id, a);
+    let all: Vec<String> = q
+        .list(None)
+        .expect("list")
+        .into_iter()
+        .map(|s| s.job_id)
+        .collect();
+    assert_eq!(all, [b.clone(), a.clone()]);
+    let pending: Vec<String> = q
+        .list(Some(JobState::Pending))
+        .expect("list")
+        .into_iter()
+        .map(|s| s.job_id)
+        .collect();
+    assert_eq!(pending, [b]);
+}

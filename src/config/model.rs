@@ -220,6 +220,15 @@ pub struct Timeouts {
     #[serde(default = "default_lease")]
     #[schemars(range(min = 2, max = 3600))]
     pub lease_seconds: u64,
+    /// On shutdown, how long running jobs may finish before they are stopped and given
+    /// back to the queue.
+    #[serde(default = "default_grace")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub grace_seconds: u64,
+}
+
+fn default_grace() -> u64 {
+    60
 }
 
 fn default_guest_ready() -> u64 {
@@ -245,6 +254,7 @@ impl Default for Timeouts {
             shutdown_seconds: default_shutdown(),
             heartbeat_seconds: default_heartbeat(),
             lease_seconds: default_lease(),
+            grace_seconds: default_grace(),
         }
     }
 }
@@ -274,6 +284,17 @@ impl WorkerConfig {
         );
         for dir in &mut self.images.allowed_local_dirs {
             *dir = absolute(dir);
+        }
+    }
+
+    /// The SQLite queue's database (set once paths are resolved).
+    pub fn sqlite_path(&self) -> Option<PathBuf> {
+        match &self.queue {
+            QueueConfig::Sqlite { path } => Some(
+                path.clone()
+                    .unwrap_or_else(|| self.state_dir.join("queue.sqlite")),
+            ),
+            QueueConfig::Postgres { .. } => None,
         }
     }
 

@@ -4,5 +4,7 @@
 //! the same engine.
 
 mod run;
+mod serve;
 
 pub use run::{Engine, JobRun};
+pub use serve::{Worker, cleanup_orphans};

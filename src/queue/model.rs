@@ -49,13 +49,15 @@ pub struct ExpiredRun {
     pub requeued: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct JobStatus {
     pub job_id: String,
     pub state: JobState,
     /// The latest run (0 before the first claim).
     pub run_id: u32,
     pub runs: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub report: Option<ResultReport>,
 }
 

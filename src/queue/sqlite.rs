@@ -335,6 +335,65 @@ impl SqliteQueue {
         })
     }
 
+    /// Gives a run's job back to the queue (the worker is shutting down): the run ends
+    /// as `exception/worker-shutdown`, and the job runs again if it has runs left.
+    pub fn release(&self, claim: &Claim) -> Result<bool, QueueError> {
+        let report = ResultReport::new(
+            crate::job::Resolution::Exception(ExceptionReason::WorkerShutdown),
+            Vec::new(),
+        );
+        let text =
+            serde_json::to_string(&report).map_err(|e| QueueError::Database(e.to_string()))?;
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+            let runs_left: Option<bool> = tx
+                .query_row(
+                    "SELECT runs < max_runs FROM jobs WHERE id = ?1 AND run_id = ?2 AND token = ?3 AND state = 'running'",
+                    params![claim.job_id, i64::from(claim.run_id), claim.token as i64],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db)?;
+            let Some(requeue) = runs_left else {
+                return Err(QueueError::StaleClaim {
+                    job_id: claim.job_id.clone(),
+                    run_id: claim.run_id,
+                });
+            };
+            if requeue {
+                tx.execute("UPDATE jobs SET state = 'pending', worker = NULL, token = 0 WHERE id = ?1", [&claim.job_id])
+                    .map_err(db)?;
+            } else {
+                tx.execute(
+                    "UPDATE jobs SET state = 'exception', worker = NULL, report = ?2 WHERE id = ?1",
+                    params![claim.job_id, text],
+                )
+                .map_err(db)?;
+            }
+            tx.execute(
+                "UPDATE runs SET state = 'exception', reason = 'worker-shutdown' WHERE job_id = ?1 AND run_id = ?2",
+                params![claim.job_id, i64::from(claim.run_id)],
+            )
+            .map_err(db)?;
+            tx.commit().map_err(db)?;
+            Ok(requeue)
+        })
+    }
+
+    /// Jobs, newest first, optionally in one state.
+    pub fn list(&self, state: Option<JobState>) -> Result<Vec<JobStatus>, QueueError> {
+        let ids: Vec<String> = self.with(|c| {
+            let mut statement = c
+                .prepare("SELECT id FROM jobs WHERE ?1 IS NULL OR state = ?1 ORDER BY seq DESC")
+                .map_err(db)?;
+            let rows = statement
+                .query_map([state.map(JobState::as_str)], |r| r.get(0))
+                .map_err(db)?;
+            rows.collect::<Result<_, _>>().map_err(db)
+        })?;
+        ids.iter().map(|id| self.status(id)).collect()
+    }
+
     pub fn status(&self, job_id: &str) -> Result<JobStatus, QueueError> {
         self.with(|c| {
             c.query_row(

@@ -1,0 +1,236 @@
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::run::{Engine, JobRun};
+use crate::job::ExceptionReason;
+use crate::queue::{Claim, QueueError, SqliteQueue};
+
+/// How often the worker looks for work and expired leases when idle.
+const POLL: Duration = Duration::from_secs(1);
+
+/// The worker loop of `qemu-worker serve`.
+#[derive(Debug)]
+pub struct Worker {
+    pub engine: Engine,
+    pub queue: SqliteQueue,
+    pub worker_id: String,
+    /// How long running jobs may finish after a shutdown request.
+    pub grace: Duration,
+}
+
+/// Milliseconds since the Unix epoch (the queue's clock).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Runs a blocking queue call off the async executor.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, QueueError> + Send + 'static,
+) -> Result<T, QueueError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(QueueError::Database(format!("a queue call panicked: {e}"))))
+}
+
+impl Worker {
+    /// Serves until `shutdown` becomes true: claims jobs while there is capacity and
+    /// image-cache room, runs them, heartbeats their claims, and resolves them. On
+    /// shutdown it stops claiming, lets running jobs finish within the grace period,
+    /// then stops the rest and gives them back to the queue.
+    pub async fn serve(&self, mut shutdown: watch::Receiver<bool>) {
+        cleanup_orphans(&self.engine.config.state_dir);
+        let capacity = self.engine.config.capacity as usize;
+        let (stop_jobs, stop_rx) = watch::channel(false);
+        let mut running: JoinSet<()> = JoinSet::new();
+        let mut room_warned = false;
+        tracing::info!(worker = %self.worker_id, capacity, "worker started");
+        while !*shutdown.borrow() {
+            let queue = self.queue.clone();
+            match blocking(move || queue.expire(now_ms())).await {
+                Ok(expired) => {
+                    for run in expired {
+                        tracing::info!(job_id = %run.job_id, run_id = run.run_id, requeued = run.requeued, "claim expired");
+                    }
+                }
+                Err(error) => tracing::error!(%error, "failed to expire leases"),
+            }
+            while running.len() < capacity {
+                if let Err(error) = self.engine.cache.ensure_room().await {
+                    if !room_warned {
+                        tracing::warn!(%error, "not claiming: the image cache has no room");
+                        room_warned = true;
+                    }
+                    break;
+                }
+                room_warned = false;
+                let queue = self.queue.clone();
+                let worker = self.worker_id.clone();
+                let lease = Duration::from_secs(self.engine.config.timeouts.lease_seconds);
+                let claim = match blocking(move || queue.claim(&worker, lease, now_ms())).await {
+                    Ok(Some(claim)) => claim,
+                    Ok(None) => break,
+                    Err(error) => {
+                        tracing::error!(%error, "failed to claim a job");
+                        break;
+                    }
+                };
+                tracing::info!(job_id = %claim.job_id, run_id = claim.run_id, "claimed");
+                running.spawn(run_claimed(
+                    self.engine.clone(),
+                    self.queue.clone(),
+                    claim,
+                    stop_rx.clone(),
+                ));
+            }
+            tokio::select! {
+                _ = shutdown.changed() => {}
+                Some(_) = running.join_next(), if !running.is_empty() => {}
+                () = tokio::time::sleep(POLL) => {}
+            }
+        }
+        tracing::info!(running = running.len(), grace = ?self.grace, "shutting down: no more claims");
+        let finished = tokio::time::timeout(self.grace, async {
+            while running.join_next().await.is_some() {}
+        })
+        .await;
+        if finished.is_err() {
+            tracing::info!(
+                running = running.len(),
+                "grace period over: stopping the remaining jobs"
+            );
+            let _ = stop_jobs.send(true);
+            while running.join_next().await.is_some() {}
+        }
+        tracing::info!("worker stopped");
+    }
+}
+
+/// Runs one claimed job: heartbeats its claim, stops it when the claim is lost, the job
+/// is canceled or the worker stops, and records its outcome.
+async fn run_claimed(
+    engine: Engine,
+    queue: SqliteQueue,
+    claim: Claim,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (cancel, cancel_rx) = watch::channel(None);
+    let heartbeat = Duration::from_secs(engine.config.timeouts.heartbeat_seconds);
+    let lease = Duration::from_secs(engine.config.timeouts.lease_seconds);
+    let watcher = {
+        let queue = queue.clone();
+        let claim = claim.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.wait_for(|stop| *stop) => {
+                        let _ = cancel.send(Some(ExceptionReason::WorkerShutdown));
+                        return;
+                    }
+                    () = tokio::time::sleep(heartbeat) => {}
+                }
+                let (q, c) = (queue.clone(), claim.clone());
+                match blocking(move || q.heartbeat(&c, lease, now_ms())).await {
+                    Ok(_) => {}
+                    Err(QueueError::Canceled { .. }) => {
+                        let _ = cancel.send(Some(ExceptionReason::Canceled));
+                        return;
+                    }
+                    Err(QueueError::StaleClaim { .. }) => {
+                        let _ = cancel.send(Some(ExceptionReason::ClaimExpired));
+                        return;
+                    }
+                    Err(error) => {
+                        tracing::warn!(job_id = %claim.job_id, %error, "heartbeat failed")
+                    }
+                }
+            }
+        })
+    };
+    let job_dir = engine
+        .config
+        .state_dir
+        .join("jobs")
+        .join(&claim.job_id)
+        .join(format!("run-{}", claim.run_id));
+    let report = engine
+        .run(&JobRun {
+            job_id: claim.job_id.clone(),
+            run_id: claim.run_id,
+            payload: claim.payload.clone(),
+            job_dir,
+            live_log: false,
+            cancel: cancel_rx,
+        })
+        .await;
+    watcher.abort();
+    let outcome = match report.reason {
+        // The queue already ended this run; nothing more to record.
+        Some(ExceptionReason::ClaimExpired) => Ok(()),
+        Some(ExceptionReason::WorkerShutdown) => {
+            let (q, c) = (queue.clone(), claim.clone());
+            blocking(move || q.release(&c)).await.map(drop)
+        }
+        _ => {
+            let (q, c, r) = (queue.clone(), claim.clone(), report.clone());
+            blocking(move || q.resolve(&c, &r)).await
+        }
+    };
+    match outcome {
+        Ok(()) => {
+            tracing::info!(job_id = %claim.job_id, run_id = claim.run_id, state = %report.state, "resolved")
+        }
+        Err(error) => {
+            tracing::warn!(job_id = %claim.job_id, %error, "could not record the outcome")
+        }
+    }
+}
+
+/// Kills QEMU processes and removes run dirs left under `<stateDir>/run` by a worker
+/// that crashed (kill -9, power loss): their jobs' claims expire and run elsewhere.
+pub fn cleanup_orphans(state_dir: &Path) {
+    let run = state_dir.join("run");
+    let needle = format!("{}/", run.display());
+    let mut killed = 0;
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.contains("qemu-system")
+                && cmdline.contains(&needle)
+                && let Some(pid) = rustix::process::Pid::from_raw(pid)
+                && rustix::process::kill_process(pid, rustix::process::Signal::KILL).is_ok()
+            {
+                killed += 1;
+            }
+        }
+    }
+    let mut removed = 0;
+    if let Ok(entries) = std::fs::read_dir(&run) {
+        for entry in entries.flatten() {
+            if std::fs::remove_dir_all(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    if killed + removed > 0 {
+        tracing::info!(
+            killed,
+            removed,
+            "cleaned up after an earlier worker: orphan QEMU processes and run dirs"
+        );
+    }
+}

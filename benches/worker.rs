@@ -62,7 +62,10 @@ fn time_to_marker(mut command: Command, stderr: bool, marker: &str) -> f64 {
             break;
         }
     }
-    let _ = child.kill();
+    // SIGINT, not SIGKILL: the worker tears its VM down (the bare QEMU just exits).
+    if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+    }
     let _ = child.wait();
     seen.expect("the marker appeared")
 }

@@ -245,3 +245,50 @@ fn an_interrupted_run_tears_the_vm_down() {
     assert_eq!(output.status.code(), Some(3));
     fx.assert_no_vm_left();
 }
+
+#[test]
+fn a_killed_run_does_not_leave_its_vm_running() {
+    let fx = Fixture::new();
+    let path = fx.dir.path().join("payload.yml");
+    std::fs::write(&path, payload("echo waiting; sleep 600", 600, "")).expect("payload");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qemu-worker"))
+        .arg("--config")
+        .arg(fx.dir.path().join("worker.yml"))
+        .arg("run")
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-worker runs");
+    let jobs = fx.dir.path().join("state/jobs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !std::fs::read_dir(&jobs)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|job| {
+            std::fs::read_to_string(job.path().join("job.log")).is_ok_and(|l| l.contains("waiting"))
+        })
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        !qemu_processes_under(fx.dir.path()).is_empty(),
+        "the VM runs before the kill"
+    );
+    // SIGKILL: no destructor runs in the worker; the kernel must take QEMU down.
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !qemu_processes_under(fx.dir.path()).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "QEMU outlived its killed worker"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

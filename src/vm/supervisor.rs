@@ -186,6 +186,19 @@ impl Vm {
             }
             None => Command::new("qemu-system-x86_64"),
         };
+        // QEMU runs in its own process group, so a worker killed with SIGKILL (which runs
+        // no destructors) would leave it running: the kernel kills it with its parent.
+        // PR_SET_PDEATHSIG survives the exec of `ip netns exec` into QEMU.
+        // SAFETY: the closure runs in the child between fork and exec and only calls
+        // prctl(2), which is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            command.pre_exec(|| {
+                rustix::process::set_parent_process_death_signal(Some(
+                    rustix::process::Signal::KILL,
+                ))
+                .map_err(std::io::Error::from)
+            });
+        }
         let mut child = command
             .args(&launch.argv)
             .stdin(Stdio::null())

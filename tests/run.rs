@@ -5,7 +5,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use common::{qemu_processes_under, require, test_image};
+use common::{processes_under, require, test_image};
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -60,7 +60,7 @@ impl Fixture {
     }
 
     fn assert_no_vm_left(&self) {
-        let running = qemu_processes_under(self.dir.path());
+        let running = processes_under(self.dir.path());
         assert!(running.is_empty(), "QEMU left running: {running:?}");
         let run = self.dir.path().join("state/run");
         let left: Vec<_> = std::fs::read_dir(&run)
@@ -277,14 +277,14 @@ fn a_killed_run_does_not_leave_its_vm_running() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert!(
-        !qemu_processes_under(fx.dir.path()).is_empty(),
+        !processes_under(fx.dir.path()).is_empty(),
         "the VM runs before the kill"
     );
     // SIGKILL: no destructor runs in the worker; the kernel must take QEMU down.
     child.kill().expect("SIGKILL");
     child.wait().expect("reaped");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !qemu_processes_under(fx.dir.path()).is_empty() {
+    while !processes_under(fx.dir.path()).is_empty() {
         assert!(
             std::time::Instant::now() < deadline,
             "QEMU outlived its killed worker"

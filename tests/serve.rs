@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{qemu_processes_under, require, test_image};
+use common::{processes_under, require, test_image};
 use qemu_worker::queue::{JobState, SqliteQueue};
 
 struct Fixture {
@@ -198,9 +198,9 @@ fn serve_runs_queued_jobs_cleans_orphans_and_gives_jobs_back_on_shutdown() {
         "back in the queue for another worker"
     );
     assert!(
-        qemu_processes_under(fx.dir.path()).is_empty(),
+        processes_under(fx.dir.path()).is_empty(),
         "{:?}",
-        qemu_processes_under(fx.dir.path())
+        processes_under(fx.dir.path())
     );
     let runs: Vec<_> = std::fs::read_dir(fx.state().join("run"))
         .map(|d| d.flatten().collect())

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{cached_test_image, qemu_processes_under, require};
+use common::{cached_test_image, processes_under, require};
 use qemu_worker::agent::{AgentClient, AgentError};
 use qemu_worker::image::{ImageCache, ImageLease};
 use qemu_worker::job::ArtifactKind;
@@ -183,7 +183,7 @@ impl Guest {
 
     /// No QEMU process and no run dir of this test remains.
     fn assert_clean(&self) {
-        let running = qemu_processes_under(self.scratch.path());
+        let running = processes_under(self.scratch.path());
         assert!(running.is_empty(), "QEMU left running: {running:?}");
         let dirs: Vec<String> = std::fs::read_dir(self.scratch.path())
             .expect("scratch")

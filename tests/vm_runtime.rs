@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{qemu_processes_under, require};
+use common::{processes_under, require};
 use qemu_worker::config::AcceleratorChoice;
 use qemu_worker::qemu::{QgaClient, QgaError};
 use qemu_worker::vm::{
@@ -124,7 +124,7 @@ async fn the_supervisor_starts_paused_resumes_screenshots_and_stops() {
     assert_eq!(vm.teardown().await, exit);
     assert!(!run_dir.exists(), "the run dir is removed");
     assert!(log_dir.join("qemu.log").exists() && log_dir.join("console.log").exists());
-    assert!(qemu_processes_under(dir.path()).is_empty());
+    assert!(processes_under(dir.path()).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -151,7 +151,7 @@ async fn a_qemu_that_fails_to_start_is_reported_with_its_stderr() {
         other => panic!("expected a QEMU failure, got {other:?}"),
     }
     assert!(!run_dir.exists(), "nothing is left after a failed start");
-    assert!(qemu_processes_under(dir.path()).is_empty());
+    assert!(processes_under(dir.path()).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -216,9 +216,9 @@ async fn nothing_is_left_after_many_vms_with_mixed_outcomes() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
-        qemu_processes_under(dir.path()).is_empty(),
+        processes_under(dir.path()).is_empty(),
         "{:?}",
-        qemu_processes_under(dir.path())
+        processes_under(dir.path())
     );
     let left: Vec<PathBuf> = std::fs::read_dir(dir.path())
         .expect("scratch")

@@ -190,8 +190,9 @@ async fn run_claimed(
     }
 }
 
-/// Kills QEMU processes and removes run dirs left under `<stateDir>/run` by a worker
-/// that crashed (kill -9, power loss): their jobs' claims expire and run elsewhere.
+/// Kills QEMU processes and guestfwd helpers and removes run dirs left under
+/// `<stateDir>/run` by a worker that crashed (QEMU normally dies with its worker through
+/// its parent-death signal): their jobs' claims expire and run elsewhere.
 pub fn cleanup_orphans(state_dir: &Path) {
     let run = state_dir.join("run");
     let needle = format!("{}/", run.display());
@@ -209,7 +210,8 @@ pub fn cleanup_orphans(state_dir: &Path) {
                 continue;
             };
             let cmdline = String::from_utf8_lossy(&cmdline);
-            if cmdline.contains("qemu-system")
+            let ours = cmdline.contains("qemu-system") || cmdline.contains("metadata-splice");
+            if ours
                 && cmdline.contains(&needle)
                 && let Some(pid) = rustix::process::Pid::from_raw(pid)
                 && rustix::process::kill_process(pid, rustix::process::Signal::KILL).is_ok()

@@ -91,9 +91,10 @@ impl TestQmp {
     }
 }
 
-/// QEMU processes whose command line mentions `dir` (tests give every VM paths under
-/// their own scratch directory, so this finds exactly their leftovers).
-pub fn qemu_processes_under(dir: &Path) -> Vec<String> {
+/// Processes whose command line mentions `dir`: QEMU, the guestfwd helpers (which run
+/// in a session of their own), anything a VM started. Tests give every VM paths under
+/// their own scratch directory, so this finds exactly their leftovers.
+pub fn processes_under(dir: &Path) -> Vec<String> {
     let needle = dir.display().to_string();
     std::fs::read_dir("/proc")
         .map(|entries| {
@@ -101,7 +102,7 @@ pub fn qemu_processes_under(dir: &Path) -> Vec<String> {
                 .flatten()
                 .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
                 .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-                .filter(|c| c.contains("qemu-system") && c.contains(&needle))
+                .filter(|c| c.contains(&needle))
                 .collect()
         })
         .unwrap_or_default()

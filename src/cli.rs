@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use qemu_worker::config::{LoadedConfig, load_config};
 use qemu_worker::image::{
     CacheSettings, FetchError, FetchPolicy, Fetcher, ImageCache, ImageLimits, ImageProblem,
-    ImageRequest, Progress, Unpacked, Validators, pack_image, unpack_archive,
+    ImageRequest, Progress, Unpacked, Validators, pack_image,
 };
 use qemu_worker::job::{Identity, ImageSource, PayloadCheck, PayloadContext, validate_payload};
 use qemu_worker::schema::write_schemas;
@@ -876,26 +876,16 @@ async fn inspect(settings: &CacheSettings, archive: &str, json: bool) -> Result<
                 Err(e) => Err(e),
             }
         } else {
-            let path = PathBuf::from(archive);
-            let dest = dest.clone();
-            tokio::task::spawn_blocking(move || {
-                let file =
-                    std::fs::File::open(&path).map_err(|source| FetchError::LocalUnreadable {
-                        path: path.clone(),
-                        source,
-                    })?;
-                unpack_archive(
-                    std::io::BufReader::with_capacity(1 << 20, file),
-                    &dest,
-                    limits,
-                )
-                .map_err(|e| match e {
-                    qemu_worker::image::UnpackError::Rejected(p) => FetchError::Rejected(p),
-                    other => FetchError::Internal(other.to_string()),
-                })
-            })
-            .await
-            .exit_with(EXIT_OTHER)?
+            // The same path a worker takes, with the archive's own directory allowed
+            // (canonical, so a symlinked archive is inspected where it really is).
+            let path = std::fs::canonicalize(archive)
+                .with_context(|| format!("cannot read {archive:?}"))
+                .exit_with(EXIT_USAGE)?;
+            let allowed: Vec<PathBuf> = path.parent().map(Path::to_path_buf).into_iter().collect();
+            let fetcher = Fetcher::new(FetchPolicy::default()).exit_with(EXIT_OTHER)?;
+            fetcher
+                .fetch_local(&path, &allowed, None, &dest, limits)
+                .await
         };
     let report = match outcome {
         Ok(unpacked) => InspectReport {

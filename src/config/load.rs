@@ -133,10 +133,7 @@ fn check_semantics(config: &WorkerConfig, issues: &mut Vec<Issue>) {
     if let Err(machine_issues) =
         layers.resolve(&config.limits, &Identity::derive("config-check", 0))
     {
-        issues.extend(machine_issues.into_iter().map(|mut issue| {
-            issue.message = issue.message.replace(" (set by worker.yml `machine`)", "");
-            issue
-        }));
+        issues.extend(machine_issues);
     }
     if config.limits.default_threads > config.limits.max_cpus {
         issues.push(Issue::new(
@@ -264,7 +261,7 @@ mod tests {
         assert_eq!(found[0].line, Some(2));
         assert_eq!(
             found[0].message,
-            "machine memory 1024 MiB is larger than the allowed 512 MiB"
+            "machine memory 1024 MiB is larger than the allowed 512 MiB (set by worker.yml `machine`)"
         );
     }
 

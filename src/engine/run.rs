@@ -268,6 +268,13 @@ impl Engine {
                     .await;
                 ResultReport::new(Resolution::Failed { exit_code: None }, Vec::new())
             }
+            Outcome::ServiceLost => ResultReport::new(
+                Resolution::Exception(ExceptionReason::InternalError),
+                vec![Issue::new(
+                    "",
+                    "the metadata service stopped before the guest reported a result",
+                )],
+            ),
             Outcome::Canceled(reason) => {
                 progress
                     .note(&format!(
@@ -399,7 +406,7 @@ impl Engine {
         tokio::select! {
             code = service.result() => match code {
                 Some(code) => Outcome::Exited(code),
-                None => Outcome::GuestEnded(VmExit::Stopped { step: crate::vm::StopStep::Kill }),
+                None => Outcome::ServiceLost,
             },
             exit = vm.wait(max_run_time) => match exit {
                 Some(exit) => service.reported().map_or(Outcome::GuestEnded(exit), Outcome::Exited),
@@ -489,6 +496,8 @@ impl Engine {
 
 enum Outcome {
     Exited(i32),
+    /// The metadata service ended while the guest ran (a bug, not the guest's doing).
+    ServiceLost,
     Canceled(ExceptionReason),
     TimedOut,
     GuestEnded(VmExit),

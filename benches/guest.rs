@@ -17,13 +17,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use qemu_worker::agent::AgentClient;
-use qemu_worker::job::{ArtifactKind, Identity, MachineDefinition, MachineLayers, MachineLimits};
+use qemu_worker::job::ArtifactKind;
 use qemu_worker::metadata::{
     LogSink, MetadataHandle, MetadataLimits, Task, start_metadata_service,
 };
-use qemu_worker::vm::{
-    Accelerator, LaunchPlan, NetworkAttachment, RunDir, Vm, VmTimeouts, prepare_launch,
-};
+use qemu_worker::vm::{RunDir, Vm, VmTimeouts};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIG: u64 = 256 << 20;
@@ -42,40 +40,17 @@ async fn start(
     script: &str,
     extra: &[String],
 ) -> Started {
-    let layers = MachineLayers {
-        payload: MachineDefinition {
-            memory: Some(1024),
-            ..Default::default()
-        },
-        image: lease.contents().machine.clone(),
-        ..Default::default()
-    };
-    let limits = MachineLimits {
-        max_memory: 1024,
-        max_cpus: 1,
-        default_threads: 1,
-    };
-    let machine = layers
-        .resolve(&limits, &Identity::derive(name, 0))
-        .expect("machine");
-    let run_dir = RunDir::new(&scratch.join(name)).expect("run dir");
-    let socket = run_dir.metadata_socket();
-    let mut launch = prepare_launch(LaunchPlan {
+    let machine = common::test_machine(lease, name, 1024, |_| {});
+    let socket = RunDir::new(&scratch.join(name))
+        .expect("run dir")
+        .metadata_socket();
+    let mut launch = common::test_launch(
+        lease,
+        &machine,
+        scratch,
         name,
-        image: lease,
-        machine: &machine,
-        run_dir,
-        log_dir: scratch.join(format!("{name}-logs")),
-        network: NetworkAttachment::User {
-            guestfwd_command: vec![
-                env!("CARGO_BIN_EXE_qemu-worker").into(),
-                "metadata-splice".into(),
-                socket.clone(),
-            ],
-        },
-        accelerator: Accelerator::Tcg,
-    })
-    .expect("launch");
+        common::metadata_network(&socket),
+    );
     launch.argv.extend_from_slice(extra);
     std::fs::create_dir_all(&launch.log_dir).expect("log dir");
     let log = launch.log_dir.join("job.log");

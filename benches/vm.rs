@@ -17,12 +17,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use qemu_worker::image::ImageLease;
-use qemu_worker::job::{Identity, Machine, MachineLayers, MachineLimits};
+use qemu_worker::job::Machine;
 use qemu_worker::qemu::QgaClient;
-use qemu_worker::vm::{
-    Accelerator, LaunchPlan, NetworkAttachment, RunDir, Vm, VmTimeouts, prepare_launch,
-    take_screenshot, take_screenshot_ppm,
-};
+use qemu_worker::vm::{NetworkAttachment, Vm, VmTimeouts, take_screenshot, take_screenshot_ppm};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -59,18 +56,10 @@ struct Bench {
 
 impl Bench {
     fn launch(&self, name: &str) -> qemu_worker::vm::VmLaunch {
-        prepare_launch(LaunchPlan {
-            name,
-            image: &self.lease,
-            machine: &self.machine,
-            run_dir: RunDir::new(&self.scratch.join(name)).expect("run dir"),
-            log_dir: self.scratch.join(format!("{name}-logs")),
-            network: NetworkAttachment::User {
-                guestfwd_command: vec!["/bin/false".into()],
-            },
-            accelerator: Accelerator::Tcg,
-        })
-        .expect("launch")
+        let network = NetworkAttachment::User {
+            guestfwd_command: vec!["/bin/false".into()],
+        };
+        common::test_launch(&self.lease, &self.machine, &self.scratch, name, network)
     }
 }
 
@@ -82,18 +71,7 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let (cache, lease) = common::cached_test_image(scratch.path()).await;
-        let layers = MachineLayers {
-            image: lease.contents().machine.clone(),
-            ..Default::default()
-        };
-        let limits = MachineLimits {
-            max_memory: 256,
-            max_cpus: 1,
-            default_threads: 1,
-        };
-        let machine = layers
-            .resolve(&limits, &Identity::derive("bench", 0))
-            .expect("machine");
+        let machine = common::test_machine(&lease, "bench", 256, |_| {});
         let bench = Bench {
             scratch: scratch.path().to_path_buf(),
             lease,

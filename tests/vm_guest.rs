@@ -6,19 +6,21 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{cached_test_image, processes_under, require};
+use common::{
+    cached_test_image, metadata_network, processes_under, require, test_launch, test_machine,
+};
 use qemu_worker::agent::{AgentClient, AgentError};
 use qemu_worker::image::{ImageCache, ImageLease};
 use qemu_worker::job::ArtifactKind;
-use qemu_worker::job::{Identity, MachineDefinition, MachineLayers, MachineLimits};
+use qemu_worker::job::MachineDefinition;
 use qemu_worker::metadata::{
     LogSink, MetadataHandle, MetadataLimits, Task, start_metadata_service,
     start_metadata_service_tcp,
 };
 use qemu_worker::qemu::QgaClient;
 use qemu_worker::vm::{
-    Accelerator, LaunchPlan, NetworkAttachment, RunDir, StopStep, TAP_DEVICE, TapNetwork, Vm,
-    VmExit, VmTimeouts, prepare_launch, take_screenshot, take_screenshot_ppm,
+    NetworkAttachment, RunDir, StopStep, TAP_DEVICE, TapNetwork, Vm, VmExit, VmTimeouts,
+    take_screenshot, take_screenshot_ppm,
 };
 
 const READY: &str = "QEMU-WORKER-READY";
@@ -52,25 +54,17 @@ impl Guest {
     /// Starts a VM whose guest tools run `script` through its metadata service; returns
     /// the VM, the service, and the job log's path.
     async fn start_task(&self, name: &str, script: &str) -> (Vm, MetadataHandle, PathBuf) {
-        let machine = self.machine(name, |_| {});
-        let run_dir = RunDir::new(&self.scratch.path().join(name)).expect("run dir");
-        let socket = run_dir.metadata_socket();
-        let launch = prepare_launch(LaunchPlan {
+        let machine = test_machine(&self.lease, name, 256, |_| {});
+        let socket = RunDir::new(&self.scratch.path().join(name))
+            .expect("run dir")
+            .metadata_socket();
+        let launch = test_launch(
+            &self.lease,
+            &machine,
+            self.scratch.path(),
             name,
-            image: &self.lease,
-            machine: &machine,
-            run_dir,
-            log_dir: self.scratch.path().join(format!("{name}-logs")),
-            network: NetworkAttachment::User {
-                guestfwd_command: vec![
-                    env!("CARGO_BIN_EXE_qemu-worker").into(),
-                    "metadata-splice".into(),
-                    socket.clone(),
-                ],
-            },
-            accelerator: Accelerator::Tcg,
-        })
-        .expect("launch");
+            metadata_network(&socket),
+        );
         std::fs::create_dir_all(&launch.log_dir).expect("log dir");
         let log_path = launch.log_dir.join("job.log");
         let log = LogSink::create(&log_path, 1 << 20).await.expect("log");
@@ -91,59 +85,17 @@ impl Guest {
         (vm, service, log_path)
     }
 
-    fn machine(
-        &self,
-        name: &str,
-        change: impl FnOnce(&mut MachineDefinition),
-    ) -> qemu_worker::job::Machine {
-        let mut image_machine = self.lease.contents().machine.clone();
-        change(&mut image_machine);
-        let layers = MachineLayers {
-            image: image_machine,
-            ..Default::default()
-        };
-        let limits = MachineLimits {
-            max_memory: 256,
-            max_cpus: 1,
-            default_threads: 1,
-        };
-        layers
-            .resolve(&limits, &Identity::derive(name, 0))
-            .expect("machine")
-    }
-
     async fn start_with(
         &self,
         name: &str,
         change: impl FnOnce(&mut MachineDefinition),
         powerdown: Duration,
     ) -> Vm {
-        let mut image_machine = self.lease.contents().machine.clone();
-        change(&mut image_machine);
-        let layers = MachineLayers {
-            image: image_machine,
-            ..Default::default()
+        let machine = test_machine(&self.lease, name, 256, change);
+        let network = NetworkAttachment::User {
+            guestfwd_command: vec!["/bin/false".into()],
         };
-        let limits = MachineLimits {
-            max_memory: 256,
-            max_cpus: 1,
-            default_threads: 1,
-        };
-        let machine = layers
-            .resolve(&limits, &Identity::derive(name, 0))
-            .expect("machine");
-        let launch = prepare_launch(LaunchPlan {
-            name,
-            image: &self.lease,
-            machine: &machine,
-            run_dir: RunDir::new(&self.scratch.path().join(name)).expect("run dir"),
-            log_dir: self.scratch.path().join(format!("{name}-logs")),
-            network: NetworkAttachment::User {
-                guestfwd_command: vec!["/bin/false".into()],
-            },
-            accelerator: Accelerator::Tcg,
-        })
-        .expect("launch");
+        let launch = test_launch(&self.lease, &machine, self.scratch.path(), name, network);
         let timeouts = VmTimeouts {
             powerdown,
             powerdown_resend: Duration::from_secs(1),
@@ -639,20 +591,12 @@ async fn tap_networking_isolates_the_guest_too() {
     let listener = tap
         .bind_metadata()
         .expect("metadata listener in the namespace");
-    let machine = guest.machine(name, |_| {});
-    let launch = prepare_launch(LaunchPlan {
-        name,
-        image: &guest.lease,
-        machine: &machine,
-        run_dir: RunDir::new(&guest.scratch.path().join(name)).expect("run dir"),
-        log_dir: guest.scratch.path().join(format!("{name}-logs")),
-        network: NetworkAttachment::Tap {
-            ifname: TAP_DEVICE.into(),
-            netns: netns.clone(),
-        },
-        accelerator: Accelerator::Tcg,
-    })
-    .expect("launch");
+    let machine = test_machine(&guest.lease, name, 256, |_| {});
+    let network = NetworkAttachment::Tap {
+        ifname: TAP_DEVICE.into(),
+        netns: netns.clone(),
+    };
+    let launch = test_launch(&guest.lease, &machine, guest.scratch.path(), name, network);
     std::fs::create_dir_all(&launch.log_dir).expect("log dir");
     let log = launch.log_dir.join("job.log");
     let sink = LogSink::create(&log, 1 << 20).await.expect("log");

@@ -154,3 +154,64 @@ pub async fn cached_test_image(
         .expect("the test image is valid");
     (cache, lease)
 }
+
+/// The test image's machine definition, edited by `change`, resolved within limits of
+/// one vCPU and `memory` MiB (which the machine gets).
+pub fn test_machine(
+    lease: &qemu_worker::image::ImageLease,
+    name: &str,
+    memory: u64,
+    change: impl FnOnce(&mut qemu_worker::job::MachineDefinition),
+) -> qemu_worker::job::Machine {
+    use qemu_worker::job::{Identity, MachineDefinition, MachineLayers, MachineLimits};
+    let mut image = lease.contents().machine.clone();
+    change(&mut image);
+    let layers = MachineLayers {
+        payload: MachineDefinition {
+            memory: Some(memory),
+            ..Default::default()
+        },
+        image,
+        ..Default::default()
+    };
+    let limits = MachineLimits {
+        max_memory: memory,
+        max_cpus: 1,
+        default_threads: 1,
+    };
+    layers
+        .resolve(&limits, &Identity::derive(name, 0))
+        .expect("the test machine fits its limits")
+}
+
+/// Prepares a TCG VM of the test image: run dir `dir/<name>`, logs in `dir/<name>-logs`.
+pub fn test_launch(
+    lease: &qemu_worker::image::ImageLease,
+    machine: &qemu_worker::job::Machine,
+    dir: &Path,
+    name: &str,
+    network: qemu_worker::vm::NetworkAttachment,
+) -> qemu_worker::vm::VmLaunch {
+    use qemu_worker::vm::{Accelerator, LaunchPlan, RunDir, prepare_launch};
+    prepare_launch(LaunchPlan {
+        name,
+        image: lease,
+        machine,
+        run_dir: RunDir::new(&dir.join(name)).expect("run dir"),
+        log_dir: dir.join(format!("{name}-logs")),
+        network,
+        accelerator: Accelerator::Tcg,
+    })
+    .expect("launch")
+}
+
+/// User networking whose guestfwd helper is this build's `qemu-worker metadata-splice`.
+pub fn metadata_network(socket: &str) -> qemu_worker::vm::NetworkAttachment {
+    qemu_worker::vm::NetworkAttachment::User {
+        guestfwd_command: vec![
+            env!("CARGO_BIN_EXE_qemu-worker").into(),
+            "metadata-splice".into(),
+            socket.into(),
+        ],
+    }
+}

@@ -64,26 +64,10 @@ impl TapNetwork {
         run(&[
             "ip", "-n", ns, "tuntap", "add", "dev", TAP_DEVICE, "mode", "tap",
         ])?;
-        run(&[
-            "ip",
-            "-n",
-            ns,
-            "addr",
-            "add",
-            "169.254.169.2/24",
-            "dev",
-            TAP_DEVICE,
-        ])?;
-        run(&[
-            "ip",
-            "-n",
-            ns,
-            "addr",
-            "add",
-            "169.254.169.254/32",
-            "dev",
-            TAP_DEVICE,
-        ])?;
+        // The guest's gateway, and the metadata address the service listens on.
+        for address in ["169.254.169.2/24", "169.254.169.254/32"] {
+            run(&["ip", "-n", ns, "addr", "add", address, "dev", TAP_DEVICE])?;
+        }
         run(&["ip", "-n", ns, "link", "set", TAP_DEVICE, "up"])?;
         run_with_input(&["ip", "netns", "exec", ns, "nft", "-f", "-"], RULES)?;
         Ok(network)

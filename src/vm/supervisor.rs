@@ -415,18 +415,30 @@ async fn connect_qmp(
 ) -> Result<QmpClient, VmError> {
     let socket = PathBuf::from(run_dir.qmp_socket());
     let deadline = Instant::now() + timeout;
+    let failed = |status: ExitStatus| VmError::QemuFailed {
+        status: status.to_string(),
+        stderr_tail: tail(log),
+    };
     loop {
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(VmError::QemuFailed {
-                status: status.to_string(),
-                stderr_tail: tail(log),
-            });
+            return Err(failed(status));
         }
         if socket.exists() {
             match QmpClient::connect(&socket, timeout).await {
                 Ok(qmp) => return Ok(qmp),
+                // Not listening yet: the loop checks for an exit and tries again.
                 Err(QmpError::Connect { .. }) if Instant::now() < deadline => {}
-                Err(other) => return Err(other.into()),
+                Err(error) => {
+                    // QEMU opens its QMP socket before it checks disks and devices, so a
+                    // QEMU that is about to fail can close the connection first: say
+                    // why QEMU failed rather than that QMP closed.
+                    if let Ok(Ok(status)) =
+                        tokio::time::timeout(Duration::from_secs(2), child.wait()).await
+                    {
+                        return Err(failed(status));
+                    }
+                    return Err(error.into());
+                }
             }
         }
         if Instant::now() >= deadline {

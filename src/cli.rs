@@ -53,6 +53,10 @@ enum Command {
         /// Runs the job may have in all (a run whose worker disappears is retried).
         #[arg(long, default_value_t = 3)]
         max_runs: u32,
+        /// Seconds from now by which the job must have ended; it is not started after
+        /// that, and a running job is stopped as exception/deadline-exceeded.
+        #[arg(long)]
+        deadline: Option<u64>,
     },
     /// Show a job's state and its result report.
     Status {
@@ -240,6 +244,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             payload,
             priority,
             max_runs,
+            deadline,
         } => {
             let loaded = load_config(cli.config.as_deref()).exit_with(EXIT_OTHER)?;
             let text = read_payload(&payload).exit_with(EXIT_USAGE)?;
@@ -248,6 +253,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 payload: text,
                 priority,
                 max_runs: max_runs.max(1),
+                deadline_ms: deadline.map(|s| now_ms().saturating_add(s.saturating_mul(1000))),
             };
             let id = queue.enqueue(&job, now_ms()).exit_with(EXIT_OTHER)?;
             print(&format!("{id}\n"))?;
@@ -358,13 +364,8 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-fn open_queue(loaded: &LoadedConfig) -> Result<qemu_worker::queue::SqliteQueue, Failure> {
-    let path = loaded
-        .config
-        .sqlite_path()
-        .ok_or_else(|| anyhow::anyhow!("the PostgreSQL queue backend is not implemented yet; use queue: {{backend: sqlite}}"))
-        .exit_with(EXIT_OTHER)?;
-    qemu_worker::queue::SqliteQueue::open(&path).exit_with(EXIT_OTHER)
+fn open_queue(loaded: &LoadedConfig) -> Result<Arc<dyn qemu_worker::queue::Queue>, Failure> {
+    qemu_worker::queue::open(&loaded.config).exit_with(EXIT_OTHER)
 }
 
 /// The directory of a job's latest run.
@@ -432,7 +433,12 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<usize> {
 
 async fn serve(loaded: &LoadedConfig) -> Result<ExitCode, Failure> {
     use qemu_worker::engine::{Engine, Worker};
-    let queue = open_queue(loaded)?;
+    let config = loaded.config.clone();
+    // Off the executor: connecting to PostgreSQL blocks.
+    let queue = tokio::task::spawn_blocking(move || qemu_worker::queue::open(&config))
+        .await
+        .exit_with(EXIT_OTHER)?
+        .exit_with(EXIT_OTHER)?;
     let cache = open_cache(CacheSettings::from_config(&loaded.config)).await?;
     let worker = Worker {
         engine: Engine {

@@ -1,32 +1,78 @@
-//! Queue conformance: the semantics every backend must have. Run here against the
-//! embedded SQLite queue; the PostgreSQL backend will run the same cases.
+//! Queue conformance: the semantics every backend must have, each case run against the
+//! embedded SQLite queue and against a real PostgreSQL server started for the test.
+
+mod common;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::postgres::TestPostgres;
 use qemu_worker::job::{ExceptionReason, Resolution, ResultReport, ResultState};
-use qemu_worker::queue::{JobState, NewJob, QueueError, SqliteQueue};
+use qemu_worker::queue::{JobState, NewJob, PostgresQueue, Queue, QueueError, SqliteQueue};
 
 const LEASE: Duration = Duration::from_secs(60);
 
-fn queue() -> (tempfile::TempDir, SqliteQueue) {
+/// What keeps a backend alive for one test (its directory or its server).
+type Keep = Box<dyn std::any::Any>;
+
+fn sqlite() -> (Keep, Box<dyn Queue>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let queue = SqliteQueue::open(&dir.path().join("queue.sqlite")).expect("open");
-    (dir, queue)
+    (Box::new(dir), Box::new(queue))
 }
+
+fn postgres() -> (Keep, Box<dyn Queue>) {
+    let server = TestPostgres::start();
+    let queue = PostgresQueue::open(&server.url()).expect("open");
+    (Box::new(server), Box::new(queue))
+}
+
+/// Each case becomes one test per backend: `sqlite::case` and `postgres::case`.
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[test]
+            fn $case() {
+                let (keep, queue) = super::sqlite();
+                super::$case(&*queue);
+                drop(queue);
+                drop(keep);
+            })*
+        }
+        mod postgres {
+            $(#[test]
+            fn $case() {
+                let (keep, queue) = super::postgres();
+                super::$case(&*queue);
+                drop(queue);
+                drop(keep);
+            })*
+        }
+    };
+}
+
+conformance!(
+    claims_go_by_priority_then_submission_order,
+    a_claim_is_fenced_by_its_token,
+    expired_leases_requeue_until_the_retry_limit,
+    cancel_ends_pending_jobs_and_signals_running_ones,
+    concurrent_claimers_never_claim_a_job_twice,
+    a_shutting_down_worker_gives_its_jobs_back,
+    jobs_are_listed_newest_first_and_by_state,
+    deadlines_end_pending_and_running_jobs,
+);
 
 fn job(payload: &str, priority: i32) -> NewJob {
     NewJob {
         payload: payload.into(),
         priority,
         max_runs: 2,
+        deadline_ms: None,
     }
 }
 
-#[test]
-fn claims_go_by_priority_then_submission_order() {
-    let (_dir, q) = queue();
+fn claims_go_by_priority_then_submission_order(q: &dyn Queue) {
     for (payload, priority) in [("low-1", 0), ("high-1", 5), ("low-2", 0), ("high-2", 5)] {
         q.enqueue(&job(payload, priority), 1).expect("enqueue");
     }
@@ -35,9 +81,7 @@ fn claims_go_by_priority_then_submission_order() {
     assert_eq!(order, ["high-1", "high-2", "low-1", "low-2"]);
 }
 
-#[test]
-fn a_claim_is_fenced_by_its_token() {
-    let (_dir, q) = queue();
+fn a_claim_is_fenced_by_its_token(q: &dyn Queue) {
     let id = q.enqueue(&job("p", 0), 1).expect("enqueue");
     let claim = q.claim("w1", LEASE, 10).expect("claim").expect("a job");
     assert_eq!((claim.job_id.as_str(), claim.run_id), (id.as_str(), 1));
@@ -66,9 +110,7 @@ fn a_claim_is_fenced_by_its_token() {
     assert!(q.claim("w1", LEASE, 40).expect("claim").is_none());
 }
 
-#[test]
-fn expired_leases_requeue_until_the_retry_limit() {
-    let (_dir, q) = queue();
+fn expired_leases_requeue_until_the_retry_limit(q: &dyn Queue) {
     let id = q.enqueue(&job("p", 0), 0).expect("enqueue");
     let first = q
         .claim("w1", Duration::from_millis(100), 1_000)
@@ -113,9 +155,7 @@ fn expired_leases_requeue_until_the_retry_limit() {
     assert_eq!(status.runs, 2);
 }
 
-#[test]
-fn cancel_ends_pending_jobs_and_signals_running_ones() {
-    let (_dir, q) = queue();
+fn cancel_ends_pending_jobs_and_signals_running_ones(q: &dyn Queue) {
     let pending = q.enqueue(&job("a", 0), 0).expect("enqueue");
     let running = q.enqueue(&job("b", 0), 0).expect("enqueue");
     assert_eq!(q.cancel(&pending).expect("cancel"), JobState::Exception);
@@ -143,9 +183,7 @@ fn cancel_ends_pending_jobs_and_signals_running_ones() {
     ));
 }
 
-#[test]
-fn concurrent_claimers_never_claim_a_job_twice() {
-    let (_dir, q) = queue();
+fn concurrent_claimers_never_claim_a_job_twice(q: &dyn Queue) {
     const JOBS: usize = 300;
     for n in 0..JOBS {
         q.enqueue(&job(&n.to_string(), 0), 0).expect("enqueue");
@@ -173,9 +211,7 @@ fn concurrent_claimers_never_claim_a_job_twice() {
     assert_eq!(unique.len(), JOBS, "no job claimed twice");
 }
 
-#[test]
-fn a_shutting_down_worker_gives_its_jobs_back() {
-    let (_dir, q) = queue();
+fn a_shutting_down_worker_gives_its_jobs_back(q: &dyn Queue) {
     let id = q.enqueue(&job("p", 0), 0).expect("enqueue");
     let first = q.claim("w1", LEASE, 1).expect("claim").expect("job");
     assert!(q.release(&first).expect("release"), "requeued: runs left");
@@ -194,9 +230,7 @@ fn a_shutting_down_worker_gives_its_jobs_back() {
     ));
 }
 
-#[test]
-fn jobs_are_listed_newest_first_and_by_state() {
-    let (_dir, q) = queue();
+fn jobs_are_listed_newest_first_and_by_state(q: &dyn Queue) {
     let a = q.enqueue(&job("a", 0), 0).expect("enqueue");
     let b = q.enqueue(&job("b", 0), 0).expect("enqueue");
     let claim = q.claim("w", LEASE, 1).expect("claim").expect("job");
@@ -215,4 +249,98 @@ fn jobs_are_listed_newest_first_and_by_state() {
         .map(|s| s.job_id)
         .collect();
     assert_eq!(pending, [b]);
+}
+
+fn deadlines_end_pending_and_running_jobs(q: &dyn Queue) {
+    let late = q
+        .enqueue(
+            &NewJob {
+                deadline_ms: Some(100),
+                ..job("late", 5)
+            },
+            0,
+        )
+        .expect("enqueue");
+    let timely = q
+        .enqueue(
+            &NewJob {
+                deadline_ms: Some(1_000),
+                ..job("timely", 0)
+            },
+            0,
+        )
+        .expect("enqueue");
+    // Past its deadline, the higher-priority job is skipped, then ended by `expire`.
+    let claim = q.claim("w", LEASE, 200).expect("claim").expect("a job");
+    assert_eq!(claim.job_id, timely);
+    let ended = q.expire(200).expect("expire");
+    assert_eq!(ended.len(), 1);
+    assert_eq!(ended[0].job_id, late);
+    assert_eq!(ended[0].reason, ExceptionReason::DeadlineExceeded);
+    assert!(!ended[0].requeued);
+    let status = q.status(&late).expect("status");
+    assert_eq!(status.state, JobState::Exception);
+    assert_eq!(
+        status.report.expect("report").reason,
+        Some(ExceptionReason::DeadlineExceeded)
+    );
+
+    // The running job learns it at the heartbeat after its deadline, and its worker
+    // still holds the claim to record that.
+    q.heartbeat(&claim, LEASE, 999).expect("before the deadline");
+    assert!(matches!(
+        q.heartbeat(&claim, LEASE, 1_000),
+        Err(QueueError::DeadlineExceeded { .. })
+    ));
+    q.resolve(
+        &claim,
+        &ResultReport::new(
+            Resolution::Exception(ExceptionReason::DeadlineExceeded),
+            Vec::new(),
+        ),
+    )
+    .expect("resolve");
+    assert_eq!(q.status(&timely).expect("status").state, JobState::Exception);
+}
+
+/// A PostgreSQL worker waiting for work wakes when a job is submitted elsewhere, and
+/// when an expired job goes back to the queue (the trigger's NOTIFY), instead of
+/// waiting out its timeout.
+#[test]
+fn postgres_wakes_idle_workers_on_new_and_requeued_jobs() {
+    let server = TestPostgres::start();
+    let waiter = PostgresQueue::open(&server.url()).expect("open");
+    let submitter = PostgresQueue::open(&server.url()).expect("open");
+    // The first wait subscribes; nothing is pending, so it times out.
+    assert!(!waiter.wait_for_work(Duration::from_millis(50)), "no work yet");
+    std::thread::scope(|scope| {
+        let woken = scope.spawn(|| waiter.wait_for_work(Duration::from_secs(600)));
+        submitter.enqueue(&job("p", 0), 0).expect("enqueue");
+        assert!(woken.join().expect("waiter"), "woken by the submission");
+    });
+    let claim = submitter
+        .claim("w", Duration::from_millis(10), 0)
+        .expect("claim")
+        .expect("job");
+    assert!(
+        !waiter.wait_for_work(Duration::from_millis(50)),
+        "claiming wakes no one"
+    );
+    std::thread::scope(|scope| {
+        let woken = scope.spawn(|| waiter.wait_for_work(Duration::from_secs(600)));
+        let expired = submitter.expire(1_000).expect("expire");
+        assert_eq!((expired.len(), expired[0].requeued), (1, true));
+        assert!(woken.join().expect("waiter"), "woken by the re-queue");
+    });
+    assert_eq!(claim.run_id, 1);
+}
+
+/// Bad connection settings are a clear error, not a hang or a panic.
+#[test]
+fn postgres_reports_an_unreachable_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("postgresql://postgres@/queue?host={}", dir.path().display());
+    let error = PostgresQueue::open(&url).expect_err("no server there");
+    let text = error.to_string();
+    assert!(text.contains("PostgreSQL"), "{text}");
 }

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{processes_under, require, test_image};
-use qemu_worker::queue::{JobState, SqliteQueue};
+use qemu_worker::queue::{JobState, Queue, SqliteQueue};
 
 struct Fixture {
     dir: tempfile::TempDir,

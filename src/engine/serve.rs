@@ -1,4 +1,5 @@
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -6,16 +7,17 @@ use tokio::task::JoinSet;
 
 use super::run::{Engine, JobRun};
 use crate::job::ExceptionReason;
-use crate::queue::{Claim, QueueError, SqliteQueue};
+use crate::queue::{Claim, Queue, QueueError};
 
-/// How often the worker looks for work and expired leases when idle.
+/// How long an idle worker waits for work before it looks for expired leases again (a
+/// PostgreSQL queue wakes it earlier when a job becomes pending).
 const POLL: Duration = Duration::from_secs(1);
 
 /// The worker loop of `qemu-worker serve`.
 #[derive(Debug)]
 pub struct Worker {
     pub engine: Engine,
-    pub queue: SqliteQueue,
+    pub queue: Arc<dyn Queue>,
     pub worker_id: String,
     /// How long running jobs may finish after a shutdown request.
     pub grace: Duration,
@@ -54,7 +56,7 @@ impl Worker {
             match blocking(move || queue.expire(now_ms())).await {
                 Ok(expired) => {
                     for run in expired {
-                        tracing::info!(job_id = %run.job_id, run_id = run.run_id, requeued = run.requeued, "claim expired");
+                        tracing::info!(job_id = %run.job_id, run_id = run.run_id, reason = %run.reason, requeued = run.requeued, "ended by the queue");
                     }
                 }
                 Err(error) => tracing::error!(%error, "failed to expire leases"),
@@ -87,10 +89,13 @@ impl Worker {
                     stop_rx.clone(),
                 ));
             }
+            let queue = self.queue.clone();
+            let idle = running.len() < capacity;
             tokio::select! {
                 _ = shutdown.changed() => {}
                 Some(_) = running.join_next(), if !running.is_empty() => {}
-                () = tokio::time::sleep(POLL) => {}
+                _ = tokio::task::spawn_blocking(move || queue.wait_for_work(POLL)), if idle => {}
+                () = tokio::time::sleep(POLL), if !idle => {}
             }
         }
         tracing::info!(running = running.len(), grace = ?self.grace, "shutting down: no more claims");
@@ -114,7 +119,7 @@ impl Worker {
 /// is canceled or the worker stops, and records its outcome.
 async fn run_claimed(
     engine: Engine,
-    queue: SqliteQueue,
+    queue: Arc<dyn Queue>,
     claim: Claim,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -142,6 +147,10 @@ async fn run_claimed(
                     }
                     Err(QueueError::StaleClaim { .. }) => {
                         let _ = cancel.send(Some(ExceptionReason::ClaimExpired));
+                        return;
+                    }
+                    Err(QueueError::DeadlineExceeded { .. }) => {
+                        let _ = cancel.send(Some(ExceptionReason::DeadlineExceeded));
                         return;
                     }
                     Err(error) => {

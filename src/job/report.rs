@@ -13,6 +13,7 @@ string_enum! {
         WorkerShutdown = "worker-shutdown",
         Canceled = "canceled",
         ClaimExpired = "claim-expired",
+        DeadlineExceeded = "deadline-exceeded",
         ResourceUnavailable = "resource-unavailable",
     }
 }

@@ -1,4 +1,4 @@
-use crate::job::ResultReport;
+use crate::job::{ExceptionReason, ResultReport, ResultState};
 use crate::job::string_enum::string_enum;
 
 string_enum! {
@@ -27,6 +27,9 @@ pub struct NewJob {
     pub priority: i32,
     /// How many runs the job may have in all (a run ends early when its claim expires).
     pub max_runs: u32,
+    /// When the job must have ended (ms since the epoch): not claimed after it, and a
+    /// running job is stopped at its next heartbeat as `exception/deadline-exceeded`.
+    pub deadline_ms: Option<u64>,
 }
 
 /// A run a worker holds: the job, the run number, and the fencing token that every
@@ -40,11 +43,13 @@ pub struct Claim {
     pub lease_until_ms: u64,
 }
 
-/// A run whose lease ran out.
+/// A run whose lease ran out (`claim-expired`), or a pending job whose deadline passed
+/// (`deadline-exceeded`, with the job's latest run, 0 if it never ran).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpiredRun {
     pub job_id: String,
     pub run_id: u32,
+    pub reason: ExceptionReason,
     /// Whether the job went back to the queue (it had runs left).
     pub requeued: bool,
 }
@@ -71,4 +76,16 @@ pub enum QueueError {
     StaleClaim { job_id: String, run_id: u32 },
     #[error("{job_id} was canceled")]
     Canceled { job_id: String },
+    #[error("{job_id} passed its deadline")]
+    DeadlineExceeded { job_id: String },
+}
+
+impl From<ResultState> for JobState {
+    fn from(state: ResultState) -> Self {
+        match state {
+            ResultState::Completed => Self::Completed,
+            ResultState::Failed => Self::Failed,
+            ResultState::Exception => Self::Exception,
+        }
+    }
 }

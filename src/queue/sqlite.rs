@@ -5,7 +5,8 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::model::{Claim, ExpiredRun, JobState, JobStatus, NewJob, QueueError};
-use crate::job::{ExceptionReason, ResultReport, ResultState};
+use super::{Queue, id_suffix, queue_report, token};
+use crate::job::{ExceptionReason, ResultReport};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
@@ -20,6 +21,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_until INTEGER NOT NULL DEFAULT 0,
     runs INTEGER NOT NULL DEFAULT 0,
     max_runs INTEGER NOT NULL,
+    deadline INTEGER,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     report TEXT,
     created_ms INTEGER NOT NULL
@@ -64,15 +66,23 @@ impl SqliteQueue {
             .pragma_update(None, "synchronous", "NORMAL")
             .map_err(db)?;
         connection.execute_batch(SCHEMA).map_err(db)?;
+        // Databases made before job deadlines existed lack the column.
+        let has_deadline: bool = connection
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('jobs') WHERE name = 'deadline'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        if !has_deadline {
+            connection
+                .execute_batch("ALTER TABLE jobs ADD COLUMN deadline INTEGER")
+                .map_err(db)?;
+        }
         Ok(Self {
             path: path.to_path_buf(),
             connection: Arc::new(Mutex::new(connection)),
         })
-    }
-
-    /// Another handle on the same database with its own connection (for concurrency).
-    pub fn reopen(&self) -> Result<Self, QueueError> {
-        Self::open(&self.path)
     }
 
     fn with<T>(
@@ -85,24 +95,27 @@ impl SqliteQueue {
             .map_err(|_| QueueError::Database("the connection lock is poisoned".into()))?;
         f(&mut connection)
     }
+}
 
-    pub fn enqueue(&self, job: &NewJob, now_ms: u64) -> Result<String, QueueError> {
+impl Queue for SqliteQueue {
+    fn enqueue(&self, job: &NewJob, now_ms: u64) -> Result<String, QueueError> {
         self.with(|c| {
             let seq: i64 = c
                 .query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs", [], |r| {
                     r.get(0)
                 })
                 .map_err(db)?;
-            let id = format!("job-{seq:08}-{}", &token_hex(now_ms, seq)[..8]);
+            let id = format!("job-{seq:08}-{}", id_suffix(now_ms, seq));
             c.execute(
-                "INSERT INTO jobs (id, seq, payload, priority, state, max_runs, created_ms)
-                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6)",
+                "INSERT INTO jobs (id, seq, payload, priority, state, max_runs, deadline, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?7)",
                 params![
                     id,
                     seq,
                     job.payload,
                     job.priority,
                     i64::from(job.max_runs),
+                    job.deadline_ms.map(|d| d as i64),
                     now_ms as i64
                 ],
             )
@@ -111,9 +124,7 @@ impl SqliteQueue {
         })
     }
 
-    /// Claims the pending job with the highest priority (oldest first), starting a new
-    /// run with a fresh fencing token and a lease until `now + lease`.
-    pub fn claim(
+    fn claim(
         &self,
         worker: &str,
         lease: Duration,
@@ -126,8 +137,9 @@ impl SqliteQueue {
             let next: Option<(String, i64, String)> = tx
                 .query_row(
                     "SELECT id, run_id, payload FROM jobs WHERE state = 'pending'
+                     AND (deadline IS NULL OR deadline > ?1)
                      ORDER BY priority DESC, seq LIMIT 1",
-                    [],
+                    [now_ms as i64],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )
                 .optional()
@@ -166,10 +178,7 @@ impl SqliteQueue {
         })
     }
 
-    /// Extends the lease of a run that still holds its claim. Fails with `StaleClaim`
-    /// when the run lost it (expired and re-queued, resolved, or a newer run), and with
-    /// `Canceled` when someone asked to cancel the job.
-    pub fn heartbeat(
+    fn heartbeat(
         &self,
         claim: &Claim,
         lease: Duration,
@@ -195,24 +204,25 @@ impl SqliteQueue {
                     run_id: claim.run_id,
                 });
             }
-            let canceled: bool = c
+            let (canceled, deadline): (bool, Option<i64>) = c
                 .query_row(
-                    "SELECT cancel_requested FROM jobs WHERE id = ?1",
+                    "SELECT cancel_requested, deadline FROM jobs WHERE id = ?1",
                     [&claim.job_id],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .map_err(db)?;
+            let job_id = claim.job_id.clone();
             if canceled {
-                return Err(QueueError::Canceled {
-                    job_id: claim.job_id.clone(),
-                });
+                return Err(QueueError::Canceled { job_id });
+            }
+            if deadline.is_some_and(|d| d <= now_ms as i64) {
+                return Err(QueueError::DeadlineExceeded { job_id });
             }
             Ok(lease_until)
         })
     }
 
-    /// Records a run's result, if the run still holds its claim.
-    pub fn resolve(&self, claim: &Claim, report: &ResultReport) -> Result<(), QueueError> {
+    fn resolve(&self, claim: &Claim, report: &ResultReport) -> Result<(), QueueError> {
         let state = JobState::from(report.state);
         let text =
             serde_json::to_string(report).map_err(|e| QueueError::Database(e.to_string()))?;
@@ -253,10 +263,7 @@ impl SqliteQueue {
         })
     }
 
-    /// Resolves every run whose lease ran out as `exception/claim-expired`, and puts its
-    /// job back in the queue while it has runs left (otherwise the job ends with that
-    /// exception). Returns the expired runs.
-    pub fn expire(&self, now_ms: u64) -> Result<Vec<ExpiredRun>, QueueError> {
+    fn expire(&self, now_ms: u64) -> Result<Vec<ExpiredRun>, QueueError> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
             let expired: Vec<(String, i64, i64, i64)> = {
@@ -269,13 +276,9 @@ impl SqliteQueue {
                 rows.collect::<Result<_, _>>().map_err(db)?
             };
             let mut out = Vec::new();
+            let report_text = queue_report(ExceptionReason::ClaimExpired)?;
             for (job_id, run_id, runs, max_runs) in expired {
                 let requeued = runs < max_runs;
-                let report = ResultReport::new(
-                    crate::job::Resolution::Exception(ExceptionReason::ClaimExpired),
-                    Vec::new(),
-                );
-                let report_text = serde_json::to_string(&report).map_err(|e| QueueError::Database(e.to_string()))?;
                 if requeued {
                     tx.execute(
                         "UPDATE jobs SET state = 'pending', worker = NULL, token = 0 WHERE id = ?1",
@@ -297,7 +300,31 @@ impl SqliteQueue {
                 out.push(ExpiredRun {
                     job_id,
                     run_id: u32::try_from(run_id).unwrap_or(u32::MAX),
+                    reason: ExceptionReason::ClaimExpired,
                     requeued,
+                });
+            }
+            let late: Vec<(String, i64)> = {
+                let mut statement = tx
+                    .prepare("SELECT id, run_id FROM jobs WHERE state = 'pending' AND deadline <= ?1")
+                    .map_err(db)?;
+                let rows = statement
+                    .query_map([now_ms as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .map_err(db)?;
+                rows.collect::<Result<_, _>>().map_err(db)?
+            };
+            let late_report = queue_report(ExceptionReason::DeadlineExceeded)?;
+            for (job_id, run_id) in late {
+                tx.execute(
+                    "UPDATE jobs SET state = 'exception', report = ?2 WHERE id = ?1",
+                    params![job_id, late_report],
+                )
+                .map_err(db)?;
+                out.push(ExpiredRun {
+                    job_id,
+                    run_id: u32::try_from(run_id).unwrap_or(u32::MAX),
+                    reason: ExceptionReason::DeadlineExceeded,
+                    requeued: false,
                 });
             }
             tx.commit().map_err(db)?;
@@ -305,15 +332,8 @@ impl SqliteQueue {
         })
     }
 
-    /// Cancels a job: a pending one ends at once as `exception/canceled`; a running one
-    /// is flagged, and its worker learns it at the next heartbeat.
-    pub fn cancel(&self, job_id: &str) -> Result<JobState, QueueError> {
-        let report = ResultReport::new(
-            crate::job::Resolution::Exception(ExceptionReason::Canceled),
-            Vec::new(),
-        );
-        let text =
-            serde_json::to_string(&report).map_err(|e| QueueError::Database(e.to_string()))?;
+    fn cancel(&self, job_id: &str) -> Result<JobState, QueueError> {
+        let text = queue_report(ExceptionReason::Canceled)?;
         self.with(|c| {
             let state = state_of(c, job_id)?;
             match state {
@@ -335,15 +355,8 @@ impl SqliteQueue {
         })
     }
 
-    /// Gives a run's job back to the queue (the worker is shutting down): the run ends
-    /// as `exception/worker-shutdown`, and the job runs again if it has runs left.
-    pub fn release(&self, claim: &Claim) -> Result<bool, QueueError> {
-        let report = ResultReport::new(
-            crate::job::Resolution::Exception(ExceptionReason::WorkerShutdown),
-            Vec::new(),
-        );
-        let text =
-            serde_json::to_string(&report).map_err(|e| QueueError::Database(e.to_string()))?;
+    fn release(&self, claim: &Claim) -> Result<bool, QueueError> {
+        let text = queue_report(ExceptionReason::WorkerShutdown)?;
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
             let runs_left: Option<bool> = tx
@@ -380,8 +393,7 @@ impl SqliteQueue {
         })
     }
 
-    /// Jobs, newest first, optionally in one state.
-    pub fn list(&self, state: Option<JobState>) -> Result<Vec<JobStatus>, QueueError> {
+    fn list(&self, state: Option<JobState>) -> Result<Vec<JobStatus>, QueueError> {
         let ids: Vec<String> = self.with(|c| {
             let mut statement = c
                 .prepare("SELECT id FROM jobs WHERE ?1 IS NULL OR state = ?1 ORDER BY seq DESC")
@@ -394,7 +406,7 @@ impl SqliteQueue {
         ids.iter().map(|id| self.status(id)).collect()
     }
 
-    pub fn status(&self, job_id: &str) -> Result<JobStatus, QueueError> {
+    fn status(&self, job_id: &str) -> Result<JobStatus, QueueError> {
         self.with(|c| {
             c.query_row(
                 "SELECT id, state, run_id, runs, report FROM jobs WHERE id = ?1",
@@ -423,6 +435,16 @@ impl SqliteQueue {
             })
         })
     }
+
+    fn wait_for_work(&self, timeout: Duration) -> bool {
+        // SQLite has no notifications across processes: poll.
+        std::thread::sleep(timeout);
+        false
+    }
+
+    fn reopen(&self) -> Result<Box<dyn Queue>, QueueError> {
+        Ok(Box::new(Self::open(&self.path)?))
+    }
 }
 
 fn state_of(c: &Connection, job_id: &str) -> Result<JobState, QueueError> {
@@ -437,36 +459,4 @@ fn state_of(c: &Connection, job_id: &str) -> Result<JobState, QueueError> {
         .ok_or_else(|| QueueError::NotFound {
             job_id: job_id.to_owned(),
         })
-}
-
-impl From<ResultState> for JobState {
-    fn from(state: ResultState) -> Self {
-        match state {
-            ResultState::Completed => Self::Completed,
-            ResultState::Failed => Self::Failed,
-            ResultState::Exception => Self::Exception,
-        }
-    }
-}
-
-/// A fencing token: unique per claim, not guessable from the job id alone.
-fn token(now_ms: u64, salt: i64) -> u64 {
-    use sha2::Digest;
-    let mut hasher = sha2::Sha256::new();
-    hasher.update(now_ms.to_be_bytes());
-    hasher.update(salt.to_be_bytes());
-    hasher.update(std::process::id().to_be_bytes());
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    hasher.update(nanos.to_be_bytes());
-    let digest: [u8; 32] = hasher.finalize().into();
-    // Positive when stored as SQLite's signed 64-bit integer.
-    u64::from_be_bytes([
-        digest[0], digest[1], digest[2], digest[3], digest[4], digest[5], digest[6], digest[7],
-    ]) >> 1
-}
-
-fn token_hex(now_ms: u64, salt: i64) -> String {
-    format!("{:016x}", token(now_ms, salt))
 }

@@ -215,3 +215,4 @@ pub fn metadata_network(socket: &str) -> qemu_worker::vm::NetworkAttachment {
         ],
     }
 }
+pub mod postgres;

@@ -287,7 +287,8 @@ fn deadlines_end_pending_and_running_jobs(q: &dyn Queue) {
 
     // The running job learns it at the heartbeat after its deadline, and its worker
     // still holds the claim to record that.
-    q.heartbeat(&claim, LEASE, 999).expect("before the deadline");
+    q.heartbeat(&claim, LEASE, 999)
+        .expect("before the deadline");
     assert!(matches!(
         q.heartbeat(&claim, LEASE, 1_000),
         Err(QueueError::DeadlineExceeded { .. })
@@ -300,7 +301,10 @@ fn deadlines_end_pending_and_running_jobs(q: &dyn Queue) {
         ),
     )
     .expect("resolve");
-    assert_eq!(q.status(&timely).expect("status").state, JobState::Exception);
+    assert_eq!(
+        q.status(&timely).expect("status").state,
+        JobState::Exception
+    );
 }
 
 /// A PostgreSQL worker waiting for work wakes when a job is submitted elsewhere, and
@@ -312,7 +316,10 @@ fn postgres_wakes_idle_workers_on_new_and_requeued_jobs() {
     let waiter = PostgresQueue::open(&server.url()).expect("open");
     let submitter = PostgresQueue::open(&server.url()).expect("open");
     // The first wait subscribes; nothing is pending, so it times out.
-    assert!(!waiter.wait_for_work(Duration::from_millis(50)), "no work yet");
+    assert!(
+        !waiter.wait_for_work(Duration::from_millis(50)),
+        "no work yet"
+    );
     std::thread::scope(|scope| {
         let woken = scope.spawn(|| waiter.wait_for_work(Duration::from_secs(600)));
         submitter.enqueue(&job("p", 0), 0).expect("enqueue");

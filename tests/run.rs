@@ -292,3 +292,43 @@ fn a_killed_run_does_not_leave_its_vm_running() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// An image whose guest tools are gone by collection time (here the command kills them
+/// and reports its own result): file artifacts come back through qemu-ga, and a
+/// directory artifact, which qemu-ga cannot list, is a named error.
+#[test]
+fn without_guest_tools_file_artifacts_come_back_through_qemu_ga() {
+    let fx = Fixture::new();
+    let script = "echo through-qga > /tmp/q.txt; mkdir -p /tmp/d; echo x > /tmp/d/x; \
+                  echo stopping the guest tools; exec >/dev/null 2>&1; \
+                  g=$(pidof qemu-worker-guest); \
+                  kill -9 $(awk '/^PPid/{print $2}' /proc/$g/status) $g; \
+                  exec qemu-worker-guest report 0";
+    let (output, report) = fx.run(&payload(
+        script,
+        120,
+        "artifacts:\n  - {type: file, path: /tmp/q.txt, name: public/q.txt}\n  - {type: directory, path: /tmp/d, name: public/d}\n",
+    ));
+    assert_eq!(output.status.code(), Some(1), "{report}");
+    assert_eq!(report["artifacts"][0]["name"], "public/q.txt");
+    assert_eq!(report["artifacts"][0]["size"], 12);
+    let job = fx.job_dir();
+    assert_eq!(
+        std::fs::read_to_string(job.join("artifacts/public/q.txt")).expect("artifact"),
+        "through-qga\n"
+    );
+    assert_eq!(report["errors"][0]["path"], "/artifacts/1", "{report}");
+    assert!(
+        report["errors"][0]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("directory artifacts need the guest tools"),
+        "{report}"
+    );
+    let log = std::fs::read_to_string(job.join("job.log")).expect("log");
+    assert!(
+        log.contains("collecting artifacts through qemu-ga"),
+        "{log}"
+    );
+    fx.assert_no_vm_left();
+}

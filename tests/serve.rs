@@ -303,7 +303,12 @@ fn two_workers_share_a_postgres_queue_and_take_over_a_killed_workers_job() {
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     };
     let jobs: Vec<String> = (0..20)
-        .map(|n| submit(&format!("job{n}"), &payload(&format!("echo job-{n}-ran"), "")))
+        .map(|n| {
+            submit(
+                &format!("job{n}"),
+                &payload(&format!("echo job-{n}-ran"), ""),
+            )
+        })
         .collect();
     wait_until_both("20 jobs to finish", log_refs, || {
         jobs.iter().all(|id| {
@@ -326,8 +331,9 @@ fn two_workers_share_a_postgres_queue_and_take_over_a_killed_workers_job() {
             .collect();
         assert_eq!(hosts.len(), 1, "{id} ran on exactly one host: {hosts:?}");
         assert_eq!(runs_on(&states[hosts[0]], id), ["run-1"], "{id} ran once");
-        let log = std::fs::read_to_string(states[hosts[0]].join("jobs").join(id).join("run-1/job.log"))
-            .expect("job log");
+        let log =
+            std::fs::read_to_string(states[hosts[0]].join("jobs").join(id).join("run-1/job.log"))
+                .expect("job log");
         assert!(log.contains(&format!("job-{n}-ran")), "{id}: {log}");
         ran_on[hosts[0]] += 1;
     }
@@ -345,7 +351,10 @@ fn two_workers_share_a_postgres_queue_and_take_over_a_killed_workers_job() {
     );
 
     // A job that takes a while; kill -9 the worker running it.
-    let slow = submit("slow", &payload("echo slow-started; sleep 20; echo slow-done", ""));
+    let slow = submit(
+        "slow",
+        &payload("echo slow-started; sleep 20; echo slow-done", ""),
+    );
     let mut holder = None;
     wait_until_both("the slow job to start", log_refs, || {
         holder = (0..2).find(|&h| {
@@ -384,9 +393,11 @@ fn two_workers_share_a_postgres_queue_and_take_over_a_killed_workers_job() {
     // The killed worker, restarted, cleans what it left: no VM process, no run dir.
     workers[killed] = serve_with(&configs[killed], &dir.path().join("restarted.log"));
     let restarted = dir.path().join("restarted.log");
-    wait_until_both("the restarted worker to start", [&restarted, &logs[other]], || {
-        log_of(&restarted).contains("worker started")
-    });
+    wait_until_both(
+        "the restarted worker to start",
+        [&restarted, &logs[other]],
+        || log_of(&restarted).contains("worker started"),
+    );
     assert!(
         processes_under(&states[killed]).is_empty(),
         "{:?}",

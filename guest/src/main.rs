@@ -50,6 +50,17 @@ fn main() {
         .unwrap_or_else(|_| METADATA.to_owned())
         .parse()
         .unwrap_or_else(|e| fail(&format!("bad metadata address: {e}")));
+    // `qemu-worker-guest report CODE`: report an exit code for a task that something else
+    // ran (an image's own init script, for one); exits 0 once the service took it.
+    if let [_, mode, code] = args.as_slice()
+        && mode == "report"
+    {
+        let Ok(code) = code.parse::<i32>() else {
+            eprintln!("usage: qemu-worker-guest report EXIT_CODE (an integer)");
+            std::process::exit(2);
+        };
+        std::process::exit(if report(address, code) { 0 } else { 1 });
+    }
     // The agent port serves artifacts from the start, whatever happens to the task.
     std::thread::spawn(|| agent::serve_forever(std::path::Path::new(agent::PORT)));
     if std::path::Path::new(STARTED_MARKER).exists() {
@@ -74,7 +85,9 @@ fn main() {
     }
     say(&format!("running {:?}", task.command));
     let code = run(address, &task);
-    report(address, code);
+    if !report(address, code) {
+        say("the metadata service never took the result");
+    }
     say(&format!("done: exit code {code}"));
     // Stay up: the host collects artifacts and powers the VM off.
     idle();
@@ -315,11 +328,12 @@ fn open_log(address: SocketAddr) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-fn report(address: SocketAddr, code: i32) {
+/// Reports the exit code (retrying a few times); `false` when the service never took it.
+fn report(address: SocketAddr, code: i32) -> bool {
     let body = format!("{{\"exitCode\": {code}}}");
     for attempt in 0..10 {
         match request(address, "PUT", "/v1/result", body.as_bytes()) {
-            Ok((200 | 409, _)) => return,
+            Ok((200 | 409, _)) => return true,
             Ok((status, body)) => say(&format!(
                 "PUT /v1/result answered {status}: {}",
                 String::from_utf8_lossy(&body)
@@ -328,6 +342,7 @@ fn report(address: SocketAddr, code: i32) {
         }
         std::thread::sleep(Duration::from_millis(200 * (attempt + 1)));
     }
+    false
 }
 
 /// `qemu-worker-guest bench-metadata N`: times N `GET /v1/ping` round trips from inside

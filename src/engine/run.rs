@@ -297,7 +297,14 @@ impl Engine {
         let canceled = report.state == crate::job::ResultState::Exception;
         if !canceled && vm.wait(Duration::ZERO).await.is_none() {
             let failures = self
-                .collect_artifacts(&vm, payload, &job.job_dir, &mut report)
+                .collect_artifacts(
+                    &vm,
+                    payload,
+                    machine.guest_agent,
+                    &job.job_dir,
+                    &mut report,
+                    progress,
+                )
                 .await;
             if !failures.is_empty() && report.state == crate::job::ResultState::Completed {
                 report = ResultReport {
@@ -415,22 +422,35 @@ impl Engine {
         }
     }
 
-    /// Pulls every declared artifact through the agent port. Returns the problems (a
-    /// missing artifact fails the job, as in taskcluster).
+    /// Pulls every declared artifact through the agent port, or through qemu-ga when the
+    /// image has no guest tools answering there (files only: qemu-ga cannot list a
+    /// directory). Returns the problems (a missing artifact fails the job, as in
+    /// taskcluster).
     async fn collect_artifacts(
         &self,
         vm: &Vm,
         payload: &JobPayload,
+        qga: bool,
         job_dir: &Path,
         report: &mut ResultReport,
+        progress: &Progress,
     ) -> Vec<Issue> {
         if payload.artifacts.is_empty() {
             return Vec::new();
         }
         let mut problems = Vec::new();
         let socket = PathBuf::from(vm.run_dir().agent_socket());
-        let mut agent = match AgentClient::connect(&socket, Duration::from_secs(30)).await {
+        // Idle guest tools answer in milliseconds even under TCG; with qemu-ga to fall
+        // back on, do not make every such job wait long for tools the image lacks.
+        let wait = Duration::from_secs(if qga { 10 } else { 30 });
+        let mut agent = match AgentClient::connect(&socket, wait).await {
             Ok(agent) => agent,
+            Err(e) if qga => {
+                progress
+                    .note(&format!("the guest tools did not answer on the agent port ({e}); collecting artifacts through qemu-ga"))
+                    .await;
+                return self.collect_through_qga(vm, payload, job_dir, report).await;
+            }
             Err(e) => {
                 problems.push(Issue::new(
                     "/artifacts",
@@ -487,6 +507,74 @@ impl Engine {
                         Ok(fresh) => agent = fresh,
                         Err(_) => break,
                     }
+                }
+            }
+        }
+        problems
+    }
+}
+
+impl Engine {
+    /// The qemu-ga fallback of `collect_artifacts`.
+    async fn collect_through_qga(
+        &self,
+        vm: &Vm,
+        payload: &JobPayload,
+        job_dir: &Path,
+        report: &mut ResultReport,
+    ) -> Vec<Issue> {
+        let mut problems = Vec::new();
+        let socket = PathBuf::from(vm.run_dir().qga_socket());
+        let mut qga = match crate::qemu::QgaClient::connect(&socket, Duration::from_secs(30)).await
+        {
+            Ok(qga) => qga,
+            Err(e) => {
+                problems.push(Issue::new(
+                    "/artifacts",
+                    format!("neither the guest tools nor qemu-ga answered: {e}"),
+                ));
+                return problems;
+            }
+        };
+        let store = job_dir.join("artifacts");
+        let mut budget = self.config.artifacts.max_total_size.bytes();
+        for (index, spec) in payload.artifacts.iter().enumerate() {
+            let at = format!("/artifacts/{index}");
+            if spec.kind == ArtifactKind::Directory {
+                problems.push(Issue::new(
+                    at,
+                    format!(
+                        "artifact {}: directory artifacts need the guest tools (qemu-ga cannot list a directory)",
+                        spec.name
+                    ),
+                ));
+                continue;
+            }
+            let dest = store.join(&spec.name);
+            if let Some(parent) = dest.parent() {
+                let _ = tokio::fs::create_dir_all(parent).await;
+            }
+            let cap = budget.min(self.config.artifacts.max_file_size.bytes());
+            let read = match tokio::fs::File::create(&dest).await {
+                Ok(mut file) => qga
+                    .file_read(&spec.path, &mut file, cap, Duration::from_secs(60))
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(format!("cannot create {}: {e}", dest.display())),
+            };
+            match read {
+                Ok(read) => {
+                    budget = budget.saturating_sub(read.bytes);
+                    report.artifacts.push(ArtifactRecord {
+                        content_type: content_type(&spec.name).into(),
+                        name: spec.name.clone(),
+                        size: read.bytes,
+                        sha256: read.sha256,
+                    });
+                }
+                Err(e) => {
+                    let _ = tokio::fs::remove_file(&dest).await;
+                    problems.push(Issue::new(at, format!("artifact {}: {e}", spec.name)));
                 }
             }
         }

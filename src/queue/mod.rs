@@ -30,8 +30,12 @@ pub trait Queue: Send + Sync + std::fmt::Debug {
     /// Claims the pending job with the highest priority (oldest first) whose deadline
     /// has not passed, starting a new run with a fresh fencing token and a lease until
     /// `now + lease`.
-    fn claim(&self, worker: &str, lease: Duration, now_ms: u64)
-    -> Result<Option<Claim>, QueueError>;
+    fn claim(
+        &self,
+        worker: &str,
+        lease: Duration,
+        now_ms: u64,
+    ) -> Result<Option<Claim>, QueueError>;
 
     /// Extends the lease of a run that still holds its claim; returns the new lease end.
     /// Fails with `StaleClaim` when the run lost it (expired and re-queued, resolved, or
@@ -76,9 +80,9 @@ pub fn open(config: &WorkerConfig) -> Result<Arc<dyn Queue>, QueueError> {
     match (&config.queue, config.sqlite_path()) {
         (QueueConfig::Postgres { url }, _) => Ok(Arc::new(PostgresQueue::open(url)?)),
         (QueueConfig::Sqlite { .. }, Some(path)) => Ok(Arc::new(SqliteQueue::open(&path)?)),
-        (QueueConfig::Sqlite { .. }, None) => Err(QueueError::Database(
-            "no SQLite path is configured".into(),
-        )),
+        (QueueConfig::Sqlite { .. }, None) => {
+            Err(QueueError::Database("no SQLite path is configured".into()))
+        }
     }
 }
 

@@ -1,5 +1,5 @@
-use crate::job::{ExceptionReason, ResultReport, ResultState};
 use crate::job::string_enum::string_enum;
+use crate::job::{ExceptionReason, ResultReport, ResultState};
 
 string_enum! {
     /// Where a job is in its life.

@@ -4,8 +4,8 @@
 //! it is atomic under the default READ COMMITTED isolation. A trigger NOTIFYs
 //! `qemu_worker_jobs` whenever a job becomes pending, and idle workers LISTEN on it.
 
-use std::sync::mpsc;
 use std::sync::Mutex;
+use std::sync::mpsc;
 use std::time::Duration;
 
 use postgres::fallible_iterator::FallibleIterator;
@@ -148,7 +148,10 @@ impl PostgresQueue {
     /// Connects and creates the tables when they are missing.
     pub fn open(url: &str) -> Result<Self, QueueError> {
         let connection = Connection::open(url)?;
-        connection.with(|c| c.batch_execute(&format!("BEGIN; {SCHEMA} COMMIT;")).map_err(db))?;
+        connection.with(|c| {
+            c.batch_execute(&format!("BEGIN; {SCHEMA} COMMIT;"))
+                .map_err(db)
+        })?;
         Ok(Self {
             url: url.to_owned(),
             connection,

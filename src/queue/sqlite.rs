@@ -178,12 +178,7 @@ impl Queue for SqliteQueue {
         })
     }
 
-    fn heartbeat(
-        &self,
-        claim: &Claim,
-        lease: Duration,
-        now_ms: u64,
-    ) -> Result<u64, QueueError> {
+    fn heartbeat(&self, claim: &Claim, lease: Duration, now_ms: u64) -> Result<u64, QueueError> {
         self.with(|c| {
             let lease_until = now_ms + u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
             let changed = c

@@ -26,9 +26,8 @@ fn postgres_ids() -> (u32, u32) {
             .find(|l| l.starts_with("postgres:"))
             .map(str::to_owned)
     };
-    let user = line("/etc/passwd").expect(
-        "no `postgres` user: install PostgreSQL 15 with `apt-get install postgresql-15`",
-    );
+    let user = line("/etc/passwd")
+        .expect("no `postgres` user: install PostgreSQL 15 with `apt-get install postgresql-15`");
     let fields: Vec<&str> = user.split(':').collect();
     (
         fields[2].parse().expect("postgres uid"),
@@ -53,7 +52,16 @@ impl TestPostgres {
         std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown");
         let data = dir.path().join("data");
         let initdb = Command::new(Path::new(BIN).join("initdb"))
-            .args(["--no-sync", "-A", "trust", "-U", "postgres", "-E", "UTF8", "-D"])
+            .args([
+                "--no-sync",
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "-D",
+            ])
             .arg(&data)
             .uid(uid)
             .gid(gid)

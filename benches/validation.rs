@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 use qemu_worker::config::load_config;
 use qemu_worker::job::{Identity, JobPayload, PayloadContext, validate_payload};
 
+#[path = "support/figure.rs"]
+mod figure;
+
 const ROUNDS: usize = 2000;
 
 fn measure(mut f: impl FnMut()) -> Stats {
@@ -27,6 +30,7 @@ fn measure(mut f: impl FnMut()) -> Stats {
         .collect();
     samples.sort();
     Stats {
+        all: samples.iter().map(|d| micros(*d)).collect(),
         p10: samples[ROUNDS / 10],
         median: samples[ROUNDS / 2],
         p90: samples[ROUNDS * 9 / 10],
@@ -37,6 +41,8 @@ struct Stats {
     p10: Duration,
     median: Duration,
     p90: Duration,
+    /// Every sample, in µs.
+    all: Vec<f64>,
 }
 
 fn micros(d: Duration) -> f64 {
@@ -96,6 +102,17 @@ fn main() {
             "NOT met"
         };
         println!("  goal: well under 1000 µs per payload: {verdict}");
+        figure::Figure {
+            figure: &format!("payload validation, {name}"),
+            unit: "µs",
+            samples: &full.all,
+            baseline_name: "serde-only parse of the same payload",
+            baseline: &serde_only.all,
+            goal: "well under 1000 µs",
+            met: Some(full.median < Duration::from_millis(1)),
+            ..Default::default()
+        }
+        .emit();
     }
     println!(
         "first validation in the process (compiles the schema once): {:.1} µs",

@@ -21,7 +21,8 @@ impl Fixture {
             .expect("tempdir");
         let config = format!(
             "stateDir: state\naccelerator: tcg\nlimits: {{maxMemory: 256, maxCPUs: 1, defaultThreads: 1}}\n\
-             timeouts: {{shutdownSeconds: 5}}\nimages: {{allowedLocalDirs: [{}]}}\n",
+             timeouts: {{shutdownSeconds: 5}}\nimages: {{allowedLocalDirs: [{}]}}\n\
+             artifacts: {{maxFileSize: 1 MiB}}\n",
             image.parent().expect("images/out").display()
         );
         std::fs::write(dir.path().join("worker.yml"), config).expect("config");
@@ -124,11 +125,15 @@ fn a_failing_command_fails_the_job_and_a_missing_artifact_is_reported() {
         (Some("failed"), Some(1))
     );
 
+    // A missing artifact and one over the size cap (cut off mid-stream, so the agent
+    // port is reconnected) are reported; the artifacts after them still come back.
     let fx = Fixture::new();
     let (output, report) = fx.run(&payload(
-        "true",
+        "head -c 2097152 /dev/zero > /tmp/big; echo ok > /tmp/ok.txt",
         60,
-        "artifacts:\n  - {type: file, path: /nowhere.txt, name: public/nowhere.txt}\n",
+        "artifacts:\n  - {type: file, path: /nowhere.txt, name: public/nowhere.txt}\n  \
+         - {type: file, path: /tmp/big, name: public/big}\n  \
+         - {type: file, path: /tmp/ok.txt, name: public/ok.txt}\n",
     ));
     assert_eq!(
         output.status.code(),
@@ -143,6 +148,16 @@ fn a_failing_command_fails_the_job_and_a_missing_artifact_is_reported() {
             .contains("not found"),
         "{report}"
     );
+    assert_eq!(report["errors"][1]["path"], "/artifacts/1", "{report}");
+    assert!(
+        report["errors"][1]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("larger than the limit"),
+        "{report}"
+    );
+    assert_eq!(report["artifacts"][0]["name"], "public/ok.txt", "{report}");
+    assert_eq!(report["artifacts"].as_array().map(Vec::len), Some(1));
     let log = std::fs::read_to_string(fx.job_dir().join("job.log")).expect("log");
     assert!(log.contains("[qemu-worker:error] /artifacts/0"), "{log}");
     fx.assert_no_vm_left();

@@ -498,14 +498,30 @@ impl Engine {
                     }
                 }
                 Err(e) => {
+                    // A refusal is a whole answer; anything else may leave the rest of
+                    // an interrupted one on the port: start afresh. QEMU's socket takes
+                    // one connection at a time, so the old one goes first.
+                    let in_sync = matches!(
+                        e,
+                        crate::agent::AgentError::NotFound { .. }
+                            | crate::agent::AgentError::Refused { .. }
+                    );
                     problems.push(Issue::new(
                         format!("/artifacts/{index}"),
                         format!("artifact {}: {e}", spec.name),
                     ));
-                    // The port may hold the rest of an interrupted answer: start afresh.
-                    match AgentClient::connect(&socket, Duration::from_secs(30)).await {
-                        Ok(fresh) => agent = fresh,
-                        Err(_) => break,
+                    if !in_sync {
+                        drop(agent);
+                        match AgentClient::connect(&socket, Duration::from_secs(30)).await {
+                            Ok(fresh) => agent = fresh,
+                            Err(e) => {
+                                problems.push(Issue::new(
+                                    "/artifacts",
+                                    format!("the agent port did not answer again after an error, so the remaining artifacts were not collected: {e}"),
+                                ));
+                                break;
+                            }
+                        }
                     }
                 }
             }

@@ -7,6 +7,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/figure.rs"]
+mod figure;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -87,19 +89,18 @@ fn measure(backend: &str, goal: f64, fresh: &dyn Fn() -> (Box<dyn std::any::Any>
         "  goal >= {goal:.0}/s with zero double claims: {}",
         if met { "met" } else { "NOT met" }
     );
-    let result = serde_json::json!({
-        "figure": format!("queue claims/s, {backend}, 8 claimers"),
-        "unit": "claims/s",
-        "value": median,
-        "min": rates[0],
-        "max": rates[REPETITIONS - 1],
-        "repetitions": REPETITIONS,
-        "baseline": single,
-        "baseline_name": "1 claimer, same backend",
-        "goal": format!(">= {goal:.0}/s, 0 double claims (found {double_claims})"),
-        "met": met,
-    });
-    println!("RESULT {result}");
+    figure::Figure {
+        figure: &format!("queue claims/s, {backend}, 8 claimers"),
+        unit: "claims/s",
+        samples: &rates,
+        baseline_name: "1 claimer, same backend",
+        baseline: &[single],
+        goal: &format!(">= {goal:.0}/s with 0 double claims"),
+        met: Some(met),
+        note: &format!("double claims found: {double_claims}"),
+        ..Default::default()
+    }
+    .emit();
 }
 
 fn main() {

@@ -9,7 +9,7 @@ use qemu_worker::image::{
     DiskLayout, ImageLimits, ImageProblem, PackError, UnpackError, Unpacked, pack_image,
     unpack_archive,
 };
-use tar::{EntryType, Header};
+use tar::EntryType;
 
 const LIMITS: ImageLimits = ImageLimits {
     max_image_bytes: 64 << 20,
@@ -65,50 +65,9 @@ impl Scratch {
     }
 }
 
-/// Writes tar entries with raw names and types, including ones tar-rs would refuse.
-#[derive(Default)]
-struct RawTar {
-    bytes: Vec<u8>,
-}
-
-impl RawTar {
-    fn entry(mut self, name: &[u8], kind: EntryType, data: &[u8]) -> Self {
-        self.entry_with_link(name, kind, data, b"");
-        self
-    }
-
-    fn file(self, name: &str, data: &[u8]) -> Self {
-        self.entry(name.as_bytes(), EntryType::Regular, data)
-    }
-
-    fn entry_with_link(&mut self, name: &[u8], kind: EntryType, data: &[u8], link: &[u8]) {
-        let mut header = Header::new_gnu();
-        header.as_old_mut().name[..name.len()].copy_from_slice(name);
-        header.as_old_mut().linkname[..link.len()].copy_from_slice(link);
-        header.set_mode(0o644);
-        header.set_entry_type(kind);
-        header.set_size(data.len() as u64);
-        header.set_cksum();
-        self.bytes.extend_from_slice(header.as_bytes());
-        self.bytes.extend_from_slice(data);
-        let pad = (512 - data.len() % 512) % 512;
-        self.bytes.extend(std::iter::repeat_n(0, pad));
-    }
-
-    fn link(mut self, name: &str, kind: EntryType, target: &str) -> Self {
-        self.entry_with_link(name.as_bytes(), kind, b"", target.as_bytes());
-        self
-    }
-
-    fn tar(mut self) -> Vec<u8> {
-        self.bytes.extend(std::iter::repeat_n(0, 1024));
-        self.bytes
-    }
-
-    fn zst(self) -> Vec<u8> {
-        zstd::encode_all(&self.tar()[..], 3).expect("compress")
-    }
-}
+#[path = "../engine-tests/src/archive.rs"]
+mod archive;
+use archive::RawTar;
 
 const MACHINE: &[u8] = br#"{"version": 1, "memory": 128}"#;
 

@@ -66,7 +66,10 @@ impl ImageError {
         match self.0.as_ref() {
             FetchError::Rejected(problems) => problems
                 .iter()
-                .map(|p| Issue::new("/image", format!("image {p}")))
+                .map(|p| match &p.entry {
+                    Some(_) => Issue::new("/image", format!("image {p}")),
+                    None => Issue::new("/image", format!("image: {p}")),
+                })
                 .collect(),
             other => vec![Issue::new("/image", other.to_string())],
         }

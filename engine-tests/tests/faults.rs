@@ -1,0 +1,237 @@
+//! Faults: the guest powers off before reporting, QEMU is killed from outside, the
+//! worker is killed and restarted, and the disk fills up while an image downloads.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use engine_tests::assets::test_image;
+use engine_tests::{Job, Worker, base_config, processes_under, wait_until};
+
+#[test]
+fn a_guest_that_powers_off_before_reporting_fails_the_job_with_the_console_tail() {
+    let worker = Worker::new();
+    let outcome = Job::script("echo going down; poweroff -f").run(&worker);
+    assert_eq!(outcome.state(), "failed", "{}", outcome.report);
+    assert!(
+        outcome.report.get("exitCode").is_none(),
+        "{}",
+        outcome.report
+    );
+    let log = outcome.log();
+    assert!(log.contains("going down"), "{log}");
+    assert!(
+        log.contains("the guest ended before reporting a result")
+            && log.contains("console: QEMU-WORKER-INIT"),
+        "the log says why, with the console's tail: {log}"
+    );
+    worker.assert_clean();
+}
+
+#[test]
+fn qemu_killed_from_outside_fails_the_job_and_leaves_nothing() {
+    let worker = Worker::new();
+    let payload = worker.dir().join("long.yml");
+    std::fs::write(&payload, Job::script("echo running; sleep 600").yaml()).expect("payload");
+    let mut command = worker.command(&["run", "--json", payload.to_str().expect("utf-8")]);
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let run = command.spawn().expect("run");
+    let jobs = worker.state().join("jobs");
+    wait_until(
+        "the command to run",
+        Duration::from_secs(120),
+        Duration::from_millis(100),
+        || {
+            let dir = std::fs::read_dir(&jobs).ok()?.flatten().next()?.path();
+            std::fs::read_to_string(dir.join("job.log"))
+                .ok()
+                .filter(|l| l.contains("running"))
+        },
+    )
+    .expect("running");
+    let qemu: Vec<i32> = processes_under(worker.dir())
+        .iter()
+        .filter(|p| p.contains("qemu-system"))
+        .filter_map(|p| p.split(':').next()?.parse().ok())
+        .collect();
+    assert_eq!(qemu.len(), 1, "one QEMU: {qemu:?}");
+    let pid = rustix::process::Pid::from_raw(qemu[0]).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("kill QEMU");
+    let output = run.wait_with_output().expect("run ends");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("report");
+    assert_eq!(output.status.code(), Some(1), "{report}");
+    assert_eq!(report["state"], "failed", "{report}");
+    let log = std::fs::read_to_string(
+        std::fs::read_dir(&jobs)
+            .expect("jobs")
+            .flatten()
+            .next()
+            .expect("job dir")
+            .path()
+            .join("job.log"),
+    )
+    .expect("log");
+    assert!(log.contains("QEMU"), "the log says QEMU ended: {log}");
+    worker.assert_clean();
+}
+
+#[test]
+fn a_killed_worker_restarts_clean_and_its_job_runs_again() {
+    let worker = Worker::new();
+    let job_id = worker.submit(&Job::script("echo started; sleep 5; echo finished"));
+    let first = worker.serve();
+    let run1 = worker
+        .state()
+        .join("jobs")
+        .join(&job_id)
+        .join("run-1/job.log");
+    wait_until(
+        "run 1 to start",
+        Duration::from_secs(120),
+        Duration::from_millis(100),
+        || {
+            std::fs::read_to_string(&run1)
+                .ok()
+                .filter(|l| l.contains("started"))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}; serve said:\n{}", worker.serve_log()));
+    worker.signal(first, rustix::process::Signal::KILL);
+    worker.wait_exit(first, Duration::from_secs(10));
+    let stale: Vec<_> = std::fs::read_dir(worker.state().join("run"))
+        .expect("run dirs")
+        .flatten()
+        .collect();
+    assert_eq!(
+        stale.len(),
+        1,
+        "the killed worker left its run dir: {stale:?}"
+    );
+
+    // Restarted: it cleans up at once, and runs the job again once its lease expired.
+    worker.serve();
+    let status = wait_until(
+        "the job to complete as run 2",
+        Duration::from_secs(180),
+        Duration::from_millis(200),
+        || {
+            let status = worker.status(&job_id);
+            (status["state"] == "completed").then_some(status)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}; serve said:\n{}", worker.serve_log()));
+    assert_eq!(status["runId"], 2, "{status}");
+    let log2 = worker
+        .state()
+        .join("jobs")
+        .join(&job_id)
+        .join("run-2/job.log");
+    assert!(
+        std::fs::read_to_string(log2)
+            .expect("log")
+            .contains("finished")
+    );
+    let serve_log = worker.serve_log();
+    assert!(
+        serve_log.contains("cleaned up after an earlier worker"),
+        "{serve_log}"
+    );
+    worker.assert_clean();
+}
+
+/// A small tmpfs mounted for the test (the real ENOSPC), unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(path: &std::path::Path, size: &str) -> Self {
+        std::fs::create_dir_all(path).expect("mount point");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .expect("mount");
+        assert!(
+            status.success(),
+            "mounting a tmpfs needs root (this case fills a real file system)"
+        );
+        Self(path.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Every file (not directory) under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<String> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path.display().to_string());
+        }
+    }
+    files
+}
+
+/// Serves `body` at every path on 127.0.0.1; returns the base URL.
+fn serve_bytes(body: Vec<u8>) -> String {
+    let server = tiny_http::Server::http("127.0.0.1:0").expect("http server");
+    let url = format!("http://{}", server.server_addr());
+    std::thread::spawn(move || {
+        for request in server.incoming_requests() {
+            let _ = request.respond(tiny_http::Response::from_data(body.clone()));
+        }
+    });
+    url
+}
+
+#[test]
+fn a_full_disk_while_downloading_is_a_resource_error_and_the_cache_stays_consistent() {
+    let worker = Worker::with_config(&format!(
+        "{}images: {{dir: '{{dir}}/cache', minFreeSpace: 0 B, allowedLocalDirs: [{}]}}\n",
+        base_config()
+            .lines()
+            .filter(|l| !l.starts_with("images:"))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>(),
+        test_image().parent().expect("dir").display()
+    ));
+    // Room for the cache's index, not for the test image's disk.
+    let _disk = SmallDisk::mount(&worker.dir().join("cache"), "4M");
+    let url = serve_bytes(std::fs::read(test_image()).expect("image"));
+    let outcome = Job::script("true")
+        .image(&format!("{url}/qemu-worker-test.tar.zst"))
+        .run(&worker);
+    assert_eq!(
+        (outcome.state(), outcome.reason()),
+        ("exception", "resource-unavailable"),
+        "{}",
+        outcome.report
+    );
+    assert_eq!(outcome.exit_code, Some(3));
+    assert_eq!(outcome.error_paths(), ["/image"]);
+    assert!(!outcome.vm_started());
+    // Consistent: no partial object left, nothing listed, and the cache still works.
+    let leftovers: Vec<String> = files_under(&worker.dir().join("cache"))
+        .into_iter()
+        .filter(|n| !n.ends_with(".json") && !n.ends_with(".lock"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "partial downloads left: {leftovers:?}"
+    );
+    let listed = worker.cli(&["image", "list", "--json"]);
+    assert_eq!(
+        listed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("json");
+    assert_eq!(listed, serde_json::json!([]), "nothing cached");
+    worker.assert_clean();
+}

@@ -110,7 +110,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 fn unpack_throughput(data: &Path, archive: &Path) {
-    const ROUNDS: usize = 3;
+    const ROUNDS: usize = 5;
     let scratch = data.join("unpack-scratch");
     let stored_mib = 1024.0;
     let archive_str = archive.to_str().expect("utf-8");

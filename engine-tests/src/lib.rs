@@ -163,6 +163,26 @@ pub fn base_config() -> String {
     )
 }
 
+/// [`base_config`] with its `images:` line replaced by `images: {IMAGES}` (the test
+/// image's directory stays allowed: `{allowed}` in `images` stands for it).
+pub fn config_with_images(images: &str) -> String {
+    let mut config: String = base_config()
+        .lines()
+        .filter(|l| !l.starts_with("images:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let allowed = assets::test_image()
+        .parent()
+        .expect("the test image has a directory")
+        .display()
+        .to_string();
+    config.push_str(&format!(
+        "images: {}\n",
+        images.replace("{allowed}", &allowed)
+    ));
+    config
+}
+
 impl Worker {
     /// A worker with [`base_config`].
     pub fn new() -> Self {
@@ -248,6 +268,26 @@ impl Worker {
 
     pub fn signal(&self, pid: u32, signal: rustix::process::Signal) {
         kill(pid as i32, signal);
+    }
+
+    /// Waits until run `run` of `job_id` has logged `text` (a job run by `serve`).
+    pub fn wait_for_log(&self, job_id: &str, run: u32, text: &str) {
+        let log = self
+            .state()
+            .join("jobs")
+            .join(job_id)
+            .join(format!("run-{run}/job.log"));
+        wait_until(
+            &format!("run {run} of {job_id} to log {text:?}"),
+            Duration::from_secs(120),
+            Duration::from_millis(100),
+            || {
+                std::fs::read_to_string(&log)
+                    .ok()
+                    .filter(|l| l.contains(text))
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}; serve said:\n{}", self.serve_log()));
     }
 
     pub fn serve_log(&self) -> String {

@@ -95,22 +95,7 @@ fn the_log_is_live_while_the_command_runs() {
         "echo first-line; while [ ! -e /tmp/never ]; do sleep 1; done",
     ));
     worker.serve();
-    let log = worker
-        .state()
-        .join("jobs")
-        .join(&job_id)
-        .join("run-1/job.log");
-    wait_until(
-        "the first line in the log while the command runs",
-        Duration::from_secs(120),
-        Duration::from_millis(100),
-        || {
-            std::fs::read_to_string(&log)
-                .ok()
-                .filter(|l| l.contains("first-line"))
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}; serve said:\n{}", worker.serve_log()));
+    worker.wait_for_log(&job_id, 1, "first-line");
     assert_eq!(worker.status(&job_id)["state"], "running", "still running");
     // `logs --follow` shows it too, from the job CLI.
     let logs = worker.cli(&["logs", &job_id]);
@@ -216,22 +201,7 @@ fn cancel_while_running_ends_the_vm_and_resolves_canceled() {
     let worker = Worker::new();
     let job_id = worker.submit(&Job::script("echo running; sleep 600"));
     worker.serve();
-    let log = worker
-        .state()
-        .join("jobs")
-        .join(&job_id)
-        .join("run-1/job.log");
-    wait_until(
-        "the job to run",
-        Duration::from_secs(120),
-        Duration::from_millis(100),
-        || {
-            std::fs::read_to_string(&log)
-                .ok()
-                .filter(|l| l.contains("running"))
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}; serve said:\n{}", worker.serve_log()));
+    worker.wait_for_log(&job_id, 1, "running");
     let canceled = worker.cli(&["cancel", &job_id]);
     assert_eq!(canceled.status.code(), Some(0));
     // Bounded: the heartbeat (1 s) sees the cancel, then the VM is stopped (5 s).

@@ -5,7 +5,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use engine_tests::assets::test_image;
-use engine_tests::{Job, Worker, base_config, processes_under, wait_until};
+use engine_tests::{Job, Worker, config_with_images, processes_under, wait_until};
 
 #[test]
 fn a_guest_that_powers_off_before_reporting_fails_the_job_with_the_console_tail() {
@@ -79,22 +79,7 @@ fn a_killed_worker_restarts_clean_and_its_job_runs_again() {
     let worker = Worker::new();
     let job_id = worker.submit(&Job::script("echo started; sleep 5; echo finished"));
     let first = worker.serve();
-    let run1 = worker
-        .state()
-        .join("jobs")
-        .join(&job_id)
-        .join("run-1/job.log");
-    wait_until(
-        "run 1 to start",
-        Duration::from_secs(120),
-        Duration::from_millis(100),
-        || {
-            std::fs::read_to_string(&run1)
-                .ok()
-                .filter(|l| l.contains("started"))
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}; serve said:\n{}", worker.serve_log()));
+    worker.wait_for_log(&job_id, 1, "started");
     worker.signal(first, rustix::process::Signal::KILL);
     worker.wait_exit(first, Duration::from_secs(10));
     let stale: Vec<_> = std::fs::read_dir(worker.state().join("run"))
@@ -191,14 +176,8 @@ fn serve_bytes(body: Vec<u8>) -> String {
 
 #[test]
 fn a_full_disk_while_downloading_is_a_resource_error_and_the_cache_stays_consistent() {
-    let worker = Worker::with_config(&format!(
-        "{}images: {{dir: '{{dir}}/cache', minFreeSpace: 0 B, allowedLocalDirs: [{}]}}\n",
-        base_config()
-            .lines()
-            .filter(|l| !l.starts_with("images:"))
-            .map(|l| format!("{l}\n"))
-            .collect::<String>(),
-        test_image().parent().expect("dir").display()
+    let worker = Worker::with_config(&config_with_images(
+        "{dir: '{dir}/cache', minFreeSpace: 0 B, allowedLocalDirs: [{allowed}]}",
     ));
     // Room for the cache's index, not for the test image's disk.
     let _disk = SmallDisk::mount(&worker.dir().join("cache"), "4M");

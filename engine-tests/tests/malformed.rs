@@ -5,7 +5,7 @@ use std::path::Path;
 
 use engine_tests::archive::RawTar;
 use engine_tests::assets::{pinned, sha256_hex, test_image};
-use engine_tests::{Job, Worker, base_config};
+use engine_tests::{Job, Worker, config_with_images};
 use tar::EntryType;
 
 const MACHINE: &[u8] = br#"{"version": 1, "memory": 128}"#;
@@ -151,14 +151,8 @@ fn expected_message(case: &str) -> &'static str {
 
 #[test]
 fn malformed_payloads_and_images_are_resolved_without_a_vm() {
-    let worker = Worker::with_config(&format!(
-        "{}images: {{allowedLocalDirs: [{}, '{{dir}}/assets']}}\n",
-        base_config()
-            .lines()
-            .filter(|l| !l.starts_with("images:"))
-            .map(|l| format!("{l}\n"))
-            .collect::<String>(),
-        test_image().parent().expect("dir").display(),
+    let worker = Worker::with_config(&config_with_images(
+        "{allowedLocalDirs: [{allowed}, '{dir}/assets']}",
     ));
     let assets = worker.dir().join("assets");
     std::fs::create_dir_all(&assets).expect("assets dir");

@@ -7,13 +7,54 @@ use std::path::{Path, PathBuf};
 
 use sha2::Digest;
 
-/// The test image built by `images/build-test-image`.
+/// The test image built by `images/build-test-image`, checked once per process against
+/// the manifest: built from the pinned inputs, it must be byte-identical to the pinned
+/// sha256 (the recipe is reproducible); built from other inputs (a changed recipe or
+/// newer Debian packages) it is used as is, and the harness says so on stderr.
 pub fn test_image() -> PathBuf {
-    let path = super::workspace().join("images/out/qemu-worker-test.tar.zst");
-    assert!(
-        path.is_file(),
-        "the test image is missing: run images/build-test-image (scripts/test does)"
-    );
+    static CHECKED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    CHECKED.get_or_init(check_test_image).clone()
+}
+
+fn check_test_image() -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let out = super::workspace().join("images/out");
+    let path = out.join("qemu-worker-test.tar.zst");
+    let meta = std::fs::metadata(&path).unwrap_or_else(|_| {
+        panic!("the test image is missing: run images/build-test-image (scripts/test does)")
+    });
+    // The recipe names each build after the hash of its inputs and links the current one.
+    let key = std::fs::read_dir(&out)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.metadata().is_ok_and(|m| m.ino() == meta.ino()))
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("qemu-worker-test-")?
+                .strip_suffix(".tar.zst")
+                .map(str::to_owned)
+        })
+        .next()
+        .unwrap_or_default();
+    let manifest = manifest();
+    let pinned_key = manifest["testImage"]["inputs"].as_str().unwrap_or_default();
+    let pinned_sha = manifest["testImage"]["sha256"].as_str().unwrap_or_default();
+    let bytes = std::fs::read(&path).expect("read the test image");
+    let actual = sha256_hex(&bytes);
+    if key == pinned_key {
+        assert_eq!(
+            actual, pinned_sha,
+            "the test image was built from the pinned inputs {key} but is not byte-identical \
+             to the pinned build: the recipe is no longer reproducible"
+        );
+    } else {
+        eprintln!(
+            "engine-tests: the test image was built from inputs {key} (sha256 {actual}), not \
+             the pinned {pinned_key}; if the recipe changed on purpose, pin these in \
+             engine-tests/assets.json"
+        );
+    }
     path
 }
 

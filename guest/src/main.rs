@@ -99,8 +99,11 @@ fn idle() -> ! {
     }
 }
 
+/// A line on the console, stamped with the guest's uptime (to place it in a boot).
 fn say(message: &str) {
-    println!("qemu-worker-guest: {message}");
+    let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+    let uptime = uptime.split_whitespace().next().unwrap_or("?");
+    println!("qemu-worker-guest [{uptime}]: {message}");
 }
 
 fn fail(message: &str) -> ! {

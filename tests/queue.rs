@@ -61,6 +61,7 @@ conformance!(
     a_shutting_down_worker_gives_its_jobs_back,
     jobs_are_listed_newest_first_and_by_state,
     deadlines_end_pending_and_running_jobs,
+    a_canceled_job_whose_run_is_lost_or_released_is_not_run_again,
 );
 
 fn job(payload: &str, priority: i32) -> NewJob {
@@ -350,4 +351,42 @@ fn postgres_reports_an_unreachable_server() {
     let error = PostgresQueue::open(&url).expect_err("no server there");
     let text = error.to_string();
     assert!(text.contains("PostgreSQL"), "{text}");
+}
+
+fn a_canceled_job_whose_run_is_lost_or_released_is_not_run_again(q: &dyn Queue) {
+    let lost = q.enqueue(&job("lost", 0), 0).expect("enqueue");
+    let claim = q
+        .claim("w1", Duration::from_millis(100), 0)
+        .expect("claim")
+        .expect("job");
+    assert_eq!(q.cancel(&lost).expect("cancel"), JobState::Running);
+    // The worker died before its heartbeat could see the cancel.
+    let expired = q.expire(1_000).expect("expire");
+    assert_eq!(expired.len(), 1);
+    assert!(
+        !expired[0].requeued,
+        "runs were left, but the job was canceled"
+    );
+    let status = q.status(&lost).expect("status");
+    assert_eq!(status.state, JobState::Exception);
+    assert_eq!(
+        status.report.expect("report").reason,
+        Some(ExceptionReason::Canceled)
+    );
+    assert!(matches!(
+        q.heartbeat(&claim, LEASE, 1_000),
+        Err(QueueError::StaleClaim { .. })
+    ));
+
+    let released = q.enqueue(&job("released", 0), 0).expect("enqueue");
+    let claim = q.claim("w2", LEASE, 2_000).expect("claim").expect("job");
+    assert_eq!(claim.job_id, released);
+    q.cancel(&released).expect("cancel");
+    assert!(!q.release(&claim).expect("release"), "not given back");
+    let status = q.status(&released).expect("status");
+    assert_eq!(
+        (status.state, status.report.expect("report").reason),
+        (JobState::Exception, Some(ExceptionReason::Canceled))
+    );
+    assert!(q.claim("w3", LEASE, 3_000).expect("claim").is_none());
 }

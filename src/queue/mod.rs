@@ -47,8 +47,9 @@ pub trait Queue: Send + Sync + std::fmt::Debug {
     fn resolve(&self, claim: &Claim, report: &ResultReport) -> Result<(), QueueError>;
 
     /// Resolves every run whose lease ran out as `exception/claim-expired` (re-queuing
-    /// its job while it has runs left), then ends every pending job whose deadline passed
-    /// as `exception/deadline-exceeded`. Returns what it ended.
+    /// its job while it has runs left, unless someone asked to cancel it: then the job
+    /// ends `exception/canceled`), then ends every pending job whose deadline passed as
+    /// `exception/deadline-exceeded`. Returns what it ended.
     fn expire(&self, now_ms: u64) -> Result<Vec<ExpiredRun>, QueueError>;
 
     /// Cancels a job: a pending one ends at once as `exception/canceled`; a running one
@@ -57,7 +58,8 @@ pub trait Queue: Send + Sync + std::fmt::Debug {
     fn cancel(&self, job_id: &str) -> Result<JobState, QueueError>;
 
     /// Gives a run's job back (the worker is shutting down): the run ends as
-    /// `exception/worker-shutdown`, and the job runs again if it has runs left (`true`).
+    /// `exception/worker-shutdown`, and the job runs again if it has runs left and was
+    /// not canceled (`true`).
     fn release(&self, claim: &Claim) -> Result<bool, QueueError>;
 
     /// Jobs, newest first, optionally in one state.

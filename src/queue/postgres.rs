@@ -252,7 +252,7 @@ impl Queue for PostgresQueue {
                         FOR UPDATE SKIP LOCKED
                      ), claimed AS (
                         UPDATE qw_jobs j SET state = 'running', run_id = j.run_id + 1, token = $2,
-                            worker = $1, lease_until = $3, runs = j.runs + 1, cancel_requested = FALSE
+                            worker = $1, lease_until = $3, runs = j.runs + 1
                         FROM next WHERE j.id = next.id
                         RETURNING j.id, j.run_id, j.payload
                      ), logged AS (
@@ -260,7 +260,12 @@ impl Queue for PostgresQueue {
                         SELECT id, run_id, $1, 'running' FROM claimed
                      )
                      SELECT id, run_id, payload FROM claimed",
-                    &[&worker, &i64_of(token), &i64_of(lease_until), &i64_of(now_ms)],
+                    &[
+                        &worker,
+                        &i64_of(token),
+                        &i64_of(lease_until),
+                        &i64_of(now_ms),
+                    ],
                 )
                 .map_err(db)?;
             Ok(row.map(|row| Claim {
@@ -336,14 +341,18 @@ impl Queue for PostgresQueue {
     fn expire(&self, now_ms: u64) -> Result<Vec<ExpiredRun>, QueueError> {
         let expired = queue_report(ExceptionReason::ClaimExpired)?;
         let late = queue_report(ExceptionReason::DeadlineExceeded)?;
+        // A job canceled while its run was lost ends canceled rather than running again.
+        let canceled = queue_report(ExceptionReason::Canceled)?;
         self.connection.with(move |c| {
             let mut out = Vec::new();
             let rows = c
                 .query(
                     "WITH gone AS (
                         UPDATE qw_jobs SET
-                            state = CASE WHEN runs < max_runs THEN 'pending' ELSE 'exception' END,
-                            report = CASE WHEN runs < max_runs THEN report ELSE $2 END,
+                            state = CASE WHEN runs < max_runs AND NOT cancel_requested
+                                THEN 'pending' ELSE 'exception' END,
+                            report = CASE WHEN cancel_requested THEN $3
+                                WHEN runs < max_runs THEN report ELSE $2 END,
                             worker = NULL, token = 0
                         WHERE state = 'running' AND lease_until < $1
                         RETURNING id, run_id, state
@@ -352,7 +361,7 @@ impl Queue for PostgresQueue {
                         FROM gone WHERE r.job_id = gone.id AND r.run_id = gone.run_id
                      )
                      SELECT id, run_id, state = 'pending' FROM gone",
-                    &[&i64_of(now_ms), &expired],
+                    &[&i64_of(now_ms), &expired, &canceled],
                 )
                 .map_err(db)?;
             out.extend(rows.iter().map(|row| ExpiredRun {
@@ -401,13 +410,16 @@ impl Queue for PostgresQueue {
 
     fn release(&self, claim: &Claim) -> Result<bool, QueueError> {
         let text = queue_report(ExceptionReason::WorkerShutdown)?;
+        let canceled = queue_report(ExceptionReason::Canceled)?;
         let owned = claim.clone();
         let row = self.connection.with(move |c| {
             c.query_opt(
                 "WITH gone AS (
                     UPDATE qw_jobs SET
-                        state = CASE WHEN runs < max_runs THEN 'pending' ELSE 'exception' END,
-                        report = CASE WHEN runs < max_runs THEN report ELSE $4 END,
+                        state = CASE WHEN runs < max_runs AND NOT cancel_requested
+                            THEN 'pending' ELSE 'exception' END,
+                        report = CASE WHEN cancel_requested THEN $5
+                            WHEN runs < max_runs THEN report ELSE $4 END,
                         worker = NULL, token = 0
                     WHERE id = $1 AND run_id = $2 AND token = $3 AND state = 'running'
                     RETURNING id, run_id, state
@@ -421,6 +433,7 @@ impl Queue for PostgresQueue {
                     &i32::try_from(owned.run_id).unwrap_or(i32::MAX),
                     &i64_of(owned.token),
                     &text,
+                    &canceled,
                 ],
             )
             .map_err(db)

@@ -261,9 +261,10 @@ impl Queue for SqliteQueue {
     fn expire(&self, now_ms: u64) -> Result<Vec<ExpiredRun>, QueueError> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
-            let expired: Vec<(String, i64, i64, i64)> = {
+            // A job canceled while its run was lost ends canceled rather than running again.
+            let expired: Vec<(String, i64, bool, bool)> = {
                 let mut statement = tx
-                    .prepare("SELECT id, run_id, runs, max_runs FROM jobs WHERE state = 'running' AND lease_until < ?1")
+                    .prepare("SELECT id, run_id, runs < max_runs, cancel_requested FROM jobs WHERE state = 'running' AND lease_until < ?1")
                     .map_err(db)?;
                 let rows = statement
                     .query_map([now_ms as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
@@ -271,9 +272,11 @@ impl Queue for SqliteQueue {
                 rows.collect::<Result<_, _>>().map_err(db)?
             };
             let mut out = Vec::new();
-            let report_text = queue_report(ExceptionReason::ClaimExpired)?;
-            for (job_id, run_id, runs, max_runs) in expired {
-                let requeued = runs < max_runs;
+            let expired_text = queue_report(ExceptionReason::ClaimExpired)?;
+            let canceled_text = queue_report(ExceptionReason::Canceled)?;
+            for (job_id, run_id, runs_left, canceled) in expired {
+                let requeued = runs_left && !canceled;
+                let report_text = if canceled { &canceled_text } else { &expired_text };
                 if requeued {
                     tx.execute(
                         "UPDATE jobs SET state = 'pending', worker = NULL, token = 0 WHERE id = ?1",
@@ -352,22 +355,25 @@ impl Queue for SqliteQueue {
 
     fn release(&self, claim: &Claim) -> Result<bool, QueueError> {
         let text = queue_report(ExceptionReason::WorkerShutdown)?;
+        let canceled_text = queue_report(ExceptionReason::Canceled)?;
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
-            let runs_left: Option<bool> = tx
+            let runs_left: Option<(bool, bool)> = tx
                 .query_row(
-                    "SELECT runs < max_runs FROM jobs WHERE id = ?1 AND run_id = ?2 AND token = ?3 AND state = 'running'",
+                    "SELECT runs < max_runs, cancel_requested FROM jobs WHERE id = ?1 AND run_id = ?2 AND token = ?3 AND state = 'running'",
                     params![claim.job_id, i64::from(claim.run_id), claim.token as i64],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()
                 .map_err(db)?;
-            let Some(requeue) = runs_left else {
+            let Some((runs_left, canceled)) = runs_left else {
                 return Err(QueueError::StaleClaim {
                     job_id: claim.job_id.clone(),
                     run_id: claim.run_id,
                 });
             };
+            let requeue = runs_left && !canceled;
+            let text = if canceled { &canceled_text } else { &text };
             if requeue {
                 tx.execute("UPDATE jobs SET state = 'pending', worker = NULL, token = 0 WHERE id = ?1", [&claim.job_id])
                     .map_err(db)?;

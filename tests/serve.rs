@@ -28,6 +28,30 @@ fn write_config(dir: &Path, name: &str, state: &str, queue: &str, capacity: u32)
     path
 }
 
+/// `qemu-worker --config CONFIG ARGS…`, waited for.
+fn cli_with(config: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qemu-worker"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("qemu-worker runs")
+}
+
+/// Writes `payload` as `dir/NAME.yml`, submits it with `config`, returns the job id.
+fn submit_with(config: &Path, dir: &Path, name: &str, payload: &str) -> String {
+    let path = dir.join(format!("{name}.yml"));
+    std::fs::write(&path, payload).expect("payload");
+    let output = cli_with(config, &["submit", path.to_str().expect("utf-8")]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
 /// `qemu-worker serve` with `config`, its log in `log`.
 fn serve_with(config: &Path, log: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_qemu-worker"))
@@ -56,25 +80,16 @@ impl Fixture {
     }
 
     fn cli(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_qemu-worker"))
-            .arg("--config")
-            .arg(self.dir.path().join("worker.yml"))
-            .args(args)
-            .output()
-            .expect("qemu-worker runs")
+        cli_with(&self.dir.path().join("worker.yml"), args)
     }
 
     fn submit(&self, name: &str, payload: &str) -> String {
-        let path = self.dir.path().join(format!("{name}.yml"));
-        std::fs::write(&path, payload).expect("payload");
-        let output = self.cli(&["submit", path.to_str().expect("utf-8")]);
-        assert_eq!(
-            output.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+        submit_with(
+            &self.dir.path().join("worker.yml"),
+            self.dir.path(),
+            name,
+            payload,
+        )
     }
 
     fn serve(&self) -> Child {
@@ -282,26 +297,7 @@ fn two_workers_share_a_postgres_queue_and_take_over_a_killed_workers_job() {
     });
 
     // 20 jobs, each printing its number; each must run exactly once.
-    let cli = |config: &Path, args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_qemu-worker"))
-            .arg("--config")
-            .arg(config)
-            .args(args)
-            .output()
-            .expect("qemu-worker runs")
-    };
-    let submit = |name: &str, body: &str| {
-        let path = dir.path().join(format!("{name}.yml"));
-        std::fs::write(&path, body).expect("payload");
-        let output = cli(&configs[0], &["submit", path.to_str().expect("utf-8")]);
-        assert_eq!(
-            output.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).trim().to_owned()
-    };
+    let submit = |name: &str, body: &str| submit_with(&configs[0], dir.path(), name, body);
     let jobs: Vec<String> = (0..20)
         .map(|n| {
             submit(
@@ -342,7 +338,7 @@ fn two_workers_share_a_postgres_queue_and_take_over_a_killed_workers_job() {
         "both workers took jobs: {ran_on:?}"
     );
     // Status, listing and cancel go through the shared queue from either host.
-    let listed = cli(&configs[1], &["jobs", "--state", "completed"]);
+    let listed = cli_with(&configs[1], &["jobs", "--state", "completed"]);
     assert_eq!(
         String::from_utf8_lossy(&listed.stdout).lines().count(),
         20,

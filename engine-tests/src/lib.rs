@@ -19,8 +19,14 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// The `qemu-worker` binary under test: `QEMU_WORKER_BIN`, or the workspace's build.
+/// The `qemu-worker` binary under test: `QEMU_WORKER_BIN`, or the workspace's build
+/// (checked once per process: every CLI call goes through here).
 pub fn worker_binary() -> PathBuf {
+    static BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BINARY.get_or_init(find_worker_binary).clone()
+}
+
+fn find_worker_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("QEMU_WORKER_BIN") {
         return PathBuf::from(path);
     }

@@ -123,12 +123,23 @@ fn a_killed_worker_restarts_clean_and_its_job_runs_again() {
     worker.assert_clean();
 }
 
-/// A small tmpfs mounted for the test (the real ENOSPC), unmounted when dropped.
+/// A small tmpfs mounted for the test (the real ENOSPC), in a mount namespace of the
+/// test's own: the host never sees it, and it cannot outlive the test even if the test
+/// is killed before its drop runs. The namespace belongs to the calling thread and the
+/// processes it starts afterwards (the worker under test).
 struct SmallDisk(std::path::PathBuf);
 
 impl SmallDisk {
     fn mount(path: &std::path::Path, size: &str) -> Self {
         std::fs::create_dir_all(path).expect("mount point");
+        // SAFETY: NEWNS leaves the file descriptor table shared; only FILES is unsafe.
+        unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }
+            .expect("a private mount namespace needs root (this case fills a real file system)");
+        let private = std::process::Command::new("mount")
+            .args(["--make-rprivate", "/"])
+            .status()
+            .expect("mount");
+        assert!(private.success(), "mount --make-rprivate / failed");
         let status = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(path)

@@ -83,7 +83,9 @@ fn connect(url: &str) -> Result<Client, QueueError> {
 }
 
 impl Connection {
-    fn open(url: &str) -> Result<Self, QueueError> {
+    /// `reconnect`: make a connection the server closed anew before the next call (not
+    /// for a listener: a new session would silently have lost its LISTEN).
+    fn open(url: &str, reconnect: bool) -> Result<Self, QueueError> {
         let (calls, incoming) = mpsc::channel::<Call>();
         let (ready, connected) = mpsc::sync_channel(1);
         let url = url.to_owned();
@@ -102,7 +104,7 @@ impl Connection {
                 };
                 while let Ok(call) = incoming.recv() {
                     // A connection the server closed (restart, failover) is made anew.
-                    if client.as_ref().is_none_or(Client::is_closed) {
+                    if reconnect && client.as_ref().is_none_or(Client::is_closed) {
                         client = connect(&url).ok();
                     }
                     match client.as_mut() {
@@ -147,7 +149,7 @@ pub struct PostgresQueue {
 impl PostgresQueue {
     /// Connects and creates the tables when they are missing.
     pub fn open(url: &str) -> Result<Self, QueueError> {
-        let connection = Connection::open(url)?;
+        let connection = Connection::open(url, true)?;
         connection.with(|c| {
             c.batch_execute(&format!("BEGIN; {SCHEMA} COMMIT;"))
                 .map_err(db)
@@ -167,13 +169,14 @@ impl PostgresQueue {
             .listener
             .lock()
             .map_err(|_| QueueError::Database("the listener lock is poisoned".into()))?;
-        if listener.is_none() {
-            let connection = Connection::open(&self.url)?;
-            connection.with(|c| c.batch_execute(&format!("LISTEN {CHANNEL}")).map_err(db))?;
-            *listener = Some(connection);
-        }
-        let Some(connection) = listener.as_ref() else {
-            return Ok(false);
+        // Taken out while waiting, and put back only if it still works.
+        let connection = match listener.take() {
+            Some(connection) => connection,
+            None => {
+                let connection = Connection::open(&self.url, false)?;
+                connection.with(|c| c.batch_execute(&format!("LISTEN {CHANNEL}")).map_err(db))?;
+                connection
+            }
         };
         let outcome = connection.with(move |c| {
             let mut notifications = c.notifications();
@@ -184,12 +187,24 @@ impl PostgresQueue {
             }
             Ok(woken.is_some())
         });
-        if outcome.is_err() {
-            // Made anew at the next wait.
-            *listener = None;
+        if outcome.is_ok() {
+            *listener = Some(connection);
         }
         outcome
     }
+}
+
+/// The SET clause that ends a run which lost its claim or was given back: its job goes
+/// back to the queue while it has runs left and nobody asked to cancel it; otherwise it
+/// ends with the report in placeholder `report` (or `canceled`). Shared by `expire` and
+/// `release`.
+fn end_run_set(report: &str, canceled: &str) -> String {
+    format!(
+        "state = CASE WHEN runs < max_runs AND NOT cancel_requested THEN 'pending' ELSE 'exception' END,
+         report = CASE WHEN cancel_requested THEN {canceled}
+             WHEN runs < max_runs THEN report ELSE {report} END,
+         worker = NULL, token = 0"
+    )
 }
 
 fn i64_of(value: u64) -> i64 {
@@ -347,13 +362,9 @@ impl Queue for PostgresQueue {
             let mut out = Vec::new();
             let rows = c
                 .query(
-                    "WITH gone AS (
-                        UPDATE qw_jobs SET
-                            state = CASE WHEN runs < max_runs AND NOT cancel_requested
-                                THEN 'pending' ELSE 'exception' END,
-                            report = CASE WHEN cancel_requested THEN $3
-                                WHEN runs < max_runs THEN report ELSE $2 END,
-                            worker = NULL, token = 0
+                    &format!(
+                        "WITH gone AS (
+                        UPDATE qw_jobs SET {}
                         WHERE state = 'running' AND lease_until < $1
                         RETURNING id, run_id, state
                      ), logged AS (
@@ -361,6 +372,8 @@ impl Queue for PostgresQueue {
                         FROM gone WHERE r.job_id = gone.id AND r.run_id = gone.run_id
                      )
                      SELECT id, run_id, state = 'pending' FROM gone",
+                        end_run_set("$2", "$3")
+                    ),
                     &[&i64_of(now_ms), &expired, &canceled],
                 )
                 .map_err(db)?;
@@ -414,13 +427,9 @@ impl Queue for PostgresQueue {
         let owned = claim.clone();
         let row = self.connection.with(move |c| {
             c.query_opt(
-                "WITH gone AS (
-                    UPDATE qw_jobs SET
-                        state = CASE WHEN runs < max_runs AND NOT cancel_requested
-                            THEN 'pending' ELSE 'exception' END,
-                        report = CASE WHEN cancel_requested THEN $5
-                            WHEN runs < max_runs THEN report ELSE $4 END,
-                        worker = NULL, token = 0
+                &format!(
+                    "WITH gone AS (
+                    UPDATE qw_jobs SET {}
                     WHERE id = $1 AND run_id = $2 AND token = $3 AND state = 'running'
                     RETURNING id, run_id, state
                  ), logged AS (
@@ -428,6 +437,8 @@ impl Queue for PostgresQueue {
                     FROM gone WHERE r.job_id = gone.id AND r.run_id = gone.run_id
                  )
                  SELECT state = 'pending' FROM gone",
+                    end_run_set("$4", "$5")
+                ),
                 &[
                     &owned.job_id,
                     &i32::try_from(owned.run_id).unwrap_or(i32::MAX),

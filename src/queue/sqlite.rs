@@ -277,24 +277,7 @@ impl Queue for SqliteQueue {
             for (job_id, run_id, runs_left, canceled) in expired {
                 let requeued = runs_left && !canceled;
                 let report_text = if canceled { &canceled_text } else { &expired_text };
-                if requeued {
-                    tx.execute(
-                        "UPDATE jobs SET state = 'pending', worker = NULL, token = 0 WHERE id = ?1",
-                        [&job_id],
-                    )
-                    .map_err(db)?;
-                } else {
-                    tx.execute(
-                        "UPDATE jobs SET state = 'exception', worker = NULL, report = ?2 WHERE id = ?1",
-                        params![job_id, report_text],
-                    )
-                    .map_err(db)?;
-                }
-                tx.execute(
-                    "UPDATE runs SET state = 'exception', reason = 'claim-expired' WHERE job_id = ?1 AND run_id = ?2",
-                    params![job_id, run_id],
-                )
-                .map_err(db)?;
+                end_run(&tx, &job_id, run_id, requeued, report_text, ExceptionReason::ClaimExpired)?;
                 out.push(ExpiredRun {
                     job_id,
                     run_id: u32::try_from(run_id).unwrap_or(u32::MAX),
@@ -374,21 +357,14 @@ impl Queue for SqliteQueue {
             };
             let requeue = runs_left && !canceled;
             let text = if canceled { &canceled_text } else { &text };
-            if requeue {
-                tx.execute("UPDATE jobs SET state = 'pending', worker = NULL, token = 0 WHERE id = ?1", [&claim.job_id])
-                    .map_err(db)?;
-            } else {
-                tx.execute(
-                    "UPDATE jobs SET state = 'exception', worker = NULL, report = ?2 WHERE id = ?1",
-                    params![claim.job_id, text],
-                )
-                .map_err(db)?;
-            }
-            tx.execute(
-                "UPDATE runs SET state = 'exception', reason = 'worker-shutdown' WHERE job_id = ?1 AND run_id = ?2",
-                params![claim.job_id, i64::from(claim.run_id)],
-            )
-            .map_err(db)?;
+            end_run(
+                &tx,
+                &claim.job_id,
+                i64::from(claim.run_id),
+                requeue,
+                text,
+                ExceptionReason::WorkerShutdown,
+            )?;
             tx.commit().map_err(db)?;
             Ok(requeue)
         })
@@ -446,6 +422,37 @@ impl Queue for SqliteQueue {
     fn reopen(&self) -> Result<Box<dyn Queue>, QueueError> {
         Ok(Box::new(Self::open(&self.path)?))
     }
+}
+
+/// Ends a run that lost its claim or was given back: its job goes back to the queue
+/// (`requeue`) or ends with `report`, and the run is recorded as an exception for
+/// `run_reason`. The one place both `expire` and `release` change a job this way.
+fn end_run(
+    tx: &rusqlite::Transaction<'_>,
+    job_id: &str,
+    run_id: i64,
+    requeue: bool,
+    report: &str,
+    run_reason: ExceptionReason,
+) -> Result<(), QueueError> {
+    if requeue {
+        tx.execute(
+            "UPDATE jobs SET state = 'pending', worker = NULL, token = 0 WHERE id = ?1",
+            [job_id],
+        )
+    } else {
+        tx.execute(
+            "UPDATE jobs SET state = 'exception', worker = NULL, token = 0, report = ?2 WHERE id = ?1",
+            params![job_id, report],
+        )
+    }
+    .map_err(db)?;
+    tx.execute(
+        "UPDATE runs SET state = 'exception', reason = ?3 WHERE job_id = ?1 AND run_id = ?2",
+        params![job_id, run_id, run_reason.as_str()],
+    )
+    .map_err(db)?;
+    Ok(())
 }
 
 fn state_of(c: &Connection, job_id: &str) -> Result<JobState, QueueError> {

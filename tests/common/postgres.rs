@@ -5,7 +5,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -154,10 +154,6 @@ impl TestPostgres {
             "postgresql://postgres@/queue?host={}",
             self.dir.path().display()
         )
-    }
-
-    pub fn socket_dir(&self) -> PathBuf {
-        self.dir.path().to_path_buf()
     }
 }
 

@@ -411,3 +411,39 @@ async fn qga_gives_up_when_no_agent_answers() {
     assert!(matches!(error, QgaError::NoAgent(_)), "{error}");
     drop(listener);
 }
+
+#[test]
+fn a_guestfwd_helper_in_a_session_of_its_own_goes_with_its_run_dir() {
+    // slirp starts each helper with setsid, out of QEMU's process group; one whose
+    // connection stays half open would otherwise outlive its VM.
+    let dir = scratch();
+    let run = dir.path().join("run/j1-0");
+    std::fs::create_dir_all(&run).expect("run dir");
+    let socket = run.join("meta.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    let mut helper = Command::new("setsid")
+        .arg(env!("CARGO_BIN_EXE_qemu-worker"))
+        .arg("metadata-splice")
+        .arg(&socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("setsid (util-linux) runs the helper");
+    let (_connection, _) = listener.accept().expect("the helper connects");
+    assert_eq!(
+        processes_under(dir.path()).len(),
+        1,
+        "the helper runs, blocked on its connection"
+    );
+    // A sibling run dir's helpers are not touched.
+    assert_eq!(
+        qemu_worker::vm::kill_strays(&dir.path().join("run/j2-0")),
+        0
+    );
+    assert!(helper.try_wait().expect("try_wait").is_none());
+
+    assert_eq!(qemu_worker::vm::kill_strays(&run), 1);
+    let status = helper.wait().expect("wait");
+    assert!(!status.success(), "killed, not finished: {status}");
+    assert_eq!(processes_under(dir.path()), Vec::<String>::new());
+}

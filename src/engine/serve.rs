@@ -204,31 +204,7 @@ async fn run_claimed(
 /// its parent-death signal): their jobs' claims expire and run elsewhere.
 pub fn cleanup_orphans(state_dir: &Path) {
     let run = state_dir.join("run");
-    let needle = format!("{}/", run.display());
-    let mut killed = 0;
-    if let Ok(entries) = std::fs::read_dir("/proc") {
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|p| p.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            let ours = cmdline.contains("qemu-system") || cmdline.contains("metadata-splice");
-            if ours
-                && cmdline.contains(&needle)
-                && let Some(pid) = rustix::process::Pid::from_raw(pid)
-                && rustix::process::kill_process(pid, rustix::process::Signal::KILL).is_ok()
-            {
-                killed += 1;
-            }
-        }
-    }
+    let killed = crate::vm::kill_strays(&run);
     let mut removed = 0;
     if let Ok(entries) = std::fs::read_dir(&run) {
         for entry in entries.flatten() {

@@ -8,6 +8,7 @@ mod launch;
 mod network;
 mod run_dir;
 mod screenshot;
+mod strays;
 mod supervisor;
 
 pub use accel::{
@@ -21,4 +22,5 @@ pub use launch::{LaunchPlan, prepare_launch};
 pub use network::{NetworkError, TAP_DEVICE, TapNetwork};
 pub use run_dir::{RunDir, RunDirError};
 pub use screenshot::{Screenshot, ScreenshotError, take_screenshot, take_screenshot_ppm};
+pub use strays::kill_strays;
 pub use supervisor::{StopStep, Vm, VmError, VmExit, VmLaunch, VmTimeouts, create_run_dir};

@@ -117,6 +117,7 @@ impl VmResources {
             // ESRCH just means everything already exited.
             let _ = kill_process_group(group, Signal::KILL);
         }
+        super::kill_strays(&self.run_dir);
         // Keep the console for the job log before the run dir goes.
         let serial = self.run_dir.join("serial.log");
         if serial.exists() {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use engine_tests::{Job, Worker, wait_until};
+use engine_tests::{Job, Worker, base_config, wait_until};
 
 /// Accepts (and counts) connections on `listener` for the rest of the test.
 fn count_connections(listener: TcpListener) -> Arc<AtomicUsize> {
@@ -124,4 +124,222 @@ fn concurrent_guests_see_only_their_own_task_and_never_reach_the_host() {
         started(&b) < ended(&a) && started(&a) < ended(&b),
         "the two guests overlapped"
     );
+}
+
+/// A stand-in for the internet: a network namespace behind a veth from the host, with a
+/// public (TEST-NET-2) address and a private one routed to it, and a service on both
+/// that answers with the address the connection came from. Removed on drop, with the
+/// host's forwarding switch and NAT table as they were.
+struct Internet {
+    netns: String,
+    port: u16,
+    forwarding_was: String,
+    table_existed: bool,
+}
+
+const PUBLIC: &str = "198.51.100.2";
+const HOST_ON_THE_INTERNET: &str = "198.51.100.1";
+const PRIVATE: &str = "10.203.0.2";
+
+fn ip(args: &[&str]) {
+    let status = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .expect("ip (apt-get install iproute2)");
+    assert!(status.success(), "ip {args:?}");
+}
+
+impl Internet {
+    fn new() -> Self {
+        assert_eq!(
+            rustix::process::geteuid().as_raw(),
+            0,
+            "outbound NAT needs network: tap, which needs root; run the suite as root (CI does)"
+        );
+        let forwarding_was =
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").expect("ip_forward");
+        let table_existed = std::process::Command::new("nft")
+            .args(["list", "table", "inet", "qemu_worker_outbound"])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("nft (apt-get install nftables)")
+            .success();
+        let id = std::process::id() % 100_000;
+        let netns = format!("qwt-inet-{id}");
+        let host_end = format!("qwti{id}");
+        ip(&["netns", "add", &netns]);
+        let mut internet = Self {
+            netns,
+            port: 0,
+            forwarding_was,
+            table_existed,
+        };
+        let ns = internet.netns.as_str();
+        ip(&[
+            "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", ns,
+        ]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{HOST_ON_THE_INTERNET}/24"),
+            "dev",
+            &host_end,
+        ]);
+        ip(&["link", "set", &host_end, "up"]);
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{PUBLIC}/24"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{PRIVATE}/32"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", ns, "link", "set", "eth0", "up"]);
+        ip(&["route", "add", "10.203.0.0/24", "via", PUBLIC]);
+        let listener = internet.bind_inside();
+        let port = listener.local_addr().expect("addr").port();
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                use std::io::Write;
+                let peer = stream.peer_addr().map(|a| a.ip().to_string());
+                let _ = writeln!(stream, "INTERNET-SAW-{}", peer.unwrap_or_default());
+            }
+        });
+        internet.port = port;
+        internet
+    }
+
+    /// A listener on every address of the namespace (a thread enters it to bind).
+    fn bind_inside(&self) -> TcpListener {
+        let path = format!("/run/netns/{}", self.netns);
+        std::thread::spawn(move || {
+            use std::os::fd::AsFd;
+            let file = std::fs::File::open(path).expect("netns");
+            rustix::thread::move_into_link_name_space(
+                file.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .expect("setns");
+            TcpListener::bind("0.0.0.0:0").expect("bind inside")
+        })
+        .join()
+        .expect("bind thread")
+    }
+}
+
+impl Drop for Internet {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["route", "del", "10.203.0.0/24"])
+            .status();
+        // Deleting the namespace deletes the veth pair.
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+        let _ = std::fs::write("/proc/sys/net/ipv4/ip_forward", &self.forwarding_was);
+        if !self.table_existed {
+            let _ = std::process::Command::new("nft")
+                .args(["delete", "table", "inet", "qemu_worker_outbound"])
+                .status();
+        }
+    }
+}
+
+#[test]
+fn outbound_jobs_reach_public_addresses_through_nat_and_nothing_else() {
+    let internet = Internet::new();
+    let port = internet.port;
+    // Positive controls from the host: both services of the "internet" answer.
+    for target in [PUBLIC, PRIVATE] {
+        let stream = std::net::TcpStream::connect_timeout(
+            &format!("{target}:{port}").parse().expect("address"),
+            Duration::from_secs(5),
+        );
+        assert!(stream.is_ok(), "the host reaches {target}: {stream:?}");
+    }
+    let host_listener = TcpListener::bind("0.0.0.0:0").expect("bind");
+    let host_port = host_listener.local_addr().expect("addr").port();
+    let host_connections = count_connections(host_listener);
+
+    let mut config = base_config();
+    config.push_str("network: {backend: tap, allowOutbound: true}\n");
+    let worker = Worker::with_config(&config);
+    // Must not reach: the private address (routed, as the control showed), the host on
+    // its internet-facing address, loopback, the guest's gateway, and the metadata
+    // address on another port.
+    let blocked = [
+        format!("{PRIVATE} {port}"),
+        format!("{HOST_ON_THE_INTERNET} {host_port}"),
+        format!("127.0.0.1 {host_port}"),
+        format!("169.254.169.2 {host_port}"),
+        "169.254.169.254 8080".to_owned(),
+    ];
+    let probes: String = blocked
+        .iter()
+        .map(|t| {
+            format!(
+                "if nc -w 3 {t} </dev/null >/dev/null 2>&1; \
+                 then echo REACHED-{t}; else echo BLOCKED-{t}; fi; "
+            )
+        })
+        .collect();
+    let script = format!(
+        "printf 'GET /v1/ping HTTP/1.0\\r\\n\\r\\n' | nc -w 10 169.254.169.254 80; echo; \
+         nc -w 5 {PUBLIC} {port} </dev/null || echo NO-INTERNET; {probes}"
+    );
+    let outbound = Job::script(&script)
+        .extra("network: {outbound: true}")
+        .run(&worker);
+    let log = outbound.log();
+    assert_eq!(outbound.state(), "completed", "{log}");
+    assert!(
+        log.contains(r#"{"status":"ok"}"#),
+        "metadata still works: {log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l == format!("INTERNET-SAW-{HOST_ON_THE_INTERNET}")),
+        "the guest reaches the public address, masqueraded behind the host: {log}"
+    );
+    for target in &blocked {
+        assert!(
+            log.lines().any(|l| l == format!("BLOCKED-{target}")),
+            "{target}: {log}"
+        );
+    }
+    assert!(!log.contains("REACHED-"), "{log}");
+
+    // The same probe from a job that did not ask: no route out at all.
+    let closed = Job::script(&format!(
+        "nc -w 3 {PUBLIC} {port} </dev/null || echo NO-INTERNET"
+    ))
+    .run(&worker);
+    assert_eq!(closed.state(), "completed", "{}", closed.log());
+    assert!(
+        closed.log().lines().any(|l| l == "NO-INTERNET"),
+        "{}",
+        closed.log()
+    );
+    assert!(!closed.log().contains("INTERNET-SAW"), "{}", closed.log());
+    assert_eq!(host_connections.load(Ordering::SeqCst), 0);
+    // No outbound link outlives its VM.
+    let links = std::fs::read_dir("/sys/class/net")
+        .expect("/sys/class/net")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("qwo"))
+        .count();
+    assert_eq!(links, 0, "outbound veths left behind");
+    worker.assert_clean();
+    drop(internet);
 }

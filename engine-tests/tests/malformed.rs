@@ -122,6 +122,9 @@ fn expected_message(case: &str) -> &'static str {
         "maxRunTime zero" => "less than the minimum of 1",
         "maxRunTime not a number" => "not of type \\\"integer\\\"",
         "unknown field" => "unknown field `colour`",
+        "outbound network on a worker that does not allow it" => {
+            "does not allow outbound network access"
+        }
         "relative artifact path" => "not an absolute path",
         "artifact name escapes" => "must not contain `..`",
         "unknown artifact type" => "not one of: file, directory",
@@ -192,6 +195,11 @@ fn malformed_payloads_and_images_are_resolved_without_a_vm() {
             "unknown field".into(),
             Job::script("true").extra("colour: blue"),
             "/colour",
+        ),
+        (
+            "outbound network on a worker that does not allow it".into(),
+            Job::script("true").extra("network: {outbound: true}"),
+            "/network/outbound",
         ),
         (
             "relative artifact path".into(),

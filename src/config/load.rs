@@ -1,7 +1,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use super::model::WorkerConfig;
+use super::model::{NetworkBackend, WorkerConfig};
 use crate::job::{Identity, MachineLayers};
 use crate::schema::{Document, Issue, SchemaKind, validate_against};
 
@@ -144,6 +144,13 @@ fn check_semantics(config: &WorkerConfig, issues: &mut Vec<Issue>) {
             ),
         ));
     }
+    if config.network.allow_outbound && config.network.backend != NetworkBackend::Tap {
+        issues.push(Issue::new(
+            "/network/allowOutbound",
+            "allowOutbound needs `backend: tap`: user networking is restricted to the \
+             metadata service",
+        ));
+    }
     for (index, dir) in config.images.allowed_local_dirs.iter().enumerate() {
         if dir
             .components()
@@ -263,6 +270,16 @@ mod tests {
             found[0].message,
             "machine memory 1024 MiB is larger than the allowed 512 MiB (set by worker.yml `machine`)"
         );
+    }
+
+    #[test]
+    fn outbound_access_needs_the_tap_backend() {
+        let found = issues("network: {allowOutbound: true}\n");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].path, "/network/allowOutbound");
+        assert!(found[0].message.contains("backend: tap"), "{found:?}");
+        let config = parse("network: {backend: tap, allowOutbound: true}\n").expect("valid");
+        assert!(config.config.network.allow_outbound);
     }
 
     #[test]

@@ -141,6 +141,10 @@ impl Default for ImageCacheConfig {
 pub struct NetworkConfig {
     #[serde(default)]
     pub backend: NetworkBackend,
+    /// Whether jobs may ask for outbound NAT to public addresses (`network.outbound` in
+    /// the payload). Needs `backend: tap`.
+    #[serde(default)]
+    pub allow_outbound: bool,
 }
 
 /// `user`: QEMU user-mode networking, unprivileged. `tap`: a network namespace and tap

@@ -201,7 +201,10 @@ impl Engine {
             working_directory: "/root".into(),
         };
         // The network, and the metadata service on it; both live until the end of the job.
-        let (network, service, _tap) = match self.network(&name, &run_dir, &task, log.clone()).await
+        let outbound = payload.wants_outbound();
+        let (network, service, _tap) = match self
+            .network(&name, &run_dir, &task, outbound, log.clone())
+            .await
         {
             Ok(parts) => parts,
             Err(message) => return exception(ExceptionReason::ResourceUnavailable, message),
@@ -353,9 +356,14 @@ impl Engine {
         name: &str,
         run_dir: &RunDir,
         task: &Task,
+        outbound: bool,
         log: LogSink,
     ) -> Result<(NetworkAttachment, MetadataHandle, Option<TapNetwork>), String> {
         match self.config.network.backend {
+            NetworkBackend::User if outbound => {
+                // Validation refuses this (allowOutbound needs tap); never run it quietly closed.
+                Err("outbound network access needs `network: {backend: tap}`".into())
+            }
             NetworkBackend::User => {
                 // The run dir must exist for the socket; prepare_launch keeps it.
                 crate::vm::create_run_dir(run_dir.path()).map_err(|e| e.to_string())?;
@@ -378,7 +386,7 @@ impl Engine {
                 Ok((attachment, service, None))
             }
             NetworkBackend::Tap => {
-                let tap = TapNetwork::create(name).map_err(|e| e.to_string())?;
+                let tap = TapNetwork::create(name, outbound).map_err(|e| e.to_string())?;
                 let listener = tap.bind_metadata().map_err(|e| e.to_string())?;
                 let service =
                     start_metadata_service_tcp(listener, task, log, MetadataLimits::default())

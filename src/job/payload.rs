@@ -33,6 +33,27 @@ pub struct JobPayload {
     #[serde(default)]
     #[schemars(length(max = 256))]
     pub artifacts: Vec<ArtifactSpec>,
+    /// What the guest may reach besides its own metadata service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<JobNetwork>,
+}
+
+/// A job's network wishes; the worker grants them only as far as worker.yml allows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JobNetwork {
+    /// Outbound connections to public addresses (NAT through the host). Needs a worker
+    /// with `network: {backend: tap, allowOutbound: true}`; the host, private,
+    /// link-local and other VMs' addresses stay unreachable.
+    #[serde(default)]
+    pub outbound: bool,
+}
+
+impl JobPayload {
+    /// Whether the job asked for outbound network access.
+    pub fn wants_outbound(&self) -> bool {
+        self.network.is_some_and(|n| n.outbound)
+    }
 }
 
 /// Where the image comes from: an `http(s)://` URL or an absolute path inside a directory

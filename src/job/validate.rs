@@ -25,6 +25,8 @@ pub struct PayloadContext {
     /// worker.yml's `machine`, the layer under the payload (the image is not known yet).
     pub machine: MachineDefinition,
     pub allowed_image_dirs: Vec<PathBuf>,
+    /// worker.yml `network.allowOutbound`.
+    pub allow_outbound: bool,
 }
 
 impl PayloadContext {
@@ -33,6 +35,7 @@ impl PayloadContext {
             limits: config.limits,
             machine: config.machine.clone(),
             allowed_image_dirs: config.images.allowed_local_dirs.clone(),
+            allow_outbound: config.network.allow_outbound,
         }
     }
 }
@@ -84,6 +87,15 @@ pub fn validate_payload(text: &str, context: &PayloadContext, identity: &Identit
     }
     check_strings_without_nul(value, &mut issues);
     check_artifacts(value, &mut issues);
+    if value.pointer("/network/outbound") == Some(&serde_json::Value::Bool(true))
+        && !context.allow_outbound
+    {
+        issues.push(Issue::new(
+            "/network/outbound",
+            "this worker does not allow outbound network access (worker.yml \
+             `network.allowOutbound`)",
+        ));
+    }
 
     let mut machine = None;
     let payload_machine = match value.get("machine") {
@@ -416,7 +428,33 @@ mod tests {
             },
             machine: MachineDefinition::default(),
             allowed_image_dirs: vec![PathBuf::from("/srv/images")],
+            allow_outbound: false,
         }
+    }
+
+    #[test]
+    fn outbound_network_needs_a_worker_that_allows_it() {
+        let payload = "image: https://example.com/i.tar.zst\ncommand: [/bin/true]\nmaxRunTime: 60\n\
+                       network: {outbound: true}\n";
+        let denied = check(payload);
+        assert_eq!(denied.issues.len(), 1, "{:?}", denied.issues);
+        assert_eq!(denied.issues[0].path, "/network/outbound");
+        assert!(denied.issues[0].message.contains("network.allowOutbound"));
+        let allowing = PayloadContext {
+            allow_outbound: true,
+            ..context()
+        };
+        let allowed = validate_payload(payload, &allowing, &Identity::derive("job", 0));
+        assert!(allowed.is_valid(), "{:?}", allowed.issues);
+        assert!(allowed.payload.expect("payload").wants_outbound());
+        // Asking for nothing is always fine, and unknown wishes are schema errors.
+        assert!(check(&payload.replace("true}", "false}")).is_valid());
+        let unknown = check(&payload.replace("outbound: true", "inbound: true"));
+        assert_eq!(
+            unknown.issues[0].path, "/network/inbound",
+            "{:?}",
+            unknown.issues
+        );
     }
 
     fn check(text: &str) -> PayloadCheck {

@@ -8,20 +8,76 @@ const COMMAND_TIMEOUT_SECS: &str = "10";
 /// The tap device inside each VM's network namespace.
 pub const TAP_DEVICE: &str = "tap0";
 
+/// The veth inside a VM's namespace that carries outbound traffic to the host.
+const NS_VETH: &str = "veth0";
+/// Host-side veth names: `qwo<index>`, the index also choosing the link's addresses.
+const HOST_VETH_PREFIX: &str = "qwo";
+/// Outbound links are /30s in 169.254.192.0/18: link-local, so never routed off the
+/// host and never clashing with a network the host must reach, and clear of the guest's
+/// 169.254.169.0/24 and of cloud metadata at 169.254.169.254.
+const LINKS: u32 = 4096;
+
+/// What no guest may reach even with outbound access: "this" network, private,
+/// shared (CGNAT), loopback, link-local, IETF protocol, benchmarking, multicast,
+/// reserved and broadcast ranges. The host's own addresses are refused on the host side
+/// (see [`HOST_RULES`]), so a new host address is covered too.
+const BLOCKED: &str = "0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, \
+                       172.16.0.0/12, 192.0.0.0/24, 192.168.0.0/16, 198.18.0.0/15, 224.0.0.0/3";
+
 /// nftables rules of a VM's namespace: the guest may open TCP connections to the
-/// metadata service and nothing else; nothing is forwarded anywhere.
-const RULES: &str = r#"table inet qemu_worker {
-  chain input {
+/// metadata service, and, with outbound access, connections to public addresses,
+/// masqueraded behind the namespace's end of its veth.
+fn namespace_rules(outbound: bool) -> String {
+    let (forward, nat) = if outbound {
+        (
+            format!(
+                "    ct state established,related accept\n    \
+                 iifname \"{TAP_DEVICE}\" oifname \"{NS_VETH}\" ip daddr != {{ {BLOCKED} }} accept\n"
+            ),
+            format!(
+                "  chain postrouting {{\n    type nat hook postrouting priority 100; policy accept;\n    \
+                 oifname \"{NS_VETH}\" masquerade\n  }}\n"
+            ),
+        )
+    } else {
+        (String::new(), String::new())
+    };
+    format!(
+        r#"table inet qemu_worker {{
+  chain input {{
     type filter hook input priority 0; policy drop;
     iif "lo" accept
     ct state established,related accept
-    iifname "tap0" ip daddr 169.254.169.254 tcp dport 80 accept
+    iifname "{TAP_DEVICE}" ip daddr 169.254.169.254 tcp dport 80 accept
+  }}
+  chain forward {{
+    type filter hook forward priority 0; policy drop;
+{forward}  }}
+  chain output {{
+    type filter hook output priority 0; policy accept;
+  }}
+{nat}}}
+"#
+    )
+}
+
+/// The host's rules for outbound links, replaced as a whole (idempotent, atomic): nothing
+/// from a VM reaches the host itself or another VM, and what leaves is masqueraded
+/// behind the host's address on the way out.
+const HOST_RULES: &str = r#"table inet qemu_worker_outbound
+delete table inet qemu_worker_outbound
+table inet qemu_worker_outbound {
+  chain input {
+    type filter hook input priority 0; policy accept;
+    iifname "qwo*" drop
   }
   chain forward {
-    type filter hook forward priority 0; policy drop;
+    type filter hook forward priority 0; policy accept;
+    iifname "qwo*" oifname "qwo*" drop
   }
-  chain output {
-    type filter hook output priority 0; policy accept;
+  chain postrouting {
+    type nat hook postrouting priority 100; policy accept;
+    ip saddr 169.254.192.0/18 oifname != "qwo*" masquerade
   }
 }
 "#;
@@ -32,6 +88,19 @@ pub enum NetworkError {
     NotRoot { uid: u32 },
     #[error("`{command}` failed: {detail} (install iproute2 and nftables)")]
     Command { command: String, detail: String },
+    #[error("all {links} outbound links (169.254.192.0/18) are in use")]
+    NoLink { links: u32 },
+    #[error("failed to enable forwarding inside network namespace {netns}")]
+    Forwarding {
+        netns: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to enable IPv4 forwarding on the host")]
+    HostForwarding {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("failed to bind the metadata service inside network namespace {netns}")]
     Bind {
         netns: String,
@@ -42,15 +111,16 @@ pub enum NetworkError {
 
 /// A network namespace with a tap device for one VM (`network: tap`). The guest sees
 /// the same addresses as with user networking (169.254.169.15/24, gateway .2, metadata
-/// at .254); the namespace has no route anywhere, and nftables lets the guest reach
-/// only the metadata service. Dropping it deletes the namespace, and the tap with it.
+/// at .254); without outbound access the namespace has no route anywhere and nftables
+/// lets the guest reach only the metadata service. Dropping it deletes the namespace,
+/// and the tap and veth with it.
 #[derive(Debug)]
 pub struct TapNetwork {
     netns: String,
 }
 
 impl TapNetwork {
-    pub fn create(name: &str) -> Result<Self, NetworkError> {
+    pub fn create(name: &str, outbound: bool) -> Result<Self, NetworkError> {
         let uid = rustix::process::geteuid().as_raw();
         if uid != 0 {
             return Err(NetworkError::NotRoot { uid });
@@ -69,37 +139,145 @@ impl TapNetwork {
             run(&["ip", "-n", ns, "addr", "add", address, "dev", TAP_DEVICE])?;
         }
         run(&["ip", "-n", ns, "link", "set", TAP_DEVICE, "up"])?;
-        run_with_input(&["ip", "netns", "exec", ns, "nft", "-f", "-"], RULES)?;
+        if outbound {
+            network.connect_outbound()?;
+        }
+        run_with_input(
+            &["ip", "netns", "exec", ns, "nft", "-f", "-"],
+            &namespace_rules(outbound),
+        )?;
         Ok(network)
+    }
+
+    /// Links the namespace to the host with a veth pair and routes through it; the
+    /// host forwards and masquerades. The pair goes with the namespace.
+    fn connect_outbound(&self) -> Result<(), NetworkError> {
+        let ns = self.netns.as_str();
+        enable_host_forwarding()?;
+        run_with_input(&["nft", "-f", "-"], HOST_RULES)?;
+        // Creating the link claims its index: a clash with another VM (or worker) fails
+        // with "File exists" and the next index is tried.
+        let mut claimed = None;
+        for index in 0..LINKS {
+            let host = format!("{HOST_VETH_PREFIX}{index}");
+            if Path::new("/sys/class/net").join(&host).exists() {
+                continue;
+            }
+            let created = run(&[
+                "ip", "link", "add", &host, "type", "veth", "peer", "name", NS_VETH, "netns", ns,
+            ]);
+            match created {
+                Ok(()) => {
+                    claimed = Some((index, host));
+                    break;
+                }
+                Err(NetworkError::Command { ref detail, .. }) if detail.contains("File exists") => {
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        let Some((index, host)) = claimed else {
+            return Err(NetworkError::NoLink { links: LINKS });
+        };
+        let (host_address, ns_address) = link_addresses(index);
+        run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{host_address}/30"),
+            "dev",
+            &host,
+        ])?;
+        run(&["ip", "link", "set", &host, "up"])?;
+        run(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{ns_address}/30"),
+            "dev",
+            NS_VETH,
+        ])?;
+        run(&["ip", "-n", ns, "link", "set", NS_VETH, "up"])?;
+        run(&[
+            "ip",
+            "-n",
+            ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &host_address.to_string(),
+        ])?;
+        self.in_namespace(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))
+            .map_err(|source| NetworkError::Forwarding {
+                netns: self.netns.clone(),
+                source,
+            })
     }
 
     pub fn netns(&self) -> &str {
         &self.netns
     }
 
-    /// A TCP listener on 169.254.169.254:80 inside the namespace: a thread enters the
-    /// namespace, binds, and leaves; the socket stays where it was created.
+    /// A TCP listener on 169.254.169.254:80 inside the namespace; the socket stays in
+    /// the namespace it was created in.
     pub fn bind_metadata(&self) -> Result<std::net::TcpListener, NetworkError> {
-        let path = Path::new("/run/netns").join(&self.netns);
-        let netns = self.netns.clone();
-        let bind_err = move |source| NetworkError::Bind {
-            netns: netns.clone(),
-            source,
-        };
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path)?;
-            rustix::thread::move_into_link_name_space(
-                file.as_fd(),
-                Some(rustix::thread::LinkNameSpaceType::Network),
-            )?;
+        self.in_namespace(|| {
             let listener = std::net::TcpListener::bind("169.254.169.254:80")?;
             listener.set_nonblocking(true)?;
             Ok(listener)
         })
-        .join()
-        .unwrap_or_else(|_| Err(std::io::Error::other("the binding thread panicked")))
-        .map_err(bind_err)
+        .map_err(|source| NetworkError::Bind {
+            netns: self.netns.clone(),
+            source,
+        })
     }
+
+    /// Runs `f` on a thread that enters the namespace and ends with it, so no thread of
+    /// the worker is ever left inside.
+    fn in_namespace<T: Send>(
+        &self,
+        f: impl FnOnce() -> std::io::Result<T> + Send,
+    ) -> std::io::Result<T> {
+        let path = Path::new("/run/netns").join(&self.netns);
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let file = std::fs::File::open(&path)?;
+                    rustix::thread::move_into_link_name_space(
+                        file.as_fd(),
+                        Some(rustix::thread::LinkNameSpaceType::Network),
+                    )?;
+                    f()
+                })
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread panicked")))
+        })
+    }
+}
+
+/// The addresses of outbound link `index`: the host's end and the namespace's end.
+fn link_addresses(index: u32) -> (std::net::Ipv4Addr, std::net::Ipv4Addr) {
+    let base = u32::from(std::net::Ipv4Addr::new(169, 254, 192, 0)) + index * 4;
+    (
+        std::net::Ipv4Addr::from(base + 1),
+        std::net::Ipv4Addr::from(base + 2),
+    )
+}
+
+/// Turns on IPv4 forwarding on the host, as outbound NAT needs (and as container
+/// runtimes do); says so once, since it changes the host.
+fn enable_host_forwarding() -> Result<(), NetworkError> {
+    let path = "/proc/sys/net/ipv4/ip_forward";
+    let failed = |source| NetworkError::HostForwarding { source };
+    if std::fs::read_to_string(path).map_err(failed)?.trim() == "1" {
+        return Ok(());
+    }
+    std::fs::write(path, "1").map_err(failed)?;
+    tracing::info!("enabled IPv4 forwarding on the host (net.ipv4.ip_forward=1) for outbound NAT");
+    Ok(())
 }
 
 impl Drop for TapNetwork {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-pub const PORT: &str = "/dev/virtio-ports/org.qemu-worker.agent.0";
+pub const PORT_NAME: &str = "org.qemu-worker.agent.0";
 const CHUNK: usize = 1 << 20;
 /// Requests are small JSON documents.
 const MAX_REQUEST: usize = 64 << 10;
@@ -26,17 +26,37 @@ struct Get {
     verify: bool,
 }
 
-/// Serves the port forever; reopens it after any error (the host may reconnect, or the
-/// port may not exist yet).
-pub fn serve_forever(port: &Path) -> ! {
+/// Serves the port named `name` forever; reopens it after any error (the host may
+/// reconnect, or the port may not exist yet: images may load its driver after starting
+/// the tools, and ports appear as the host announces them). A failed open costs
+/// nothing, so it is retried often.
+pub fn serve_forever(name: &str) -> ! {
     loop {
-        if let Ok(device) = File::options().read(true).write(true).open(port)
+        if let Some(port) = find_port(name)
+            && let Ok(device) = File::options().read(true).write(true).open(port)
             && let Ok(writer) = device.try_clone()
         {
             let _ = serve(device, writer);
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The device of the virtio-serial port `name`: udev's `/dev/virtio-ports/NAME` link if
+/// there is one, else found through sysfs (`/sys/class/virtio-ports/vportNpM/name`), so
+/// that images without udev need no naming step of their own.
+fn find_port(name: &str) -> Option<PathBuf> {
+    let link = Path::new("/dev/virtio-ports").join(name);
+    if link.exists() {
+        return Some(link);
+    }
+    std::fs::read_dir("/sys/class/virtio-ports")
+        .ok()?
+        .flatten()
+        .find(|port| {
+            std::fs::read_to_string(port.path().join("name")).is_ok_and(|n| n.trim() == name)
+        })
+        .map(|port| Path::new("/dev").join(port.file_name()))
 }
 
 fn serve(mut reader: File, writer: File) -> io::Result<()> {

@@ -62,22 +62,13 @@ fn main() {
         std::process::exit(if report(address, code) { 0 } else { 1 });
     }
     // The agent port serves artifacts from the start, whatever happens to the task.
-    std::thread::spawn(|| agent::serve_forever(std::path::Path::new(agent::PORT)));
+    std::thread::spawn(|| agent::serve_forever(agent::PORT_NAME));
     if std::path::Path::new(STARTED_MARKER).exists() {
         say("restarted: the task already ran; serving the agent port only");
         idle();
     }
     say(&format!("waiting for the metadata service at {address}"));
-    wait_for_service(address);
-    let task: Task = match get(address, "/v1/task") {
-        Ok((200, body)) => serde_json::from_slice(&body)
-            .unwrap_or_else(|e| fail(&format!("the task is not valid JSON: {e}"))),
-        Ok((status, body)) => fail(&format!(
-            "GET /v1/task answered {status}: {}",
-            String::from_utf8_lossy(&body)
-        )),
-        Err(e) => fail(&format!("GET /v1/task failed: {e}")),
-    };
+    let task = fetch_task(address);
     if let Err(e) = std::fs::write(STARTED_MARKER, b"") {
         say(&format!(
             "cannot write {STARTED_MARKER} ({e}); a restart would run the task again"
@@ -111,15 +102,27 @@ fn fail(message: &str) -> ! {
     idle();
 }
 
-fn wait_for_service(address: SocketAddr) {
+/// Fetches the task, retrying while the service cannot be reached (the network may come
+/// up after the tools start). One request, no separate ping: every round trip counts
+/// against the job's start-up.
+fn fetch_task(address: SocketAddr) -> Task {
     let start = Instant::now();
-    while start.elapsed() < WAIT_FOR_SERVICE {
-        if matches!(get(address, "/v1/ping"), Ok((200, _))) {
-            return;
+    loop {
+        match get(address, "/v1/task") {
+            Ok((200, body)) => {
+                return serde_json::from_slice(&body)
+                    .unwrap_or_else(|e| fail(&format!("the task is not valid JSON: {e}")));
+            }
+            Ok((status, body)) => fail(&format!(
+                "GET /v1/task answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            )),
+            Err(_) if start.elapsed() < WAIT_FOR_SERVICE => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => fail(&format!("the metadata service never answered: {e}")),
         }
-        std::thread::sleep(Duration::from_millis(100));
     }
-    fail("the metadata service never answered");
 }
 
 fn connect(address: SocketAddr) -> io::Result<TcpStream> {
@@ -295,10 +298,12 @@ impl Piece {
     }
 }
 
-/// One chunked POST /v1/log for the whole run; each piece of output is sent as soon as
-/// it is read. If the stream breaks, a new one is opened for what follows.
+/// One chunked POST /v1/log for the whole run, opened before the command's first output;
+/// each piece of output is sent as soon as it is read. If the stream breaks, a new one
+/// is opened for what follows.
 fn stream_log(address: SocketAddr, rx: &mpsc::Receiver<Piece>) {
-    let mut stream: Option<TcpStream> = None;
+    // Opened while the command starts, so its first output goes out at once.
+    let mut stream: Option<TcpStream> = open_log(address).ok();
     for piece in rx {
         let Piece::Data(piece) = piece else { break };
         for _ in 0..3 {

@@ -118,7 +118,14 @@ fn fetch_task(address: SocketAddr) -> Task {
                 String::from_utf8_lossy(&body)
             )),
             Err(_) if start.elapsed() < WAIT_FOR_SERVICE => {
-                std::thread::sleep(Duration::from_millis(20));
+                // Quick while the network comes up; gentle after that, since each try
+                // through user networking costs the host a helper process.
+                let pause = if start.elapsed() < Duration::from_secs(2) {
+                    20
+                } else {
+                    200
+                };
+                std::thread::sleep(Duration::from_millis(pause));
             }
             Err(e) => fail(&format!("the metadata service never answered: {e}")),
         }

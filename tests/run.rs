@@ -5,7 +5,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use common::{processes_under, require, test_image};
+use common::{KillOnDrop, processes_under, require, test_image};
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -218,15 +218,17 @@ fn an_interrupted_run_tears_the_vm_down() {
     let fx = Fixture::new();
     let path = fx.dir.path().join("payload.yml");
     std::fs::write(&path, payload("echo waiting; sleep 600", 600, "")).expect("payload");
-    let child = Command::new(env!("CARGO_BIN_EXE_qemu-worker"))
-        .arg("--config")
-        .arg(fx.dir.path().join("worker.yml"))
-        .args(["run", "--json"])
-        .arg(&path)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("qemu-worker runs");
+    let child = KillOnDrop::new(
+        Command::new(env!("CARGO_BIN_EXE_qemu-worker"))
+            .arg("--config")
+            .arg(fx.dir.path().join("worker.yml"))
+            .args(["run", "--json"])
+            .arg(&path)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("qemu-worker runs"),
+    );
     // Wait until the command runs in the guest, then interrupt as a user would.
     let jobs = fx.dir.path().join("state/jobs");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
@@ -250,7 +252,7 @@ fn an_interrupted_run_tears_the_vm_down() {
     }
     let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
     rustix::process::kill_process(pid, rustix::process::Signal::INT).expect("SIGINT");
-    let output = child.wait_with_output().expect("wait");
+    let output = child.into_inner().wait_with_output().expect("wait");
     let report: serde_json::Value =
         serde_json::from_slice(&output.stdout).expect("a report after the interrupt");
     assert_eq!(
@@ -266,15 +268,17 @@ fn a_killed_run_does_not_leave_its_vm_running() {
     let fx = Fixture::new();
     let path = fx.dir.path().join("payload.yml");
     std::fs::write(&path, payload("echo waiting; sleep 600", 600, "")).expect("payload");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qemu-worker"))
-        .arg("--config")
-        .arg(fx.dir.path().join("worker.yml"))
-        .arg("run")
-        .arg(&path)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("qemu-worker runs");
+    let mut child = KillOnDrop::new(
+        Command::new(env!("CARGO_BIN_EXE_qemu-worker"))
+            .arg("--config")
+            .arg(fx.dir.path().join("worker.yml"))
+            .arg("run")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-worker runs"),
+    );
     let jobs = fx.dir.path().join("state/jobs");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while !std::fs::read_dir(&jobs)

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{processes_under, require, test_image};
+use common::{KillOnDrop, processes_under, require, test_image};
 use qemu_worker::queue::{JobState, Queue, SqliteQueue};
 
 struct Fixture {
@@ -52,34 +52,9 @@ fn submit_with(config: &Path, dir: &Path, name: &str, payload: &str) -> String {
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
-/// A `serve` process that is killed if the test ends (or fails) while it still runs.
-struct Serve(Child);
-
-impl std::ops::Deref for Serve {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Serve {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 /// `qemu-worker serve` with `config`, its log in `log`.
-fn serve_with(config: &Path, log: &Path) -> Serve {
-    Serve(
+fn serve_with(config: &Path, log: &Path) -> KillOnDrop {
+    KillOnDrop::new(
         Command::new(env!("CARGO_BIN_EXE_qemu-worker"))
             .arg("--config")
             .arg(config)
@@ -119,7 +94,7 @@ impl Fixture {
         )
     }
 
-    fn serve(&self) -> Serve {
+    fn serve(&self) -> KillOnDrop {
         serve_with(
             &self.dir.path().join("worker.yml"),
             &self.dir.path().join("serve.log"),

@@ -216,3 +216,42 @@ pub fn metadata_network(socket: &str) -> qemu_worker::vm::NetworkAttachment {
     }
 }
 pub mod postgres;
+
+/// A child process that is killed (and reaped) if it still runs when dropped, so that a
+/// failing test leaves nothing behind.
+pub struct KillOnDrop(Option<Child>);
+
+impl KillOnDrop {
+    pub fn new(child: Child) -> Self {
+        Self(Some(child))
+    }
+
+    /// The child, no longer guarded (for `wait_with_output`).
+    pub fn into_inner(mut self) -> Child {
+        self.0.take().expect("the child is still held")
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        self.0.as_ref().expect("the child is still held")
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0.as_mut().expect("the child is still held")
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut()
+            && matches!(child.try_wait(), Ok(None))
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -196,12 +196,9 @@ fn cache_hit_preparation(data: &Path, images: &[(&str, &Path)]) {
         "\ncache-hit preparation: acquire a cached image + create the job overlay ({ROUNDS} rounds, ms)"
     );
     runtime.block_on(async {
-        let cache = ImageCache::open(
-            settings,
-            Fetcher::new(FetchPolicy::default()).expect("fetcher"),
-        )
-        .await
-        .expect("cache");
+        let cache = ImageCache::open(settings, Fetcher::new(FetchPolicy::default()))
+            .await
+            .expect("cache");
         let mut medians = Vec::new();
         let mut first: Vec<f64> = Vec::new();
         for (label, archive) in images {

@@ -820,7 +820,7 @@ fn cli_image_source(text: &str) -> Result<ImageSource, Failure> {
 }
 
 async fn open_cache(settings: CacheSettings) -> Result<ImageCache, Failure> {
-    let fetcher = Fetcher::new(FetchPolicy::default()).exit_with(EXIT_OTHER)?;
+    let fetcher = Fetcher::new(FetchPolicy::default());
     ImageCache::open(settings, fetcher)
         .await
         .exit_with(EXIT_OTHER)
@@ -870,7 +870,7 @@ async fn inspect(settings: &CacheSettings, archive: &str, json: bool) -> Result<
     let limits: ImageLimits = settings.limits;
     let outcome: Result<Unpacked, FetchError> =
         if archive.starts_with("http://") || archive.starts_with("https://") {
-            let fetcher = Fetcher::new(FetchPolicy::default()).exit_with(EXIT_OTHER)?;
+            let fetcher = Fetcher::new(FetchPolicy::default());
             match fetcher
                 .fetch_http(archive, None, &Validators::default(), &dest, limits, None)
                 .await
@@ -888,7 +888,7 @@ async fn inspect(settings: &CacheSettings, archive: &str, json: bool) -> Result<
                 .with_context(|| format!("cannot read {archive:?}"))
                 .exit_with(EXIT_USAGE)?;
             let allowed: Vec<PathBuf> = path.parent().map(Path::to_path_buf).into_iter().collect();
-            let fetcher = Fetcher::new(FetchPolicy::default()).exit_with(EXIT_OTHER)?;
+            let fetcher = Fetcher::new(FetchPolicy::default());
             fetcher
                 .fetch_local(&path, &allowed, None, &dest, limits)
                 .await

@@ -229,8 +229,7 @@ impl Fixture {
             attempts: 3,
             first_backoff: Duration::from_millis(10),
             ..FetchPolicy::default()
-        })
-        .expect("fetcher");
+        });
         ImageCache::open(settings, fetcher)
             .await
             .expect("cache opens")
@@ -558,12 +557,9 @@ async fn leftovers_of_a_crash_are_swept_or_adopted() {
 async fn one_process_per_cache_directory() {
     let fx = Fixture::new();
     let _cache = fx.open(fx.settings()).await;
-    let error = ImageCache::open(
-        fx.settings(),
-        Fetcher::new(FetchPolicy::default()).expect("fetcher"),
-    )
-    .await
-    .expect_err("second opener");
+    let error = ImageCache::open(fx.settings(), Fetcher::new(FetchPolicy::default()))
+        .await
+        .expect_err("second opener");
     assert!(matches!(error, CacheError::Locked { .. }), "{error}");
 }
 

@@ -123,12 +123,24 @@ pub type Progress = Arc<dyn Fn(u64, Option<u64>) + Send + Sync>;
 /// Downloads and unpacks images.
 #[derive(Debug, Clone)]
 pub struct Fetcher {
-    client: reqwest::Client,
+    /// Built on the first HTTP request: loading the system's CA roots costs ~25 ms, which
+    /// a job on a local or cached image should not pay before its VM starts.
+    client: Arc<OnceLock<reqwest::Client>>,
     policy: FetchPolicy,
 }
 
 impl Fetcher {
-    pub fn new(policy: FetchPolicy) -> Result<Self, FetchError> {
+    pub fn new(policy: FetchPolicy) -> Self {
+        Self {
+            client: Arc::new(OnceLock::new()),
+            policy,
+        }
+    }
+
+    fn client(&self) -> Result<&reqwest::Client, FetchError> {
+        if let Some(client) = self.client.get() {
+            return Ok(client);
+        }
         // reqwest is built without a default crypto provider (ring builds twice as fast
         // as aws-lc here); install ring once per process.
         static PROVIDER: OnceLock<()> = OnceLock::new();
@@ -136,12 +148,13 @@ impl Fetcher {
             let _ = rustls::crypto::ring::default_provider().install_default();
         });
         let client = reqwest::Client::builder()
-            .connect_timeout(policy.connect_timeout)
-            .read_timeout(policy.read_timeout)
+            .connect_timeout(self.policy.connect_timeout)
+            .read_timeout(self.policy.read_timeout)
             .user_agent(concat!("qemu-worker/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|source| FetchError::Client { source })?;
-        Ok(Self { client, policy })
+        // Two racing first requests may both build one; either is fine.
+        Ok(self.client.get_or_init(|| client))
     }
 
     /// Downloads `url` and unpacks it into the empty directory `dest` in one pass,
@@ -192,7 +205,11 @@ impl Fetcher {
         limits: ImageLimits,
         progress: Option<Progress>,
     ) -> Attempt {
-        let mut request = self.client.get(url);
+        let client = match self.client() {
+            Ok(client) => client,
+            Err(error) => return Attempt::Fatal(error),
+        };
+        let mut request = client.get(url);
         if let Some(etag) = &validators.etag {
             request = request.header(IF_NONE_MATCH, etag);
         }

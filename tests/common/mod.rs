@@ -138,12 +138,9 @@ pub async fn cached_test_image(
         },
         allowed_local_dirs: vec![image.parent().expect("images/out").to_path_buf()],
     };
-    let cache = ImageCache::open(
-        settings,
-        Fetcher::new(FetchPolicy::default()).expect("fetcher"),
-    )
-    .await
-    .expect("cache");
+    let cache = ImageCache::open(settings, Fetcher::new(FetchPolicy::default()))
+        .await
+        .expect("cache");
     let request = ImageRequest {
         source: qemu_worker::job::ImageSource::Local(image),
         sha256: None,

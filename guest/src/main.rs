@@ -59,7 +59,7 @@ fn main() {
             eprintln!("usage: qemu-worker-guest report EXIT_CODE (an integer)");
             std::process::exit(2);
         };
-        std::process::exit(if report(address, code) { 0 } else { 1 });
+        std::process::exit(if report(address, code, None) { 0 } else { 1 });
     }
     // The agent port serves artifacts from the start, whatever happens to the task.
     std::thread::spawn(|| agent::serve_forever(agent::PORT_NAME));
@@ -67,16 +67,15 @@ fn main() {
         say("restarted: the task already ran; serving the agent port only");
         idle();
     }
-    say(&format!("waiting for the metadata service at {address}"));
-    let task = fetch_task(address);
+    let (task, connection) = fetch_task(address);
     if let Err(e) = std::fs::write(STARTED_MARKER, b"") {
         say(&format!(
             "cannot write {STARTED_MARKER} ({e}); a restart would run the task again"
         ));
     }
     say(&format!("running {:?}", task.command));
-    let code = run(address, &task);
-    if !report(address, code) {
+    let (code, connection) = run(address, &task, connection);
+    if !report(address, code, connection) {
         say("the metadata service never took the result");
     }
     say(&format!("done: exit code {code}"));
@@ -104,20 +103,33 @@ fn fail(message: &str) -> ! {
 
 /// Fetches the task, retrying while the service cannot be reached (the network may come
 /// up after the tools start). One request, no separate ping: every round trip counts
-/// against the job's start-up.
-fn fetch_task(address: SocketAddr) -> Task {
+/// against the job's start-up. The connection is kept for the log stream when the
+/// service leaves it open (a new one costs a round trip and, with user networking, a
+/// helper process on the host).
+fn fetch_task(address: SocketAddr) -> (Task, Option<TcpStream>) {
     let start = Instant::now();
+    let mut waiting = false;
     loop {
-        match get(address, "/v1/task") {
-            Ok((200, body)) => {
-                return serde_json::from_slice(&body)
+        match connect(address).and_then(|s| send(s, "GET", "/v1/task", b"", true)) {
+            Ok(Response {
+                status: 200,
+                body,
+                reusable,
+            }) => {
+                let task = serde_json::from_slice(&body)
                     .unwrap_or_else(|e| fail(&format!("the task is not valid JSON: {e}")));
+                return (task, reusable);
             }
-            Ok((status, body)) => fail(&format!(
+            Ok(Response { status, body, .. }) => fail(&format!(
                 "GET /v1/task answered {status}: {}",
                 String::from_utf8_lossy(&body)
             )),
             Err(_) if start.elapsed() < WAIT_FOR_SERVICE => {
+                if !waiting {
+                    // Only when the first try fails: a console line costs a few ms.
+                    say(&format!("waiting for the metadata service at {address}"));
+                    waiting = true;
+                }
                 // Quick while the network comes up; gentle after that, since each try
                 // through user networking costs the host a helper process.
                 let pause = if start.elapsed() < Duration::from_secs(2) {
@@ -139,16 +151,25 @@ fn connect(address: SocketAddr) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// One HTTP/1.1 request with a complete body; returns status and body.
-fn request(
-    address: SocketAddr,
+/// An answer, and its connection when the service left it open for another request.
+struct Response {
+    status: u16,
+    body: Vec<u8>,
+    reusable: Option<TcpStream>,
+}
+
+/// One HTTP/1.1 request with a complete body on `stream`; `keep` asks the service to
+/// leave the connection open after the answer.
+fn send(
+    mut stream: TcpStream,
     method: &str,
     path: &str,
     body: &[u8],
-) -> io::Result<(u16, Vec<u8>)> {
-    let mut stream = connect(address)?;
+    keep: bool,
+) -> io::Result<Response> {
+    let connection = if keep { "keep-alive" } else { "close" };
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: {connection}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
@@ -158,10 +179,11 @@ fn request(
 }
 
 fn get(address: SocketAddr, path: &str) -> io::Result<(u16, Vec<u8>)> {
-    request(address, "GET", path, b"")
+    let response = send(connect(address)?, "GET", path, b"", false)?;
+    Ok((response.status, response.body))
 }
 
-fn read_response(stream: TcpStream) -> io::Result<(u16, Vec<u8>)> {
+fn read_response(stream: TcpStream) -> io::Result<Response> {
     let mut reader = BufReader::new(stream);
     let mut status_line = String::new();
     reader.read_line(&mut status_line)?;
@@ -172,6 +194,7 @@ fn read_response(stream: TcpStream) -> io::Result<(u16, Vec<u8>)> {
         .ok_or_else(|| io::Error::other(format!("bad status line {status_line:?}")))?;
     let mut length = None;
     let mut chunked = false;
+    let mut close = false;
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 || line == "\r\n" {
@@ -184,32 +207,51 @@ fn read_response(stream: TcpStream) -> io::Result<(u16, Vec<u8>)> {
         if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
             chunked = true;
         }
+        if lower.starts_with("connection:") && lower.contains("close") {
+            close = true;
+        }
     }
     let mut body = Vec::new();
     match (length, chunked) {
-        (Some(length), _) => {
+        (Some(length), false) => {
             body.resize(length, 0);
             reader.read_exact(&mut body)?;
+            // Reusable only when the answer ended exactly where its length said.
+            let reusable = (!close && reader.buffer().is_empty()).then(|| reader.into_inner());
+            return Ok(Response {
+                status,
+                body,
+                reusable,
+            });
         }
         _ => {
             reader.read_to_end(&mut body)?;
         }
     }
-    Ok((status, body))
+    Ok(Response {
+        status,
+        body,
+        reusable: None,
+    })
 }
 
-/// Runs the command, streaming its output; returns the exit code (128 + N for signal N).
-fn run(address: SocketAddr, task: &Task) -> i32 {
+/// Runs the command, streaming its output (on `connection` when the service left one
+/// open); returns the exit code (128 + N for signal N) and the log's connection when it
+/// can carry another request.
+fn run(
+    address: SocketAddr,
+    task: &Task,
+    connection: Option<TcpStream>,
+) -> (i32, Option<TcpStream>) {
     let (tx, rx) = mpsc::channel::<Piece>();
-    let log = std::thread::spawn(move || stream_log(address, &rx));
+    let log = std::thread::spawn(move || stream_log(address, &rx, connection));
 
     let Some((program, args)) = task.command.split_first() else {
         let _ = tx.send(Piece::text(
             "[qemu-worker-guest] the task has an empty command\n",
         ));
         let _ = tx.send(Piece::End);
-        let _ = log.join();
-        return 127;
+        return (127, log.join().ok().flatten());
     };
     let _ = std::fs::create_dir_all(&task.working_directory);
     // One pipe for stdout and stderr: the log keeps the order the command wrote in.
@@ -220,8 +262,7 @@ fn run(address: SocketAddr, task: &Task) -> i32 {
                 "[qemu-worker-guest] cannot create a pipe: {e}\n"
             )));
             let _ = tx.send(Piece::End);
-            let _ = log.join();
-            return 1;
+            return (1, log.join().ok().flatten());
         }
     };
     let stderr = match writer.try_clone() {
@@ -231,8 +272,7 @@ fn run(address: SocketAddr, task: &Task) -> i32 {
                 "[qemu-worker-guest] cannot share the pipe: {e}\n"
             )));
             let _ = tx.send(Piece::End);
-            let _ = log.join();
-            return 1;
+            return (1, log.join().ok().flatten());
         }
     };
     let mut command = Command::new(program);
@@ -289,8 +329,7 @@ fn run(address: SocketAddr, task: &Task) -> i32 {
         }
     };
     let _ = tx.send(Piece::End);
-    let _ = log.join();
-    code
+    (code, log.join().ok().flatten())
 }
 
 /// What the log streamer receives: output, or the end of the run.
@@ -305,17 +344,24 @@ impl Piece {
     }
 }
 
-/// One chunked POST /v1/log for the whole run, opened before the command's first output;
-/// each piece of output is sent as soon as it is read. If the stream breaks, a new one
-/// is opened for what follows.
-fn stream_log(address: SocketAddr, rx: &mpsc::Receiver<Piece>) {
+/// One chunked POST /v1/log for the whole run, opened before the command's first output
+/// (on `connection` if there is one); each piece of output is sent as soon as it is read.
+/// If the stream breaks, a new one is opened for what follows. Returns the connection
+/// when the service left it open after the log.
+fn stream_log(
+    address: SocketAddr,
+    rx: &mpsc::Receiver<Piece>,
+    connection: Option<TcpStream>,
+) -> Option<TcpStream> {
     // Opened while the command starts, so its first output goes out at once.
-    let mut stream: Option<TcpStream> = open_log(address).ok();
+    let mut stream: Option<TcpStream> = connection
+        .and_then(|s| start_log(s).ok())
+        .or_else(|| connect(address).and_then(start_log).ok());
     for piece in rx {
         let Piece::Data(piece) = piece else { break };
         for _ in 0..3 {
             if stream.is_none() {
-                stream = open_log(address).ok();
+                stream = connect(address).and_then(start_log).ok();
             }
             let Some(s) = stream.as_mut() else { continue };
             let sent = write!(s, "{:x}\r\n", piece.len())
@@ -327,29 +373,36 @@ fn stream_log(address: SocketAddr, rx: &mpsc::Receiver<Piece>) {
             stream = None;
         }
     }
-    if let Some(mut s) = stream
-        && s.write_all(b"0\r\n\r\n").is_ok()
-    {
-        let _ = read_response(s);
-    }
+    let mut s = stream?;
+    s.write_all(b"0\r\n\r\n").ok()?;
+    read_response(s).ok()?.reusable
 }
 
-fn open_log(address: SocketAddr) -> io::Result<TcpStream> {
-    let mut stream = connect(address)?;
+fn start_log(mut stream: TcpStream) -> io::Result<TcpStream> {
     stream.write_all(
-        b"POST /v1/log HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\
+        b"POST /v1/log HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: keep-alive\r\n\
           Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
     )?;
     Ok(stream)
 }
 
-/// Reports the exit code (retrying a few times); `false` when the service never took it.
-fn report(address: SocketAddr, code: i32) -> bool {
+/// Reports the exit code (on `connection` first, if there is one; then on new connections,
+/// retrying a few times); `false` when the service never took it.
+fn report(address: SocketAddr, code: i32, connection: Option<TcpStream>) -> bool {
     let body = format!("{{\"exitCode\": {code}}}");
+    let put = |stream: TcpStream| send(stream, "PUT", "/v1/result", body.as_bytes(), false);
+    if let Some(Ok(Response {
+        status: 200 | 409, ..
+    })) = connection.map(put)
+    {
+        return true;
+    }
     for attempt in 0..10 {
-        match request(address, "PUT", "/v1/result", body.as_bytes()) {
-            Ok((200 | 409, _)) => return true,
-            Ok((status, body)) => say(&format!(
+        match connect(address).and_then(put) {
+            Ok(Response {
+                status: 200 | 409, ..
+            }) => return true,
+            Ok(Response { status, body, .. }) => say(&format!(
                 "PUT /v1/result answered {status}: {}",
                 String::from_utf8_lossy(&body)
             )),
@@ -383,4 +436,128 @@ fn bench_metadata(count: usize) {
         pick(0.5),
         pick(0.99)
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// A stand-in for the metadata service that answers every request (reading chunked
+    /// bodies through to their end) and records, per connection, the request lines it
+    /// got. With `close`, it answers `Connection: close` and ends each connection.
+    fn service(close: bool) -> (SocketAddr, Arc<Mutex<Vec<Vec<String>>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let index = {
+                    let mut seen = record.lock().expect("lock");
+                    seen.push(Vec::new());
+                    seen.len() - 1
+                };
+                let record = Arc::clone(&record);
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                    let mut writer = stream;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        record.lock().expect("lock")[index].push(line.trim_end().to_owned());
+                        let (mut length, mut chunked) = (0, false);
+                        loop {
+                            let mut header = String::new();
+                            reader.read_line(&mut header).expect("header");
+                            let lower = header.to_ascii_lowercase();
+                            if let Some(value) = lower.strip_prefix("content-length:") {
+                                length = value.trim().parse().expect("length");
+                            }
+                            chunked |= lower.contains("transfer-encoding: chunked");
+                            if header == "\r\n" {
+                                break;
+                            }
+                        }
+                        if chunked {
+                            loop {
+                                let mut size = String::new();
+                                reader.read_line(&mut size).expect("chunk size");
+                                let size = usize::from_str_radix(size.trim(), 16).expect("hex");
+                                let mut chunk = vec![0; size + 2];
+                                reader.read_exact(&mut chunk).expect("chunk");
+                                if size == 0 {
+                                    break;
+                                }
+                            }
+                        } else {
+                            let mut body = vec![0; length];
+                            reader.read_exact(&mut body).expect("body");
+                        }
+                        let body = if line.starts_with("GET /v1/task") {
+                            r#"{"command":["echo","hello"],"env":{},"maxRunTime":60,"workingDirectory":"/tmp"}"#
+                        } else {
+                            "{}"
+                        };
+                        let connection = if close { "close" } else { "keep-alive" };
+                        write!(
+                            writer,
+                            "HTTP/1.1 200 OK\r\nConnection: {connection}\r\n\
+                             Content-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .expect("answer");
+                        if close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (address, seen)
+    }
+
+    fn one_job(address: SocketAddr) {
+        let (task, connection) = fetch_task(address);
+        assert_eq!(task.command, ["echo", "hello"]);
+        let (code, connection) = run(address, &task, connection);
+        assert_eq!(code, 0);
+        assert!(report(address, code, connection), "the result was taken");
+    }
+
+    #[test]
+    fn one_connection_carries_the_task_the_log_and_the_result() {
+        let (address, seen) = service(false);
+        one_job(address);
+        let seen = seen.lock().expect("lock").clone();
+        assert_eq!(
+            seen,
+            [[
+                "GET /v1/task HTTP/1.1",
+                "POST /v1/log HTTP/1.1",
+                "PUT /v1/result HTTP/1.1"
+            ]],
+            "one connection, three requests in order"
+        );
+    }
+
+    #[test]
+    fn a_service_that_closes_gets_a_new_connection_per_request() {
+        let (address, seen) = service(true);
+        one_job(address);
+        let seen = seen.lock().expect("lock").clone();
+        assert_eq!(
+            seen,
+            [
+                ["GET /v1/task HTTP/1.1"],
+                ["POST /v1/log HTTP/1.1"],
+                ["PUT /v1/result HTTP/1.1"]
+            ],
+        );
+    }
 }

@@ -186,19 +186,6 @@ fn job_overhead(dir: &Path) {
     .emit();
 }
 
-/// Resident set size of a process in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn worker_rss(dir: &Path) {
     let config = write_config(dir, 4);
     let serve = || {
@@ -213,7 +200,7 @@ fn worker_rss(dir: &Path) {
     };
     let mut worker = serve();
     std::thread::sleep(Duration::from_secs(3));
-    let idle = rss_kib(worker.id());
+    let idle = common::rss_kib(worker.id());
     let payload = dir.join("sleep.yml");
     std::fs::write(
         &payload,
@@ -257,7 +244,7 @@ fn worker_rss(dir: &Path) {
     let busy = (0..10)
         .map(|_| {
             std::thread::sleep(Duration::from_millis(300));
-            rss_kib(worker.id())
+            common::rss_kib(worker.id())
         })
         .max()
         .unwrap_or(0);

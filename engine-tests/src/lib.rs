@@ -11,6 +11,10 @@
 //! - [`assets`]: the test image and generated hostile archives, pinned by hash in
 //!   `engine-tests/assets.json`.
 
+#[path = "../../tests/common/host.rs"]
+mod host;
+pub use host::{processes_under, require, rss_kib};
+
 pub mod archive;
 pub mod assets;
 
@@ -112,33 +116,6 @@ pub fn wait_until<T>(
     }
 }
 
-/// Processes whose command line mentions `dir` (QEMU, guestfwd helpers, workers).
-pub fn processes_under(dir: &Path) -> Vec<String> {
-    let needle = dir.display().to_string();
-    let own = std::process::id().to_string();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        if pid == own {
-            continue;
-        }
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(&needle) {
-            found.push(format!("{pid}: {}", cmdline.trim()));
-        }
-    }
-    found
-}
-
 fn kill(pid: i32, signal: rustix::process::Signal) {
     if let Some(pid) = rustix::process::Pid::from_raw(pid) {
         let _ = rustix::process::kill_process(pid, signal);
@@ -197,7 +174,7 @@ impl Worker {
 
     /// A worker with `config` as its worker.yml (`{dir}` is replaced by its directory).
     pub fn with_config(config: &str) -> Self {
-        require_qemu();
+        require("qemu-system-x86_64", "qemu-system-x86");
         let dir = tempfile::Builder::new()
             .prefix("qw-et")
             .tempdir_in("/tmp")
@@ -374,20 +351,6 @@ impl Drop for Worker {
             }
         }
     }
-}
-
-/// Fails with what to install when QEMU is missing.
-pub fn require_qemu() {
-    let found = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        found,
-        "qemu-system-x86_64 is missing: run scripts/setup-host (apt-get install qemu-system-x86)"
-    );
 }
 
 /// A payload under construction. Defaults: the test image, `maxRunTime: 120`.

@@ -3,27 +3,20 @@
 //! A deliberately minimal, blocking QMP client: enough to negotiate, resume and query
 //! a test VM. The engine's own client lives in the library.
 
-#![allow(dead_code, reason = "each test binary uses a different subset")]
+#![allow(
+    dead_code,
+    unused_imports,
+    reason = "each test binary uses a different subset"
+)]
+
+mod host;
+pub use host::{processes_under, require, rss_kib};
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
-
-/// Fails the test with the package to install when `program` is missing.
-pub fn require(program: &str, package: &str) {
-    let found = Command::new(program)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        found,
-        "`{program}` is missing: install it with `apt-get install {package}`"
-    );
-}
 
 pub struct TestQmp {
     reader: BufReader<UnixStream>,
@@ -89,23 +82,6 @@ impl TestQmp {
             }
         }
     }
-}
-
-/// Processes whose command line mentions `dir`: QEMU, the guestfwd helpers (which run
-/// in a session of their own), anything a VM started. Tests give every VM paths under
-/// their own scratch directory, so this finds exactly their leftovers.
-pub fn processes_under(dir: &Path) -> Vec<String> {
-    let needle = dir.display().to_string();
-    std::fs::read_dir("/proc")
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-                .filter(|c| c.contains(&needle))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// The test image built by `images/build-test-image`.

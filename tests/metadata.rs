@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use qemu_worker::metadata::{LogSink, MetadataLimits, Task, start_metadata_service};
+use qemu_worker::metadata::{LogSink, MetadataLimits, Park, Task, start_metadata_service};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -192,6 +192,56 @@ async fn ping_task_and_the_result_lifecycle() {
     assert_eq!(conflict.status, 409);
     assert_conforms(&conflict, "/v1/result", "put");
     assert_eq!(service.handle.reported(), Some(3), "the first report wins");
+}
+
+/// A boot snapshot's park request: answered `202` (connection closed) once, only to a
+/// caller that offers to park; the task comes on the next fetch, with the host's clock
+/// and per-VM entropy. Tools that do not offer get their task, and the worker learns it.
+#[tokio::test]
+async fn a_park_request_goes_once_to_tools_that_offer_to_park() {
+    let mut service = Service::start(1 << 20).await;
+    let socket = service.socket();
+    service.handle.arm_park();
+    let parked = request(&socket, &simple("GET", "/v1/task?park=1", "")).await;
+    assert_eq!(parked.status, 202);
+    assert_conforms(&parked, "/v1/task", "get");
+    assert_eq!(parked.json()["code"], "park");
+    assert!(
+        parked
+            .headers
+            .to_ascii_lowercase()
+            .contains("connection: close"),
+        "{}",
+        parked.headers
+    );
+    assert_eq!(service.handle.park_outcome().await, Park::Sent);
+
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let reply = request(&socket, &simple("GET", "/v1/task?park=1", "")).await;
+    assert_eq!(reply.status, 200, "parked once only");
+    assert_conforms(&reply, "/v1/task", "get");
+    let task = reply.json();
+    assert_eq!(task["command"][2], "echo hi");
+    let now = task["unixTimeMillis"].as_u64().expect("unixTimeMillis");
+    assert!(now >= before && now < before + 60_000, "{now} vs {before}");
+    let entropy = task["entropy"].as_str().expect("entropy").to_owned();
+    assert_eq!(entropy.len(), 64);
+    assert!(entropy.chars().all(|c| c.is_ascii_hexdigit()));
+    assert!(service.handle.task_fetched().await);
+
+    let other = Service::start(1 << 20).await;
+    other.handle.arm_park();
+    let reply = request(&other.socket(), &simple("GET", "/v1/task", "")).await;
+    assert_eq!(reply.status, 200, "tools that cannot park get the task");
+    assert_ne!(
+        reply.json()["entropy"],
+        entropy.as_str(),
+        "entropy is per VM"
+    );
+    assert_eq!(other.handle.park_outcome().await, Park::Refused);
 }
 
 #[tokio::test]

@@ -36,6 +36,12 @@ struct Task {
     )]
     max_run_time: u64,
     working_directory: String,
+    /// The host's clock at the fetch, in ms since the Unix epoch (older workers send none).
+    #[serde(default)]
+    unix_time_millis: Option<u64>,
+    /// Random bytes from the host, hex, for the kernel's RNG (older workers send none).
+    #[serde(default)]
+    entropy: Option<String>,
 }
 
 fn main() {
@@ -68,6 +74,7 @@ fn main() {
         idle();
     }
     let (task, connection) = fetch_task(address);
+    adopt_host_state(&task);
     if let Err(e) = std::fs::write(STARTED_MARKER, b"") {
         say(&format!(
             "cannot write {STARTED_MARKER} ({e}); a restart would run the task again"
@@ -110,7 +117,8 @@ fn fetch_task(address: SocketAddr) -> (Task, Option<TcpStream>) {
     let start = Instant::now();
     let mut waiting = false;
     loop {
-        match connect(address).and_then(|s| send(s, "GET", "/v1/task", b"", true)) {
+        // `park=1`: these tools can hold still for a boot snapshot (see `park`).
+        match connect(address).and_then(|s| send(s, "GET", "/v1/task?park=1", b"", true)) {
             Ok(Response {
                 status: 200,
                 body,
@@ -120,6 +128,7 @@ fn fetch_task(address: SocketAddr) -> (Task, Option<TcpStream>) {
                     .unwrap_or_else(|e| fail(&format!("the task is not valid JSON: {e}")));
                 return (task, reusable);
             }
+            Ok(Response { status: 202, .. }) => park(),
             Ok(Response { status, body, .. }) => fail(&format!(
                 "GET /v1/task answered {status}: {}",
                 String::from_utf8_lossy(&body)
@@ -142,6 +151,106 @@ fn fetch_task(address: SocketAddr) -> (Task, Option<TcpStream>) {
             Err(e) => fail(&format!("the metadata service never answered: {e}")),
         }
     }
+}
+
+/// The worker asked the tools to hold still while it saves the VM as a boot snapshot
+/// (`202` to the task fetch, the connection closed). On the `parking` console line it
+/// takes the NIC's link down; on the `parked` line it saves the VM and brings the link up
+/// again, in
+/// this VM and in every VM later resumed from the snapshot. The tools hold no connection
+/// meanwhile, so the snapshot holds none; they ask for the task again once the link is
+/// back. If the link never goes down (the worker gave up), they ask again after 10 s.
+fn park() {
+    let carriers: Vec<_> = std::fs::read_dir("/sys/class/net")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.file_name() != "lo")
+        .map(|entry| entry.path().join("carrier"))
+        .collect();
+    let up = |path: &std::path::PathBuf| {
+        std::fs::read_to_string(path).is_ok_and(|carrier| carrier.trim() == "1")
+    };
+    let wait = |done: &dyn Fn() -> bool, limit: Duration| {
+        let start = Instant::now();
+        while !done() {
+            if start.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
+    };
+    // The worker takes the link down once it reads this line: not before, or the answer
+    // just received could still be in flight and lost with the link.
+    say("parking for a boot snapshot");
+    if !wait(&|| !carriers.iter().all(up), Duration::from_secs(10)) {
+        say("asked to park, but the link stayed up; asking for the task again");
+        return;
+    }
+    say("parked for a boot snapshot");
+    if !wait(&|| carriers.iter().all(up), WAIT_FOR_SERVICE) {
+        say("the link did not come back; asking for the task anyway");
+    }
+}
+
+/// Sets the guest's clock to the host's and feeds the host's random bytes to the kernel's
+/// RNG, reseeding it at once. A guest resumed from a boot snapshot wakes with the
+/// snapshot's clock and RNG state, shared with every other VM resumed from it.
+fn adopt_host_state(task: &Task) {
+    if let Some(millis) = task.unix_time_millis {
+        let now = libc::timespec {
+            tv_sec: (millis / 1000) as libc::time_t,
+            tv_nsec: ((millis % 1000) * 1_000_000) as libc::c_long,
+        };
+        // SAFETY: a valid timespec, read by the call only.
+        if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &now) } != 0 {
+            say(&format!(
+                "cannot set the clock: {}",
+                io::Error::last_os_error()
+            ));
+        }
+    }
+    if let Some(entropy) = &task.entropy {
+        if let Err(e) = reseed(entropy) {
+            say(&format!("cannot reseed the kernel's RNG: {e}"));
+        }
+    }
+}
+
+/// `RNDADDENTROPY` (credited) then `RNDRESEEDCRNG`, both on /dev/urandom.
+fn reseed(hex: &str) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    let bytes: Vec<u8> = (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2).unwrap_or("zz"), 16))
+        .collect::<Result<_, _>>()
+        .map_err(|e| io::Error::other(format!("the entropy is not hex: {e}")))?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + bytes.len());
+    info.extend_from_slice(&((bytes.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(bytes.len() as i32).to_ne_bytes());
+    info.extend_from_slice(&bytes);
+    let mut words = vec![0u32; info.len().div_ceil(4)];
+    for (word, chunk) in words.iter_mut().zip(info.chunks(4)) {
+        let mut b = [0u8; 4];
+        b[..chunk.len()].copy_from_slice(chunk);
+        *word = u32::from_ne_bytes(b);
+    }
+    let random = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    // SAFETY: `words` holds a complete rand_pool_info (aligned, buf_size bytes of buf)
+    // that outlives both calls; RNDRESEEDCRNG takes no argument.
+    unsafe {
+        if libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, words.as_ptr()) != 0
+            || libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 fn connect(address: SocketAddr) -> io::Result<TcpStream> {
@@ -538,7 +647,7 @@ mod tests {
         assert_eq!(
             seen,
             [[
-                "GET /v1/task HTTP/1.1",
+                "GET /v1/task?park=1 HTTP/1.1",
                 "POST /v1/log HTTP/1.1",
                 "PUT /v1/result HTTP/1.1"
             ]],
@@ -554,7 +663,7 @@ mod tests {
         assert_eq!(
             seen,
             [
-                ["GET /v1/task HTTP/1.1"],
+                ["GET /v1/task?park=1 HTTP/1.1"],
                 ["POST /v1/log HTTP/1.1"],
                 ["PUT /v1/result HTTP/1.1"]
             ],

@@ -17,6 +17,20 @@ pub struct Task {
     pub working_directory: String,
 }
 
+/// `GET /v1/task` answer: the task, and what the guest needs from the host to run it in
+/// a fresh state. A guest resumed from a boot snapshot wakes with the snapshot's clock
+/// and RNG state; the guest tools set the clock and reseed the RNG from these.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskReply {
+    #[serde(flatten)]
+    pub task: Task,
+    /// The host's clock when the task was served, in milliseconds since the Unix epoch.
+    pub unix_time_millis: u64,
+    /// 32 random bytes from the host, hex, for the guest kernel's RNG (one value per VM).
+    pub entropy: String,
+}
+
 /// `PUT /v1/result`: the command's exit code (128 + N when killed by signal N).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

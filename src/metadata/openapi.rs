@@ -1,7 +1,7 @@
 use schemars::generate::SchemaSettings;
 use serde_json::{Value, json};
 
-use super::api::{ApiError, LogReceipt, Ping, Task, TaskResult};
+use super::api::{ApiError, LogReceipt, Ping, TaskReply, TaskResult};
 
 /// The metadata API as an OpenAPI 3.1 document (its schemas are JSON Schema 2020-12,
 /// generated from the same types the service uses).
@@ -11,7 +11,7 @@ pub fn openapi_document() -> Value {
         .into_generator();
     // Each call registers the type under components/schemas (the $ref it returns is
     // not needed: the paths below name the components themselves).
-    generator.subschema_for::<Task>();
+    generator.subschema_for::<TaskReply>();
     generator.subschema_for::<TaskResult>();
     generator.subschema_for::<LogReceipt>();
     generator.subschema_for::<Ping>();
@@ -38,7 +38,13 @@ pub fn openapi_document() -> Value {
             }},
             "/v1/task": {"get": {
                 "summary": "The task to run",
-                "responses": {"200": reply("The task.", "Task")}
+                "parameters": [{"name": "park", "in": "query", "required": false,
+                    "description": "1: the caller can hold still for a boot snapshot (see docs/snapshots.md).",
+                    "schema": {"type": "string", "enum": ["1"]}}],
+                "responses": {
+                    "200": reply("The task.", "TaskReply"),
+                    "202": error("Only to a caller that sent park=1, at most once per VM: hold still for a boot snapshot. The worker takes the NIC's link down; print a line ending in 'parked for a boot snapshot' on the serial console, wait for the link to come back up, then ask again. The connection is closed.")
+                }
             }},
             "/v1/log": {"post": {
                 "summary": "Stream output into the job log",

@@ -6,14 +6,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::header::{ALLOW, CONNECTION, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::api::{ApiError, LogReceipt, Ping, Task, TaskResult};
+use super::api::{ApiError, LogReceipt, Ping, Task, TaskReply, TaskResult};
 use super::log::LogSink;
 
 /// Size and time limits of the metadata service.
@@ -37,8 +37,24 @@ impl Default for MetadataLimits {
     }
 }
 
+/// Where a boot snapshot's park request stands (see `MetadataHandle::arm_park`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Park {
+    /// Not asked for.
+    Off,
+    /// The next task fetch that can park is answered `202`.
+    Armed,
+    /// The guest was told to park.
+    Sent,
+    /// The guest fetched its task without offering to park (guest tools too old).
+    Refused,
+}
+
 struct State {
-    task: Bytes,
+    task: Task,
+    /// Per VM: guests resumed from one snapshot must not share RNG state.
+    entropy: String,
+    park: Arc<watch::Sender<Park>>,
     log: LogSink,
     result: watch::Sender<Option<i32>>,
     fetched: watch::Sender<bool>,
@@ -49,6 +65,7 @@ struct State {
 /// connection it has open.
 #[derive(Debug)]
 pub struct MetadataHandle {
+    park: Arc<watch::Sender<Park>>,
     result: watch::Receiver<Option<i32>>,
     fetched: watch::Receiver<bool>,
     accept: tokio::task::JoinHandle<()>,
@@ -64,6 +81,25 @@ impl MetadataHandle {
     /// Waits until the guest has fetched its task; false if the service stopped.
     pub async fn task_fetched(&mut self) -> bool {
         self.fetched.wait_for(|fetched| *fetched).await.is_ok()
+    }
+
+    /// Answers the guest's next task fetch with a request to park for a boot snapshot
+    /// (if it offers to; see `Park`).
+    pub fn arm_park(&self) {
+        self.park.send_replace(Park::Armed);
+    }
+
+    /// Waits until the guest was told to park, or fetched its task without offering to;
+    /// `Park::Off` if the service stopped.
+    pub async fn park_outcome(&self) -> Park {
+        let mut park = self.park.subscribe();
+        match park
+            .wait_for(|p| matches!(p, Park::Sent | Park::Refused))
+            .await
+        {
+            Ok(p) => *p,
+            Err(_) => Park::Off,
+        }
     }
 
     /// Waits for the guest's result report; `None` if the service stopped first.
@@ -152,11 +188,16 @@ fn start(
 ) -> MetadataHandle {
     let (result, result_rx) = watch::channel(None);
     let (fetched, fetched_rx) = watch::channel(false);
-    let task = Bytes::from(
-        serde_json::to_vec(task).unwrap_or_else(|e| unreachable!("a task always serializes: {e}")),
-    );
+    let mut seed = [0u8; 32];
+    // The kernel's RNG does not fail once initialized; a short read leaves zeros, which
+    // only weakens what the guest adds to its own entropy.
+    let _ = rustix::rand::getrandom(&mut seed, rustix::rand::GetRandomFlags::empty());
+    let entropy = seed.iter().map(|b| format!("{b:02x}")).collect();
+    let park = Arc::new(watch::Sender::new(Park::Off));
     let state = Arc::new(State {
-        task,
+        task: task.clone(),
+        entropy,
+        park: Arc::clone(&park),
         log,
         result,
         fetched,
@@ -195,6 +236,7 @@ fn start(
         }
     });
     MetadataHandle {
+        park,
         result: result_rx,
         fetched: fetched_rx,
         accept,
@@ -257,17 +299,50 @@ async fn route(state: &State, request: Request<Incoming>) -> Reply {
                 status: "ok".into(),
             },
         ),
-        "/v1/task" => {
-            state.fetched.send_replace(true);
-            let mut response = Response::new(Full::new(state.task.clone()));
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            response
-        }
+        "/v1/task" => serve_task(state, request.uri().query()),
         "/v1/log" => stream_log(state, request.into_body()).await,
         _ => report_result(state, request.into_body()).await,
     }
+}
+
+fn serve_task(state: &State, query: Option<&str>) -> Reply {
+    let can_park = query.is_some_and(|q| q.split('&').any(|pair| pair == "park=1"));
+    let mut parked = false;
+    state.park.send_if_modified(|park| match (*park, can_park) {
+        (Park::Armed, true) => {
+            *park = Park::Sent;
+            parked = true;
+            true
+        }
+        (Park::Armed, false) => {
+            *park = Park::Refused;
+            true
+        }
+        _ => false,
+    });
+    if parked {
+        let mut reply = error(
+            StatusCode::ACCEPTED,
+            "park",
+            "hold still for a boot snapshot: ask again when the link is back up",
+        );
+        reply
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+        return reply;
+    }
+    state.fetched.send_replace(true);
+    let unix_time_millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    json(
+        StatusCode::OK,
+        &TaskReply {
+            task: state.task.clone(),
+            unix_time_millis,
+            entropy: state.entropy.clone(),
+        },
+    )
 }
 
 /// Appends a (chunked) body to the job log as it arrives.

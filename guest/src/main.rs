@@ -211,10 +211,10 @@ fn adopt_host_state(task: &Task) {
             ));
         }
     }
-    if let Some(entropy) = &task.entropy {
-        if let Err(e) = reseed(entropy) {
-            say(&format!("cannot reseed the kernel's RNG: {e}"));
-        }
+    if let Some(entropy) = &task.entropy
+        && let Err(e) = reseed(entropy)
+    {
+        say(&format!("cannot reseed the kernel's RNG: {e}"));
     }
 }
 

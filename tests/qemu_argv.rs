@@ -128,6 +128,16 @@ fn resolve(definition: &MachineDefinition) -> Machine {
 
 /// Builds the argv of `rep` with its files under `dir`.
 fn argv_for(rep: &Representative, machine: &Machine, dir: &Path, files: &DiskFiles) -> Vec<String> {
+    argv_resuming(rep, machine, dir, files, None)
+}
+
+fn argv_resuming(
+    rep: &Representative,
+    machine: &Machine,
+    dir: &Path,
+    files: &DiskFiles,
+    resume: Option<&str>,
+) -> Vec<String> {
     let run_dir = RunDir::new(&dir.join("run")).expect("short run dir");
     let disk = BootDisk {
         layers: rep
@@ -165,6 +175,7 @@ fn argv_for(rep: &Representative, machine: &Machine, dir: &Path, files: &DiskFil
         kernel: kernel.as_ref(),
         network: &network,
         accelerator: rep.accelerator,
+        resume,
     })
 }
 
@@ -194,6 +205,48 @@ impl DiskFiles {
             .display()
             .to_string()
     }
+}
+
+/// A VM resumed from a boot snapshot loads the saved state through a shell-quoted
+/// `cat` and appends to the serial log the snapshot's console was copied into; nothing
+/// else changes.
+#[test]
+fn a_resumed_vm_loads_its_state_and_appends_to_its_console() {
+    let rep = &representatives()[0];
+    let machine = resolve(&rep.machine);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = make_files(dir.path(), rep);
+    let cold = argv_for(rep, &machine, dir.path(), &files);
+    let resumed = argv_resuming(
+        rep,
+        &machine,
+        dir.path(),
+        &files,
+        Some("/snap shots/it's/vmstate"),
+    );
+    let at = resumed
+        .iter()
+        .position(|a| a == "-incoming")
+        .expect("-incoming");
+    assert_eq!(resumed[at + 1], r"exec:cat '/snap shots/it'\''s/vmstate'");
+    let serial = |argv: &[String]| {
+        argv.iter()
+            .find(|a| a.starts_with("file,id=serial0,"))
+            .cloned()
+            .expect("serial chardev")
+    };
+    assert_eq!(serial(&resumed), format!("{},append=on", serial(&cold)));
+    let mut rest = resumed.clone();
+    rest.drain(at..at + 2);
+    let rest: Vec<_> = rest
+        .into_iter()
+        .filter(|a| !a.starts_with("file,id=serial0,"))
+        .collect();
+    let cold: Vec<_> = cold
+        .into_iter()
+        .filter(|a| !a.starts_with("file,id=serial0,"))
+        .collect();
+    assert_eq!(rest, cold);
 }
 
 #[test]

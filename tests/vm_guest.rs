@@ -207,7 +207,10 @@ async fn a_guest_that_powers_off_at_once_is_classified() {
     let mut vm = guest
         .start("quick", |m| {
             // Everything after `--` is passed to init: busybox `poweroff -f` as PID 1.
-            m.cmdline = Some("root=/dev/nvme0n1 rootfstype=ext4 rw init=/bin/poweroff console=ttyS0 quiet no_timer_check -- -f".into());
+            m.cmdline = Some(
+                "root=/dev/vda rw init=/bin/poweroff console=ttyS0 quiet no_timer_check -- -f"
+                    .into(),
+            );
         })
         .await;
     let exit = vm

@@ -8,5 +8,5 @@ pub use byte_size::ByteSize;
 pub use load::{ConfigError, ConfigSource, EMBEDDED_DEFAULT, LoadedConfig, load_config};
 pub use model::{
     AcceleratorChoice, ArtifactStoreConfig, ImageCacheConfig, LogConfig, NetworkBackend,
-    NetworkConfig, QueueConfig, Timeouts, WorkerConfig,
+    NetworkConfig, QueueConfig, SnapshotConfig, Timeouts, WorkerConfig,
 };

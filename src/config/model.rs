@@ -39,6 +39,18 @@ pub struct WorkerConfig {
     pub logs: LogConfig,
     #[serde(default)]
     pub timeouts: Timeouts,
+    #[serde(default)]
+    pub snapshots: SnapshotConfig,
+}
+
+/// Boot snapshots (docs/snapshots.md): the first job on an image and machine saves its
+/// VM where the guest tools ask for the task; later jobs resume that VM instead of
+/// booting. User networking only; machines QEMU cannot migrate (NVMe storage) boot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SnapshotConfig {
+    #[serde(default)]
+    pub enabled: bool,
 }
 
 fn default_state_dir() -> PathBuf {

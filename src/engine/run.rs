@@ -9,13 +9,14 @@ use crate::job::{
     PayloadContext, PhaseTiming, Resolution, ResultReport, validate_payload,
 };
 use crate::metadata::{
-    LogSink, MetadataHandle, MetadataLimits, Task, start_metadata_service,
+    LogSink, MetadataHandle, MetadataLimits, Park, Task, start_metadata_service,
     start_metadata_service_tcp,
 };
 use crate::schema::Issue;
 use crate::vm::{
-    LaunchPlan, NetworkAttachment, RunDir, TAP_DEVICE, TapNetwork, Vm, VmExit, VmTimeouts,
-    choose_accelerator_cached, prepare_launch, take_screenshot,
+    LaunchPlan, NetworkAttachment, RunDir, SnapshotPlan, SnapshotStore, TAP_DEVICE, TapNetwork, Vm,
+    VmExit, VmTimeouts, choose_accelerator_cached, finish_resume, prepare_launch_with_snapshots,
+    take_screenshot,
 };
 
 /// One run of one job.
@@ -170,10 +171,29 @@ impl Engine {
         };
         progress.phase("machine");
 
-        self.boot_and_run(job, &payload, &lease, &machine, accelerator, progress)
-            .await
+        // Snapshots need the user network (a tap VM's addresses are per VM) and the serial
+        // console (where the guest says it parked).
+        let snapshots = (self.config.snapshots.enabled
+            && self.config.network.backend == NetworkBackend::User
+            && !payload.wants_outbound()
+            && machine.serial_console)
+            .then(|| SnapshotStore::new(lease.snapshot_dir()));
+        self.boot_and_run(
+            job,
+            &payload,
+            &lease,
+            &machine,
+            accelerator,
+            snapshots.as_ref(),
+            progress,
+        )
+        .await
     }
 
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the job's resolved parts, passed down once"
+    )]
     async fn boot_and_run(
         &self,
         job: &JobRun,
@@ -181,6 +201,7 @@ impl Engine {
         lease: &ImageLease,
         machine: &crate::job::Machine,
         accelerator: crate::vm::Accelerator,
+        snapshots: Option<&SnapshotStore>,
         progress: &mut Progress,
     ) -> ResultReport {
         let Some(log) = progress.log.clone() else {
@@ -210,15 +231,18 @@ impl Engine {
             Err(message) => return exception(ExceptionReason::ResourceUnavailable, message),
         };
         let mut service = service;
-        let launch = match prepare_launch(LaunchPlan {
-            name: &name,
-            image: lease,
-            machine,
-            run_dir,
-            log_dir: job.job_dir.clone(),
-            network,
-            accelerator,
-        }) {
+        let (launch, snapshot) = match prepare_launch_with_snapshots(
+            LaunchPlan {
+                name: &name,
+                image: lease,
+                machine,
+                run_dir,
+                log_dir: job.job_dir.clone(),
+                network,
+                accelerator,
+            },
+            snapshots,
+        ) {
             Ok(launch) => launch,
             Err(e) => return exception(ExceptionReason::InternalError, e.to_string()),
         };
@@ -230,11 +254,49 @@ impl Engine {
             Ok(vm) => vm,
             Err(e) => return exception(ExceptionReason::InternalError, e.to_string()),
         };
+        if let (SnapshotPlan::Resume(saved), Some(store)) = (&snapshot, snapshots) {
+            if let Err(why) = finish_resume(vm.qmp()).await {
+                // A snapshot that does not load is dropped (the next job saves a new
+                // one); this job boots.
+                vm.teardown().await;
+                store.discard(saved);
+                progress
+                    .note(&format!(
+                        "the boot snapshot {} did not load ({why}); booting instead",
+                        saved.key
+                    ))
+                    .await;
+                drop((service, _tap));
+                return Box::pin(self.boot_and_run(
+                    job,
+                    payload,
+                    lease,
+                    machine,
+                    accelerator,
+                    None,
+                    progress,
+                ))
+                .await;
+            }
+            progress
+                .note(&format!(
+                    "resumed from boot snapshot {} instead of booting",
+                    saved.key
+                ))
+                .await;
+        }
+        if let SnapshotPlan::Save(_) = &snapshot {
+            service.arm_park();
+        }
         if let Err(e) = vm.resume().await {
             vm.teardown().await;
             return exception(ExceptionReason::InternalError, e.to_string());
         }
         progress.phase("start");
+        if let (SnapshotPlan::Save(key), Some(store)) = (&snapshot, snapshots) {
+            self.save_snapshot(&mut vm, &service, store, key, progress)
+                .await;
+        }
 
         let mut cancel = job.cancel.clone();
         let outcome = tokio::select! {
@@ -348,6 +410,49 @@ impl Engine {
         }
         progress.phase("teardown");
         report
+    }
+
+    /// Waits for the guest to take the park request and saves the VM as the boot
+    /// snapshot `key` (the guest then goes on with this job). A guest that fetches its
+    /// task without offering to park, or cannot be saved, marks the key unsupported.
+    async fn save_snapshot(
+        &self,
+        vm: &mut Vm,
+        service: &MetadataHandle,
+        store: &SnapshotStore,
+        key: &str,
+        progress: &Progress,
+    ) {
+        let ready = Duration::from_secs(self.config.timeouts.guest_ready_seconds);
+        let parked = tokio::select! {
+            park = service.park_outcome() => park,
+            // The guest died or never asked; the wait for the task reports it.
+            _ = vm.wait(ready) => return,
+        };
+        match parked {
+            Park::Sent => {
+                let started = Instant::now();
+                let serial = PathBuf::from(vm.run_dir().serial_log());
+                let overlay = vm.run_dir().path().join("overlay.qcow2");
+                match store.take(key, vm.qmp(), &serial, &overlay).await {
+                    Ok(_) => {
+                        progress
+                            .note(&format!(
+                                "saved boot snapshot {key} in {} ms; later jobs on this image and machine resume it",
+                                started.elapsed().as_millis()
+                            ))
+                            .await;
+                    }
+                    Err(why) => {
+                        progress
+                            .note(&format!("no boot snapshot of this machine: {why}"))
+                            .await;
+                    }
+                }
+            }
+            Park::Refused => store.refuse(key),
+            Park::Off | Park::Armed => {}
+        }
     }
 
     /// Sets up the VM's network and its metadata service.

@@ -157,6 +157,17 @@ impl ImageLease {
         &self.contents
     }
 
+    /// Where the image's boot snapshots live (`<cache>/snapshots/<sha256>`); the cache
+    /// removes them with the image.
+    pub fn snapshot_dir(&self) -> PathBuf {
+        let objects = self.contents.dir.parent().unwrap_or(&self.contents.dir);
+        objects
+            .parent()
+            .unwrap_or(objects)
+            .join("snapshots")
+            .join(&self.sha256)
+    }
+
     /// Creates the job's writable qcow2 overlay at `path` over the cached base and
     /// returns the whole chain for QEMU. Its cost does not depend on the image size.
     pub fn create_overlay(&self, path: &Path) -> Result<BootDisk, QemuImgError> {
@@ -445,6 +456,10 @@ impl State {
         self.objects().join(sha256)
     }
 
+    fn snapshots(&self) -> PathBuf {
+        self.dir.join("snapshots")
+    }
+
     fn load(settings: &CacheSettings) -> Result<Self, CacheError> {
         let dir = settings.dir.clone();
         let io_err = |path: &Path| {
@@ -534,6 +549,15 @@ impl State {
                 Err(_) => remove_object(&path),
             }
         }
+        // Boot snapshots go with their image.
+        if let Ok(listing) = std::fs::read_dir(self.snapshots()) {
+            for item in listing.flatten() {
+                let sha = item.file_name().to_string_lossy().into_owned();
+                if !self.index.images.contains_key(&sha) {
+                    remove_object(&item.path());
+                }
+            }
+        }
         let images = &self.index.images;
         self.index
             .urls
@@ -586,6 +610,7 @@ impl State {
         };
         tracing::info!(sha256 = %sha, bytes = entry.size_bytes, "evicting image");
         remove_object(&self.object(sha));
+        remove_object(&self.snapshots().join(sha));
         self.index.urls.retain(|_, u| u.sha256 != sha);
         self.index.locals.retain(|_, l| l.sha256 != sha);
         entry.size_bytes

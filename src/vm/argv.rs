@@ -83,6 +83,9 @@ pub struct VmSpec<'a> {
     pub kernel: Option<&'a KernelFiles>,
     pub network: &'a NetworkAttachment,
     pub accelerator: Accelerator,
+    /// A boot snapshot's saved state to load (`-incoming`) instead of booting; the
+    /// serial log then continues the snapshot's console (`append=on`).
+    pub resume: Option<&'a str>,
 }
 
 /// The QEMU command line (without the program name) for a VM: modern syntax only
@@ -141,10 +144,13 @@ pub fn qemu_argv(spec: &VmSpec<'_>) -> Vec<String> {
 
     disk_args(&mut argv, spec.disk, m);
     network_args(&mut argv, spec.network, m);
-    control_args(&mut argv, spec.run_dir, m);
+    control_args(&mut argv, spec.run_dir, m, spec.resume.is_some());
     display_args(&mut argv, spec.run_dir, m);
     usb_args(&mut argv, m);
     sound_args(&mut argv, m);
+    if let Some(vmstate) = spec.resume {
+        argv.push("-incoming", format!("exec:cat {}", shell_quote(vmstate)));
+    }
     argv.0
 }
 
@@ -277,7 +283,7 @@ fn network_args(argv: &mut Args, network: &NetworkAttachment, m: &Machine) {
 }
 
 /// The guestfwd command is run by a shell; each argument is single-quoted.
-fn shell_quote(arg: &str) -> String {
+pub(super) fn shell_quote(arg: &str) -> String {
     if !arg.is_empty()
         && arg
             .chars()
@@ -293,13 +299,17 @@ fn unix_server(id: &str, path: &str) -> String {
     format!("socket,id={id},path={},server=on,wait=off", escape(path))
 }
 
-fn control_args(argv: &mut Args, run_dir: &RunDir, m: &Machine) {
+fn control_args(argv: &mut Args, run_dir: &RunDir, m: &Machine, append_serial: bool) {
     argv.push("-chardev", unix_server("qmp0", &run_dir.qmp_socket()));
     argv.push("-mon", "chardev=qmp0,mode=control");
     if m.serial_console {
         argv.push(
             "-chardev",
-            format!("file,id=serial0,path={}", escape(&run_dir.serial_log())),
+            format!(
+                "file,id=serial0,path={}{}",
+                escape(&run_dir.serial_log()),
+                if append_serial { ",append=on" } else { "" }
+            ),
         );
         argv.push("-serial", "chardev:serial0");
     }

@@ -1,7 +1,10 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use super::argv::{Accelerator, NetworkAttachment, VmSpec, qemu_argv};
+use super::argv::{
+    Accelerator, BootDisk, DiskFormat, DiskLayer, KernelFiles, NetworkAttachment, VmSpec, qemu_argv,
+};
 use super::run_dir::RunDir;
+use super::snapshot::{Lookup, Snapshot, SnapshotStore, Volatile};
 use super::supervisor::{VmError, VmLaunch, create_run_dir};
 use crate::image::ImageLease;
 use crate::job::Machine;
@@ -19,41 +22,135 @@ pub struct LaunchPlan<'a> {
     pub accelerator: Accelerator,
 }
 
+/// What a launch does about boot snapshots (see `snapshot.rs`).
+#[derive(Debug)]
+pub enum SnapshotPlan {
+    /// Snapshots are off, or cannot work for this machine: boot.
+    Boot,
+    /// Boot, and save a snapshot under this key when the guest parks.
+    Save(String),
+    /// Resume from this snapshot instead of booting.
+    Resume(Snapshot),
+}
+
 /// Creates the run dir (0700) with the job's overlay in it, and builds QEMU's command
 /// line. The overlay goes away with the run dir when the VM is torn down.
 pub fn prepare_launch(plan: LaunchPlan<'_>) -> Result<VmLaunch, VmError> {
+    prepare_launch_with_snapshots(plan, None).map(|(launch, _)| launch)
+}
+
+/// `prepare_launch`, resuming from the image's boot snapshot for this machine when
+/// `snapshots` has one (the overlay then sits on the snapshot's disk), or planning to
+/// save one.
+pub fn prepare_launch_with_snapshots(
+    plan: LaunchPlan<'_>,
+    snapshots: Option<&SnapshotStore>,
+) -> Result<(VmLaunch, SnapshotPlan), VmError> {
     create_run_dir(plan.run_dir.path())?;
     let overlay = plan.run_dir.path().join("overlay.qcow2");
-    let disk = plan.image.create_overlay(&overlay).map_err(|e| {
-        let _ = std::fs::remove_dir_all(plan.run_dir.path());
-        VmError::Prepare {
-            path: overlay.clone(),
-            source: std::io::Error::other(e.to_string()),
-        }
-    })?;
     // Direct boot only when the resolved machine asks for it (a payload may turn it off).
     let kernel = plan
         .machine
         .kernel
         .as_ref()
         .and_then(|_| plan.image.contents().kernel_files());
-    let argv = qemu_argv(&VmSpec {
-        name: plan.name,
-        machine: plan.machine,
-        run_dir: &plan.run_dir,
-        disk: &disk,
-        kernel: kernel.as_ref(),
-        network: &plan.network,
-        accelerator: plan.accelerator,
+    let mut layers = plan.image.contents().base_layers();
+    let overlay_layer = DiskLayer {
+        path: overlay.display().to_string(),
+        format: DiskFormat::Qcow2,
+    };
+    let snapshot = snapshots.map(|store| {
+        let mut cold = layers.clone();
+        cold.push(overlay_layer.clone());
+        let cold = BootDisk { layers: cold };
+        let argv = qemu_argv(&spec(&plan, kernel.as_ref(), &cold, None));
+        let m = plan.machine;
+        let key = SnapshotStore::key(
+            &argv,
+            Volatile {
+                run_dir: plan.run_dir.path(),
+                name: plan.name,
+                mac: &m.mac,
+                uuid: &m.uuid,
+                disk_serial: &m.disk_serial,
+            },
+        );
+        match store.lookup(&key) {
+            Lookup::Ready(snapshot) => SnapshotPlan::Resume(snapshot),
+            Lookup::Missing => SnapshotPlan::Save(key),
+            Lookup::Unsupported(why) => {
+                tracing::debug!(key, why, "boot snapshots cannot work for this machine");
+                SnapshotPlan::Boot
+            }
+        }
     });
+    let snapshot = snapshot.unwrap_or(SnapshotPlan::Boot);
+    let fail = |source: String| {
+        let _ = std::fs::remove_dir_all(plan.run_dir.path());
+        VmError::Prepare {
+            path: overlay.clone(),
+            source: std::io::Error::other(source),
+        }
+    };
+    let vmstate = match &snapshot {
+        SnapshotPlan::Resume(saved) => {
+            let disk = saved.disk();
+            crate::image::create_overlay(&overlay, &disk, "qcow2")
+                .map_err(|e| fail(e.to_string()))?;
+            layers.push(DiskLayer {
+                path: disk.display().to_string(),
+                format: DiskFormat::Qcow2,
+            });
+            // The console goes on from the boot it was saved in.
+            std::fs::copy(saved.console(), plan.run_dir.serial_log())
+                .map_err(|e| fail(format!("{}: {e}", saved.console().display())))?;
+            Some(saved.vmstate().display().to_string())
+        }
+        _ => {
+            let top = layers
+                .last()
+                .unwrap_or_else(|| unreachable!("an image always has a boot disk"));
+            let format = match top.format {
+                DiskFormat::Raw => "raw",
+                DiskFormat::Qcow2 => "qcow2",
+            };
+            crate::image::create_overlay(&overlay, Path::new(&top.path), format)
+                .map_err(|e| fail(e.to_string()))?;
+            None
+        }
+    };
+    layers.push(overlay_layer);
+    let disk = BootDisk { layers };
+    let argv = qemu_argv(&spec(&plan, kernel.as_ref(), &disk, vmstate.as_deref()));
     let netns = match &plan.network {
         NetworkAttachment::Tap { netns, .. } => Some(netns.clone()),
         NetworkAttachment::User { .. } => None,
     };
-    Ok(VmLaunch {
-        argv,
-        run_dir: plan.run_dir,
-        log_dir: plan.log_dir,
-        netns,
-    })
+    Ok((
+        VmLaunch {
+            argv,
+            run_dir: plan.run_dir,
+            log_dir: plan.log_dir,
+            netns,
+        },
+        snapshot,
+    ))
+}
+
+fn spec<'a>(
+    plan: &'a LaunchPlan<'_>,
+    kernel: Option<&'a KernelFiles>,
+    disk: &'a BootDisk,
+    resume: Option<&'a str>,
+) -> VmSpec<'a> {
+    VmSpec {
+        name: plan.name,
+        machine: plan.machine,
+        run_dir: &plan.run_dir,
+        disk,
+        kernel,
+        network: &plan.network,
+        accelerator: plan.accelerator,
+        resume,
+    }
 }

@@ -8,6 +8,7 @@ mod launch;
 mod network;
 mod run_dir;
 mod screenshot;
+mod snapshot;
 mod strays;
 mod supervisor;
 
@@ -18,9 +19,12 @@ pub use argv::{
     AGENT_PORT_NAME, Accelerator, BootDisk, DiskFormat, DiskLayer, KernelFiles, NetworkAttachment,
     QGA_PORT_NAME, VmSpec, qemu_argv,
 };
-pub use launch::{LaunchPlan, prepare_launch};
+pub use launch::{LaunchPlan, SnapshotPlan, prepare_launch, prepare_launch_with_snapshots};
 pub use network::{NetworkError, TAP_DEVICE, TapNetwork};
 pub use run_dir::{RunDir, RunDirError};
 pub use screenshot::{Screenshot, ScreenshotError, take_screenshot, take_screenshot_ppm};
+pub use snapshot::{
+    Lookup, PARKED_LINE, PARKING_LINE, Snapshot, SnapshotStore, Volatile, finish_resume,
+};
 pub use strays::kill_strays;
 pub use supervisor::{StopStep, Vm, VmError, VmExit, VmLaunch, VmTimeouts, create_run_dir};

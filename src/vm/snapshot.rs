@@ -1,0 +1,337 @@
+//! Boot snapshots (docs/snapshots.md): a VM saved at the moment its guest tools ask for
+//! the task, resumed by later jobs on the same image and machine instead of booting.
+//!
+//! The first job that finds no snapshot tells its guest to park (the metadata service
+//! answers the task fetch `202`), takes the NIC's link down once the guest says on its
+//! console that it got the answer, waits for its `parked` line, stops the VM, migrates it into a file, copies its overlay and
+//! console, and lets the same VM go on with its job. Later jobs start QEMU with
+//! `-incoming` on that file over an overlay on the saved disk, bring the link up and
+//! `cont`: the guest tools see the link, fetch their task, set the clock and reseed the
+//! kernel's RNG from the host's answer.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::qemu::{QmpClient, QmpError};
+
+/// What the guest tools print on the console once they have the park request (and
+/// closed its connection): the link may go down.
+pub const PARKING_LINE: &str = "parking for a boot snapshot";
+/// What the guest tools print once they saw the link go down and hold still.
+pub const PARKED_LINE: &str = "parked for a boot snapshot";
+/// The NIC's netdev id in every command line (see argv.rs).
+const NIC: &str = "net0";
+/// Bumped when what a snapshot holds changes meaning (the park protocol, the layout).
+const FORMAT: &str = "qemu-worker boot snapshot v1";
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the guest may take to say it parked once the link is down.
+const PARK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long saving or loading the VM state may take.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The snapshots of one cached image: `<cache dir>/snapshots/<image sha256>/<key>/`,
+/// removed with the image.
+#[derive(Debug, Clone)]
+pub struct SnapshotStore {
+    dir: PathBuf,
+}
+
+/// One saved VM: `vmstate` (QEMU's migration stream), `disk.qcow2` (the overlay at the
+/// moment of the save, over the image's disk), `console.log` (the boot up to it).
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub key: String,
+    dir: PathBuf,
+}
+
+impl Snapshot {
+    pub fn vmstate(&self) -> PathBuf {
+        self.dir.join("vmstate")
+    }
+
+    pub fn disk(&self) -> PathBuf {
+        self.dir.join("disk.qcow2")
+    }
+
+    pub fn console(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+}
+
+/// What the store has for a key.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    Ready(Snapshot),
+    Missing,
+    /// A save was tried and cannot work for this machine (the reason QEMU or the guest
+    /// gave); jobs boot.
+    Unsupported(String),
+}
+
+/// Identity values that differ per job but do not change the saved guest: left out of
+/// the key (a resumed guest keeps the ones it booted with, see docs/snapshots.md).
+#[derive(Debug, Clone, Copy)]
+pub struct Volatile<'a> {
+    pub run_dir: &'a Path,
+    pub name: &'a str,
+    pub mac: &'a str,
+    pub uuid: &'a str,
+    pub disk_serial: &'a str,
+}
+
+impl SnapshotStore {
+    pub fn new(dir: PathBuf) -> Self {
+        Self { dir }
+    }
+
+    /// The key of a cold boot's command line: everything that shapes the guest (machine,
+    /// devices, kernel, disk chain, QEMU binary), not the per-job paths and names.
+    pub fn key(argv: &[String], volatile: Volatile<'_>) -> String {
+        let run_dir = volatile.run_dir.display().to_string();
+        let mut hash = Sha256::new();
+        hash.update(FORMAT);
+        hash.update(qemu_binary_identity());
+        for arg in argv {
+            let mut arg = arg.replace(&run_dir, "{run}");
+            for (value, placeholder) in [
+                (volatile.name, "{name}"),
+                (volatile.mac, "{mac}"),
+                (volatile.uuid, "{uuid}"),
+                (volatile.disk_serial, "{serial}"),
+            ] {
+                if !value.is_empty() {
+                    arg = arg.replace(value, placeholder);
+                }
+            }
+            hash.update((arg.len() as u64).to_le_bytes());
+            hash.update(arg);
+        }
+        hash.finalize()
+            .iter()
+            .take(12)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    pub fn lookup(&self, key: &str) -> Lookup {
+        if let Ok(why) = std::fs::read_to_string(self.unsupported_marker(key)) {
+            return Lookup::Unsupported(why);
+        }
+        let dir = self.dir.join(key);
+        if dir.join("snapshot.json").is_file() {
+            Lookup::Ready(Snapshot {
+                key: key.to_owned(),
+                dir,
+            })
+        } else {
+            Lookup::Missing
+        }
+    }
+
+    /// Removes a snapshot that failed to load, so that the next job saves a new one.
+    pub fn discard(&self, snapshot: &Snapshot) {
+        if let Err(error) = std::fs::remove_dir_all(&snapshot.dir) {
+            tracing::warn!(dir = %snapshot.dir.display(), %error, "cannot remove a broken boot snapshot");
+        }
+    }
+
+    fn unsupported_marker(&self, key: &str) -> PathBuf {
+        self.dir.join(format!("{key}.unsupported"))
+    }
+
+    /// The guest fetched its task without offering to park: its guest tools predate
+    /// boot snapshots.
+    pub fn refuse(&self, key: &str) {
+        self.mark_unsupported(
+            key,
+            "the image's guest tools do not offer to park (GET /v1/task without park=1)",
+        );
+    }
+
+    fn mark_unsupported(&self, key: &str, why: &str) {
+        let _ = std::fs::create_dir_all(&self.dir);
+        let _ = std::fs::write(self.unsupported_marker(key), why);
+    }
+
+    /// Saves the VM whose guest was just told to park, then lets it go on (link up,
+    /// `cont`) whatever happened. `serial_log` and `overlay` are the VM's own files.
+    pub async fn take(
+        &self,
+        key: &str,
+        qmp: &QmpClient,
+        serial_log: &Path,
+        overlay: &Path,
+    ) -> Result<Snapshot, String> {
+        let started = Instant::now();
+        let taken = self.save(key, qmp, serial_log, overlay).await;
+        let released = async {
+            qmp.cont(QMP_TIMEOUT).await?;
+            set_link(qmp, true).await
+        }
+        .await;
+        match (&taken, released) {
+            (_, Err(e)) => return Err(format!("the VM did not go on after the save: {e}")),
+            (Ok(snapshot), Ok(())) => tracing::info!(
+                key,
+                dir = %snapshot.dir.display(),
+                millis = started.elapsed().as_millis() as u64,
+                "boot snapshot saved"
+            ),
+            (Err(why), Ok(())) => tracing::warn!(key, why, "no boot snapshot"),
+        }
+        taken
+    }
+
+    async fn save(
+        &self,
+        key: &str,
+        qmp: &QmpClient,
+        serial_log: &Path,
+        overlay: &Path,
+    ) -> Result<Snapshot, String> {
+        // The park answer must reach the guest before the link goes down.
+        for (line, link_down) in [(PARKING_LINE, true), (PARKED_LINE, false)] {
+            if !wait_for_line(serial_log, line, PARK_TIMEOUT).await {
+                // Not marked unsupported: a guest this slow may be a loaded host's.
+                return Err(format!(
+                    "the guest did not print '{line}' on its serial console within {PARK_TIMEOUT:?}"
+                ));
+            }
+            if link_down {
+                set_link(qmp, false).await.map_err(|e| e.to_string())?;
+            }
+        }
+        qmp.execute("stop", None, QMP_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{key}."))
+            .tempdir_in(&self.dir)
+            .map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        let vmstate = tmp.path().join("vmstate");
+        let uri = format!(
+            "exec:cat > {}",
+            super::argv::shell_quote(&vmstate.display().to_string())
+        );
+        if let Err(e) = qmp
+            .execute("migrate", Some(json!({"uri": uri})), QMP_TIMEOUT)
+            .await
+        {
+            // QEMU refuses at once when a device cannot be migrated (NVMe, for one).
+            let why = e.to_string();
+            if let QmpError::Command { .. } = e {
+                self.mark_unsupported(key, &why);
+            }
+            return Err(why);
+        }
+        wait_for_migration(qmp).await?;
+        // The migration flushed the disk and handed it over: the overlay is consistent.
+        for (from, to) in [(overlay, "disk.qcow2"), (serial_log, "console.log")] {
+            std::fs::copy(from, tmp.path().join(to))
+                .map_err(|e| format!("copying {}: {e}", from.display()))?;
+        }
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let about = json!({"format": FORMAT, "key": key, "createdUnixSeconds": created, "qemu": qmp.qemu_version()});
+        std::fs::write(tmp.path().join("snapshot.json"), about.to_string())
+            .map_err(|e| format!("snapshot.json: {e}"))?;
+        let dir = self.dir.join(key);
+        let tmp = tmp.keep();
+        if let Err(e) = std::fs::rename(&tmp, &dir) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            // Another job saved the same snapshot first: use theirs.
+            if !dir.join("snapshot.json").is_file() {
+                return Err(format!("{}: {e}", dir.display()));
+            }
+        }
+        Ok(Snapshot {
+            key: key.to_owned(),
+            dir,
+        })
+    }
+}
+
+/// Completes a resume: waits until QEMU has loaded the snapshot (it was started with
+/// `-incoming`), then brings the NIC's link up so that the parked guest tools go on.
+/// The caller then `cont`s.
+pub async fn finish_resume(qmp: &QmpClient) -> Result<(), String> {
+    wait_for_migration(qmp).await?;
+    set_link(qmp, true).await.map_err(|e| e.to_string())
+}
+
+async fn set_link(qmp: &QmpClient, up: bool) -> Result<(), QmpError> {
+    qmp.execute(
+        "set_link",
+        Some(json!({"name": NIC, "up": up})),
+        QMP_TIMEOUT,
+    )
+    .await
+    .map(drop)
+}
+
+/// Polls `query-migrate` until the migration (either way) completed.
+async fn wait_for_migration(qmp: &QmpClient) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        let state = qmp
+            .execute("query-migrate", None, QMP_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?;
+        match state["status"].as_str() {
+            Some("completed") => return Ok(()),
+            Some("failed" | "cancelled") => {
+                return Err(format!(
+                    "the migration {}: {}",
+                    state["status"].as_str().unwrap_or("failed"),
+                    state["error-desc"].as_str().unwrap_or("no reason given")
+                ));
+            }
+            _ if start.elapsed() > MIGRATION_TIMEOUT => {
+                return Err(format!(
+                    "the migration did not complete within {MIGRATION_TIMEOUT:?}"
+                ));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+/// Waits until `path` has a line containing `needle` (polls: the file is QEMU's).
+async fn wait_for_line(path: &Path, needle: &str, timeout: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        let mut text = String::new();
+        if let Ok(mut file) = std::fs::File::open(path)
+            && file.read_to_string(&mut text).is_ok()
+            && text.contains(needle)
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    false
+}
+
+/// Size and modification time of the QEMU found on PATH: another QEMU build may lay out
+/// its migration stream differently.
+fn qemu_binary_identity() -> String {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("qemu-system-x86_64"))
+        .find_map(|candidate| std::fs::metadata(&candidate).ok().map(|m| (candidate, m)))
+        .map(|(path, m)| {
+            let modified = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            format!("{} {} {modified}", path.display(), m.len())
+        })
+        .unwrap_or_default()
+}

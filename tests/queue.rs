@@ -390,3 +390,34 @@ fn a_canceled_job_whose_run_is_lost_or_released_is_not_run_again(q: &dyn Queue) 
     );
     assert!(q.claim("w3", LEASE, 3_000).expect("claim").is_none());
 }
+
+/// Processes opening a new database at once (a `serve` starting while `submit` runs)
+/// all get it: the switch to WAL and the schema wait for each other.
+#[test]
+fn sqlite_databases_opened_at_once_by_many_processes_all_open() {
+    for _ in 0..5 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("worker.yml");
+        std::fs::write(&config, "stateDir: state\n").expect("config");
+        let children: Vec<_> = (0..8)
+            .map(|_| {
+                std::process::Command::new(env!("CARGO_BIN_EXE_qemu-worker"))
+                    .arg("--config")
+                    .arg(&config)
+                    .arg("jobs")
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("qemu-worker jobs")
+            })
+            .collect();
+        for child in children {
+            let output = child.wait_with_output().expect("wait");
+            assert!(
+                output.status.success(),
+                "{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+}

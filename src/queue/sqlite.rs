@@ -59,25 +59,22 @@ impl SqliteQueue {
         connection
             .busy_timeout(Duration::from_secs(30))
             .map_err(db)?;
-        connection
-            .pragma_update(None, "journal_mode", "WAL")
-            .map_err(db)?;
-        connection
-            .pragma_update(None, "synchronous", "NORMAL")
-            .map_err(db)?;
-        connection.execute_batch(SCHEMA).map_err(db)?;
-        // Databases made before job deadlines existed lack the column.
-        let has_deadline: bool = connection
-            .query_row(
-                "SELECT COUNT(*) FROM pragma_table_info('jobs') WHERE name = 'deadline'",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(db)?;
-        if !has_deadline {
-            connection
-                .execute_batch("ALTER TABLE jobs ADD COLUMN deadline INTEGER")
-                .map_err(db)?;
+        // Switching to WAL and creating the schema can meet another process doing the
+        // same (a `serve` starting while `submit` runs): SQLite answers SQLITE_BUSY
+        // there without waiting on the busy timeout, so wait here, bounded.
+        let start = std::time::Instant::now();
+        loop {
+            match prepare(&connection) {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy
+                        && start.elapsed() < Duration::from_secs(30) =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+                other => other.map_err(db)?,
+            }
+            break;
         }
         Ok(Self {
             path: path.to_path_buf(),
@@ -95,6 +92,23 @@ impl SqliteQueue {
             .map_err(|_| QueueError::Database("the connection lock is poisoned".into()))?;
         f(&mut connection)
     }
+}
+
+/// WAL, the schema, and the columns older databases lack.
+fn prepare(connection: &Connection) -> rusqlite::Result<()> {
+    connection.pragma_update(None, "journal_mode", "WAL")?;
+    connection.pragma_update(None, "synchronous", "NORMAL")?;
+    connection.execute_batch(SCHEMA)?;
+    // Databases made before job deadlines existed lack the column.
+    let has_deadline: bool = connection.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('jobs') WHERE name = 'deadline'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_deadline {
+        connection.execute_batch("ALTER TABLE jobs ADD COLUMN deadline INTEGER")?;
+    }
+    Ok(())
 }
 
 impl Queue for SqliteQueue {

@@ -248,6 +248,7 @@ async fn a_guest_that_never_boots_is_stopped_by_the_worker() {
             "noboot",
             |m| {
                 m.kernel = None;
+                m.initrd = None;
                 m.cmdline = None;
             },
             Duration::from_secs(3),

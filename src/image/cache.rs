@@ -549,12 +549,23 @@ impl State {
                 Err(_) => remove_object(&path),
             }
         }
-        // Boot snapshots go with their image.
+        // Boot snapshots go with their image; saves cut short by a crash (`.KEY.*`
+        // directories) go too.
         if let Ok(listing) = std::fs::read_dir(self.snapshots()) {
             for item in listing.flatten() {
                 let sha = item.file_name().to_string_lossy().into_owned();
                 if !self.index.images.contains_key(&sha) {
                     remove_object(&item.path());
+                    continue;
+                }
+                for partial in std::fs::read_dir(item.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    if partial.file_name().to_string_lossy().starts_with('.') {
+                        remove_object(&partial.path());
+                    }
                 }
             }
         }

@@ -293,14 +293,14 @@ impl Engine {
             return exception(ExceptionReason::InternalError, e.to_string());
         }
         progress.phase("start");
-        if let (SnapshotPlan::Save(key), Some(store)) = (&snapshot, snapshots) {
-            self.save_snapshot(&mut vm, &service, store, key, progress)
-                .await;
-        }
 
+        let save = match (&snapshot, snapshots) {
+            (SnapshotPlan::Save(key), Some(store)) => Some((store, key.as_str())),
+            _ => None,
+        };
         let mut cancel = job.cancel.clone();
         let outcome = tokio::select! {
-            outcome = self.wait_for_result(&mut vm, &mut service, payload) => outcome,
+            outcome = self.wait_for_result(&mut vm, &mut service, payload, save, progress) => outcome,
             reason = cancel.wait_for(Option::is_some) => match reason.ok().and_then(|r| *r) {
                 Some(reason) => Outcome::Canceled(reason),
                 None => Outcome::Canceled(ExceptionReason::Canceled),
@@ -412,23 +412,16 @@ impl Engine {
         report
     }
 
-    /// Waits for the guest to take the park request and saves the VM as the boot
-    /// snapshot `key` (the guest then goes on with this job). A guest that fetches its
-    /// task without offering to park, or cannot be saved, marks the key unsupported.
+    /// Saves the VM as the boot snapshot `key` once its guest took the park request
+    /// (the guest then goes on with this job). A guest that fetched its task without
+    /// offering to park marks the key unsupported.
     async fn save_snapshot(
-        &self,
-        vm: &mut Vm,
-        service: &MetadataHandle,
+        vm: &Vm,
+        parked: Park,
         store: &SnapshotStore,
         key: &str,
         progress: &Progress,
     ) {
-        let ready = Duration::from_secs(self.config.timeouts.guest_ready_seconds);
-        let parked = tokio::select! {
-            park = service.park_outcome() => park,
-            // The guest died or never asked; the wait for the task reports it.
-            _ = vm.wait(ready) => return,
-        };
         match parked {
             Park::Sent => {
                 let started = Instant::now();
@@ -505,16 +498,31 @@ impl Engine {
         }
     }
 
+    /// Waits for the task fetch (saving the boot snapshot on the way when `save` names
+    /// one), then for the result, within maxRunTime.
     async fn wait_for_result(
         &self,
         vm: &mut Vm,
         service: &mut MetadataHandle,
         payload: &JobPayload,
+        save: Option<(&SnapshotStore, &str)>,
+        progress: &Progress,
     ) -> Outcome {
         let ready = Duration::from_secs(self.config.timeouts.guest_ready_seconds);
+        let waiting = Instant::now();
+        if let Some((store, key)) = save {
+            let parked = tokio::select! {
+                park = service.park_outcome() => park,
+                exit = vm.wait(ready) => match exit {
+                    Some(exit) => return Outcome::GuestEnded(exit),
+                    None => return Outcome::NeverStarted,
+                },
+            };
+            Self::save_snapshot(vm, parked, store, key, progress).await;
+        }
         let fetched = tokio::select! {
             fetched = service.task_fetched() => fetched,
-            exit = vm.wait(ready) => match exit {
+            exit = vm.wait(ready.saturating_sub(waiting.elapsed())) => match exit {
                 Some(exit) => return Outcome::GuestEnded(exit),
                 None => false,
             },

@@ -78,6 +78,7 @@ pub fn prepare_launch_with_snapshots(
         match store.lookup(&key) {
             Lookup::Ready(snapshot) => SnapshotPlan::Resume(snapshot),
             Lookup::Missing => SnapshotPlan::Save(key),
+            Lookup::Full => SnapshotPlan::Boot,
             Lookup::Unsupported(why) => {
                 tracing::debug!(key, why, "boot snapshots cannot work for this machine");
                 SnapshotPlan::Boot

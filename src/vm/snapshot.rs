@@ -30,6 +30,12 @@ const FORMAT: &str = "qemu-worker boot snapshot v1";
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the guest may take to say it parked once the link is down.
 const PARK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Snapshots kept per image: each machine a payload asks for may save one (~100 MB),
+/// so this bounds what payloads can make the cache hold.
+pub const MAX_PER_IMAGE: usize = 4;
+/// Free space the cache's file system must keep after a save (besides the image
+/// cache's own floor, which the worker checks before claiming).
+const MIN_FREE_AFTER_SAVE: u64 = 1 << 30;
 /// How long saving or loading the VM state may take.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -67,6 +73,9 @@ impl Snapshot {
 pub enum Lookup {
     Ready(Snapshot),
     Missing,
+    /// No room for another: the image has `MAX_PER_IMAGE` already, or the disk is short
+    /// of space.
+    Full,
     /// A save was tried and cannot work for this machine (the reason QEMU or the guest
     /// gave); jobs boot.
     Unsupported(String),
@@ -123,13 +132,27 @@ impl SnapshotStore {
         }
         let dir = self.dir.join(key);
         if dir.join("snapshot.json").is_file() {
-            Lookup::Ready(Snapshot {
+            return Lookup::Ready(Snapshot {
                 key: key.to_owned(),
                 dir,
-            })
-        } else {
-            Lookup::Missing
+            });
         }
+        let saved = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().join("snapshot.json").is_file())
+            .count();
+        let free = free_space(&self.dir);
+        if saved >= MAX_PER_IMAGE || free < MIN_FREE_AFTER_SAVE {
+            tracing::debug!(
+                saved,
+                free,
+                "no room for another boot snapshot of this image"
+            );
+            return Lookup::Full;
+        }
+        Lookup::Missing
     }
 
     /// Removes a snapshot that failed to load, so that the next job saves a new one.
@@ -318,6 +341,13 @@ async fn wait_for_line(path: &Path, needle: &str, timeout: Duration) -> bool {
     false
 }
 
+/// Bytes available to us on the file system of `dir` (or its closest existing parent).
+fn free_space(dir: &Path) -> u64 {
+    dir.ancestors()
+        .find_map(|d| rustix::fs::statvfs(d).ok())
+        .map_or(0, |s| s.f_bavail.saturating_mul(s.f_frsize))
+}
+
 /// Size and modification time of the QEMU found on PATH: another QEMU build may lay out
 /// its migration stream differently.
 fn qemu_binary_identity() -> String {
@@ -334,4 +364,25 @@ fn qemu_binary_identity() -> String {
             format!("{} {} {modified}", path.display(), m.len())
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_image_keeps_at_most_max_per_image_snapshots() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SnapshotStore::new(dir.path().join("sha"));
+        assert!(matches!(store.lookup("k0"), Lookup::Missing));
+        for n in 0..MAX_PER_IMAGE {
+            let saved = dir.path().join("sha").join(format!("k{n}"));
+            std::fs::create_dir_all(&saved).expect("dir");
+            std::fs::write(saved.join("snapshot.json"), "{}").expect("file");
+        }
+        assert!(matches!(store.lookup("k0"), Lookup::Ready(_)));
+        assert!(matches!(store.lookup("another"), Lookup::Full));
+        store.mark_unsupported("another", "why");
+        assert!(matches!(store.lookup("another"), Lookup::Unsupported(w) if w == "why"));
+    }
 }

@@ -145,6 +145,32 @@ fn a_snapshot_that_does_not_load_is_replaced_and_the_job_boots() {
 }
 
 #[test]
+fn an_incomplete_snapshot_is_replaced_and_the_job_boots() {
+    let worker = worker();
+    let first = Job::script("echo one").run(&worker);
+    assert_eq!(first.state(), "completed", "{}", first.report);
+    let saved = snapshots(&worker);
+    assert_eq!(saved.len(), 1, "{}", first.log());
+    std::fs::remove_file(saved[0].join("disk.qcow2")).expect("remove the saved disk");
+
+    let second = Job::script("echo two").run(&worker);
+    assert_eq!(second.state(), "completed", "{}", second.report);
+    assert!(!second.log().contains("resumed"), "{}", second.log());
+    assert!(
+        snapshots(&worker).is_empty(),
+        "the incomplete snapshot is gone"
+    );
+
+    let third = Job::script("echo three").run(&worker);
+    assert!(
+        third.log().contains("saved boot snapshot"),
+        "{}",
+        third.log()
+    );
+    worker.assert_clean();
+}
+
+#[test]
 fn a_machine_qemu_cannot_migrate_boots_every_time() {
     let worker = worker();
     // QEMU cannot migrate an NVMe controller.

@@ -85,41 +85,53 @@ pub fn prepare_launch_with_snapshots(
             }
         }
     });
-    let snapshot = snapshot.unwrap_or(SnapshotPlan::Boot);
-    let fail = |source: String| {
-        let _ = std::fs::remove_dir_all(plan.run_dir.path());
-        VmError::Prepare {
-            path: overlay.clone(),
-            source: std::io::Error::other(source),
-        }
-    };
-    let vmstate = match &snapshot {
-        SnapshotPlan::Resume(saved) => {
-            let disk = saved.disk();
-            crate::image::create_overlay(&overlay, &disk, "qcow2")
-                .map_err(|e| fail(e.to_string()))?;
-            layers.push(DiskLayer {
-                path: disk.display().to_string(),
-                format: DiskFormat::Qcow2,
+    let mut snapshot = snapshot.unwrap_or(SnapshotPlan::Boot);
+    let mut vmstate = None;
+    if let SnapshotPlan::Resume(saved) = &snapshot {
+        // The console goes on from the boot it was saved in.
+        let prepared = crate::image::create_overlay(&overlay, &saved.disk(), "qcow2")
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                std::fs::copy(saved.console(), plan.run_dir.serial_log())
+                    .map_err(|e| format!("{}: {e}", saved.console().display()))
             });
-            // The console goes on from the boot it was saved in.
-            std::fs::copy(saved.console(), plan.run_dir.serial_log())
-                .map_err(|e| fail(format!("{}: {e}", saved.console().display())))?;
-            Some(saved.vmstate().display().to_string())
+        match prepared {
+            Ok(_) => {
+                layers.push(DiskLayer {
+                    path: saved.disk().display().to_string(),
+                    format: DiskFormat::Qcow2,
+                });
+                vmstate = Some(saved.vmstate().display().to_string());
+            }
+            // Incomplete, or removed meanwhile by a job that found it broken: drop it
+            // (the next job saves a new one) and boot.
+            Err(why) => {
+                tracing::warn!(key = %saved.key, why, "cannot resume the boot snapshot; booting");
+                if let Some(store) = snapshots {
+                    store.discard(saved);
+                }
+                let _ = std::fs::remove_file(&overlay);
+                let _ = std::fs::remove_file(plan.run_dir.serial_log());
+                snapshot = SnapshotPlan::Boot;
+            }
         }
-        _ => {
-            let top = layers
-                .last()
-                .unwrap_or_else(|| unreachable!("an image always has a boot disk"));
-            let format = match top.format {
-                DiskFormat::Raw => "raw",
-                DiskFormat::Qcow2 => "qcow2",
-            };
-            crate::image::create_overlay(&overlay, Path::new(&top.path), format)
-                .map_err(|e| fail(e.to_string()))?;
-            None
-        }
-    };
+    }
+    if vmstate.is_none() {
+        let top = layers
+            .last()
+            .unwrap_or_else(|| unreachable!("an image always has a boot disk"));
+        let format = match top.format {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        };
+        crate::image::create_overlay(&overlay, Path::new(&top.path), format).map_err(|e| {
+            let _ = std::fs::remove_dir_all(plan.run_dir.path());
+            VmError::Prepare {
+                path: overlay.clone(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
+    }
     layers.push(overlay_layer);
     let disk = BootDisk { layers };
     let argv = qemu_argv(&spec(&plan, kernel.as_ref(), &disk, vmstate.as_deref()));

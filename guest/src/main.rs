@@ -161,16 +161,23 @@ fn fetch_task(address: SocketAddr) -> (Task, Option<TcpStream>) {
 /// meanwhile, so the snapshot holds none; they ask for the task again once the link is
 /// back. If the link never goes down (the worker gave up), they ask again after 10 s.
 fn park() {
+    let up = |path: &std::path::PathBuf| {
+        std::fs::read_to_string(path).is_ok_and(|carrier| carrier.trim() == "1")
+    };
+    // The links up now (one of them reaches the service); interfaces that are down, or
+    // have no carrier to read, are no signal.
     let carriers: Vec<_> = std::fs::read_dir("/sys/class/net")
         .into_iter()
         .flatten()
         .flatten()
         .filter(|entry| entry.file_name() != "lo")
         .map(|entry| entry.path().join("carrier"))
+        .filter(up)
         .collect();
-    let up = |path: &std::path::PathBuf| {
-        std::fs::read_to_string(path).is_ok_and(|carrier| carrier.trim() == "1")
-    };
+    if carriers.is_empty() {
+        say("asked to park, but no link is up to watch; asking for the task again");
+        return;
+    }
     let wait = |done: &dyn Fn() -> bool, limit: Duration| {
         let start = Instant::now();
         while !done() {

@@ -54,16 +54,14 @@ pub fn prepare_launch_with_snapshots(
         .kernel
         .as_ref()
         .and_then(|_| plan.image.contents().kernel_files());
-    let mut layers = plan.image.contents().base_layers();
-    let overlay_layer = DiskLayer {
-        path: overlay.display().to_string(),
-        format: DiskFormat::Qcow2,
-    };
     let snapshot = snapshots.map(|store| {
-        let mut cold = layers.clone();
-        cold.push(overlay_layer.clone());
-        let cold = BootDisk { layers: cold };
-        let argv = qemu_argv(&spec(&plan, kernel.as_ref(), &cold, None));
+        // The key is the cold boot's command line (the overlay file need not exist).
+        let mut layers = plan.image.contents().base_layers();
+        layers.push(DiskLayer {
+            path: overlay.display().to_string(),
+            format: DiskFormat::Qcow2,
+        });
+        let argv = qemu_argv(&spec(&plan, kernel.as_ref(), &BootDisk { layers }, None));
         let m = plan.machine;
         let key = SnapshotStore::key(
             &argv,
@@ -86,23 +84,9 @@ pub fn prepare_launch_with_snapshots(
         }
     });
     let mut snapshot = snapshot.unwrap_or(SnapshotPlan::Boot);
-    let mut vmstate = None;
-    if let SnapshotPlan::Resume(saved) = &snapshot {
-        // The console goes on from the boot it was saved in.
-        let prepared = crate::image::create_overlay(&overlay, &saved.disk(), "qcow2")
-            .map_err(|e| e.to_string())
-            .and_then(|()| {
-                std::fs::copy(saved.console(), plan.run_dir.serial_log())
-                    .map_err(|e| format!("{}: {e}", saved.console().display()))
-            });
-        match prepared {
-            Ok(_) => {
-                layers.push(DiskLayer {
-                    path: saved.disk().display().to_string(),
-                    format: DiskFormat::Qcow2,
-                });
-                vmstate = Some(saved.vmstate().display().to_string());
-            }
+    let resumed = match &snapshot {
+        SnapshotPlan::Resume(saved) => match resume_disk(&plan, saved, &overlay) {
+            Ok(disk) => Some((disk, saved.vmstate().display().to_string())),
             // Incomplete, or removed meanwhile by a job that found it broken: drop it
             // (the next job saves a new one) and boot.
             Err(why) => {
@@ -113,27 +97,24 @@ pub fn prepare_launch_with_snapshots(
                 let _ = std::fs::remove_file(&overlay);
                 let _ = std::fs::remove_file(plan.run_dir.serial_log());
                 snapshot = SnapshotPlan::Boot;
+                None
             }
+        },
+        _ => None,
+    };
+    let (disk, vmstate) = match resumed {
+        Some((disk, vmstate)) => (disk, Some(vmstate)),
+        None => {
+            let disk = plan.image.create_overlay(&overlay).map_err(|e| {
+                let _ = std::fs::remove_dir_all(plan.run_dir.path());
+                VmError::Prepare {
+                    path: overlay.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                }
+            })?;
+            (disk, None)
         }
-    }
-    if vmstate.is_none() {
-        let top = layers
-            .last()
-            .unwrap_or_else(|| unreachable!("an image always has a boot disk"));
-        let format = match top.format {
-            DiskFormat::Raw => "raw",
-            DiskFormat::Qcow2 => "qcow2",
-        };
-        crate::image::create_overlay(&overlay, Path::new(&top.path), format).map_err(|e| {
-            let _ = std::fs::remove_dir_all(plan.run_dir.path());
-            VmError::Prepare {
-                path: overlay.clone(),
-                source: std::io::Error::other(e.to_string()),
-            }
-        })?;
-    }
-    layers.push(overlay_layer);
-    let disk = BootDisk { layers };
+    };
     let argv = qemu_argv(&spec(&plan, kernel.as_ref(), &disk, vmstate.as_deref()));
     let netns = match &plan.network {
         NetworkAttachment::Tap { netns, .. } => Some(netns.clone()),
@@ -148,6 +129,28 @@ pub fn prepare_launch_with_snapshots(
         },
         snapshot,
     ))
+}
+
+/// The job's overlay over the snapshot's saved disk (over the image's disk), and the
+/// console so far in the run dir's serial log.
+fn resume_disk(
+    plan: &LaunchPlan<'_>,
+    saved: &Snapshot,
+    overlay: &Path,
+) -> Result<BootDisk, String> {
+    let saved_disk = saved.disk();
+    crate::image::create_overlay(overlay, &saved_disk, "qcow2").map_err(|e| e.to_string())?;
+    // The console goes on from the boot it was saved in.
+    std::fs::copy(saved.console(), plan.run_dir.serial_log())
+        .map_err(|e| format!("{}: {e}", saved.console().display()))?;
+    let mut layers = plan.image.contents().base_layers();
+    for path in [saved_disk.as_path(), overlay] {
+        layers.push(DiskLayer {
+            path: path.display().to_string(),
+            format: DiskFormat::Qcow2,
+        });
+    }
+    Ok(BootDisk { layers })
 }
 
 fn spec<'a>(

@@ -217,8 +217,9 @@ impl SnapshotStore {
         overlay: &Path,
     ) -> Result<Snapshot, String> {
         // The park answer must reach the guest before the link goes down.
+        let mut console = ConsoleFollower::new(serial_log);
         for (line, link_down) in [(PARKING_LINE, true), (PARKED_LINE, false)] {
-            if !wait_for_line(serial_log, line, PARK_TIMEOUT).await {
+            if !console.wait_for(line, PARK_TIMEOUT).await {
                 // Not marked unsupported: a guest this slow may be a loaded host's.
                 return Err(format!(
                     "the guest did not print '{line}' on its serial console within {PARK_TIMEOUT:?}"
@@ -325,20 +326,61 @@ async fn wait_for_migration(qmp: &QmpClient) -> Result<(), String> {
     }
 }
 
-/// Waits until `path` has a line containing `needle` (polls: the file is QEMU's).
-async fn wait_for_line(path: &Path, needle: &str, timeout: Duration) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        let mut text = String::new();
-        if let Ok(mut file) = std::fs::File::open(path)
-            && file.read_to_string(&mut text).is_ok()
-            && text.contains(needle)
-        {
-            return true;
+/// Follows the serial log as QEMU appends to it, reading each byte once (a guest's
+/// console may be large).
+struct ConsoleFollower {
+    file: Option<std::fs::File>,
+    path: PathBuf,
+    /// What was read and not yet matched: the last, unfinished line.
+    pending: Vec<u8>,
+}
+
+impl ConsoleFollower {
+    fn new(path: &Path) -> Self {
+        Self {
+            file: None,
+            path: path.to_path_buf(),
+            pending: Vec::new(),
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    false
+
+    /// Waits until a line containing `needle` is appended (polling: the file is QEMU's).
+    /// Lines after it stay for the next wait.
+    async fn wait_for(&mut self, needle: &str, timeout: Duration) -> bool {
+        let start = Instant::now();
+        let mut chunk = vec![0u8; 64 << 10];
+        loop {
+            if self.take_line_with(needle) {
+                return true;
+            }
+            if self.file.is_none() {
+                self.file = std::fs::File::open(&self.path).ok();
+            }
+            match self.file.as_mut().and_then(|f| f.read(&mut chunk).ok()) {
+                Some(n) if n > 0 => self.pending.extend_from_slice(&chunk[..n]),
+                _ if start.elapsed() < timeout => {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                _ => return false,
+            }
+        }
+    }
+
+    /// Drops the complete lines read so far up to and including the first that contains
+    /// `needle` (true), or all complete lines (false).
+    fn take_line_with(&mut self, needle: &str) -> bool {
+        let mut consumed = 0;
+        while let Some(end) = self.pending[consumed..].iter().position(|&b| b == b'\n') {
+            let line = &self.pending[consumed..consumed + end];
+            consumed += end + 1;
+            if String::from_utf8_lossy(line).contains(needle) {
+                self.pending.drain(..consumed);
+                return true;
+            }
+        }
+        self.pending.drain(..consumed);
+        false
+    }
 }
 
 /// Bytes available to us on the file system of `dir` (or its closest existing parent).
@@ -369,6 +411,34 @@ fn qemu_binary_identity() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_console_follower_finds_lines_as_they_are_appended_once_each() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("serial.log");
+        let mut console = ConsoleFollower::new(&path);
+        let short = Duration::from_millis(50);
+        assert!(!console.wait_for(PARKING_LINE, short).await, "no file yet");
+        let mut file = std::fs::File::create(&path).expect("create");
+        write!(file, "boot\nqemu-worker-guest [1.5]: parking for a boot sn").expect("write");
+        assert!(
+            !console.wait_for(PARKING_LINE, short).await,
+            "an unfinished line"
+        );
+        writeln!(file, "apshot").expect("write");
+        assert!(console.wait_for(PARKING_LINE, short).await);
+        assert!(
+            !console.wait_for(PARKING_LINE, short).await,
+            "a line is matched once"
+        );
+        writeln!(file, "x: {PARKED_LINE}").expect("write");
+        assert!(console.wait_for(PARKED_LINE, short).await);
+        // Two lines in one read: the second is still there for the next wait.
+        writeln!(file, "{PARKING_LINE}\n{PARKED_LINE}").expect("write");
+        assert!(console.wait_for(PARKING_LINE, short).await);
+        assert!(console.wait_for(PARKED_LINE, short).await);
+    }
 
     #[test]
     fn an_image_keeps_at_most_max_per_image_snapshots() {

@@ -16,7 +16,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use qemu_worker::agent::AgentClient;
+use qemu_worker::artifacts::AgentClient;
 use qemu_worker::job::ArtifactKind;
 use qemu_worker::metadata::{
     LogSink, MetadataHandle, MetadataLimits, Task, start_metadata_service,
@@ -214,14 +214,15 @@ async fn log_throughput_once(
 
 async fn timed_fetch(agent: &mut AgentClient, scratch: &Path, verify: bool, name: &str) -> f64 {
     let start = Instant::now();
+    let limits = qemu_worker::config::ArtifactStoreConfig::default();
     let fetched = agent
-        .fetch(
+        .fetch_one(
             "/tmp/big",
             ArtifactKind::File,
-            &scratch.join(name),
-            1 << 30,
+            scratch,
+            name,
+            &limits,
             verify,
-            Duration::from_secs(60),
         )
         .await
         .expect("fetch");

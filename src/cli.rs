@@ -308,8 +308,17 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
         }
         Command::Artifacts { job, out } => {
             let loaded = load_config(cli.config.as_deref()).exit_with(EXIT_OTHER)?;
+            let status = open_queue(&loaded)?.status(&job).exit_with(EXIT_USAGE)?;
+            let Some(report) = &status.report else {
+                return Err(anyhow::anyhow!(
+                    "{job} is {} and has no result yet: its artifacts are collected when it ends",
+                    status.state.as_str()
+                ))
+                .exit_with(EXIT_USAGE);
+            };
             let dir = run_dir_of(&loaded, &job)?.join("artifacts");
-            let copied = copy_tree(&dir, &out).exit_with(EXIT_OTHER)?;
+            // Only what the report lists is complete; nothing else is handed out.
+            let copied = copy_listed(&dir, &report.artifacts, &out).exit_with(EXIT_OTHER)?;
             print(&format!("{copied} file(s) copied into {}\n", out.display()))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -415,20 +424,37 @@ fn logs(loaded: &LoadedConfig, job: &str, follow: bool) -> Result<ExitCode, Fail
     }
 }
 
-fn copy_tree(from: &Path, to: &Path) -> std::io::Result<usize> {
-    std::fs::create_dir_all(to)?;
-    let mut copied = 0;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copied += copy_tree(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), &target)?;
-            copied += 1;
+/// Copies the artifacts a report lists from `from` into `to`, checking each one's size.
+fn copy_listed(
+    from: &Path,
+    artifacts: &[qemu_worker::job::ArtifactRecord],
+    to: &Path,
+) -> anyhow::Result<usize> {
+    use anyhow::Context;
+    std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
+    for artifact in artifacts {
+        let name = Path::new(&artifact.name);
+        anyhow::ensure!(
+            name.components()
+                .all(|c| matches!(c, std::path::Component::Normal(_))),
+            "the report lists an unsafe artifact name {:?}",
+            artifact.name
+        );
+        let target = to.join(name);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
         }
+        let copied = std::fs::copy(from.join(name), &target)
+            .with_context(|| format!("cannot copy the artifact {}", artifact.name))?;
+        anyhow::ensure!(
+            copied == artifact.size,
+            "the stored artifact {} has {copied} bytes, the report says {}",
+            artifact.name,
+            artifact.size
+        );
     }
-    Ok(copied)
+    Ok(artifacts.len())
 }
 
 async fn serve(loaded: &LoadedConfig) -> Result<ExitCode, Failure> {
@@ -600,6 +626,7 @@ async fn vm(loaded: &LoadedConfig, command: VmCommand) -> Result<ExitCode, Failu
             guestfwd_command: vec!["/bin/false".into()],
         },
         accelerator,
+        max_console: config.logs.max_console_size.bytes(),
     })
     .exit_with(EXIT_OTHER)?;
     let timeouts = VmTimeouts::default();

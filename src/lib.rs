@@ -4,9 +4,10 @@
 //! (payload, machine definition, limits, resolution) are validated through `schema`,
 //! and `vm` turns a resolved machine into a QEMU command line.
 
-pub mod agent;
+pub mod artifacts;
 pub mod config;
 pub mod engine;
+pub mod error_chain;
 pub mod image;
 pub mod job;
 pub mod metadata;

@@ -133,6 +133,10 @@ struct Service {
 
 impl Service {
     async fn start(log_cap: u64) -> Self {
+        Self::start_with(log_cap, MetadataLimits::default()).await
+    }
+
+    async fn start_with(log_cap: u64, limits: MetadataLimits) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("qw-md")
             .tempdir_in("/tmp")
@@ -146,14 +150,10 @@ impl Service {
             max_run_time: 60,
             working_directory: "/root".into(),
         };
-        let handle = start_metadata_service(
-            &dir.path().join("meta.sock"),
-            &task,
-            log.clone(),
-            MetadataLimits::default(),
-        )
-        .await
-        .expect("service");
+        let handle =
+            start_metadata_service(&dir.path().join("meta.sock"), &task, log.clone(), limits)
+                .await
+                .expect("service");
         Self { dir, handle, log }
     }
 
@@ -386,4 +386,173 @@ async fn the_guestfwd_helper_splices_a_connection_to_the_service() {
     let reply = parse(&output.1);
     assert_eq!(reply.status, 200);
     assert_eq!(reply.json()["env"]["CI"], "true");
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_are_closed_on_arrival_and_counted() {
+    let limits = MetadataLimits {
+        max_connections: 3,
+        ..MetadataLimits::default()
+    };
+    let service = Service::start_with(1 << 20, limits).await;
+    let socket = service.socket();
+    // Three held open (idle, mid-head), then more.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut stream = UnixStream::connect(&socket).await.expect("connect");
+        stream
+            .write_all(b"GET /v1/ping HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        held.push(stream);
+    }
+    for _ in 0..5 {
+        let mut refused = UnixStream::connect(&socket).await.expect("connect");
+        let mut sink = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(10), refused.read_to_end(&mut sink))
+            .await
+            .expect("closed at once, not left open")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "a refused connection gets nothing");
+    }
+    let usage = service.handle.usage();
+    assert_eq!((usage.refused_connections, usage.peak_connections), (5, 3));
+    // Once one closes, a new connection is served again.
+    drop(held.pop());
+    let served = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let reply = request(&socket, &simple("GET", "/v1/ping", "")).await;
+            if reply.status == 200 {
+                return reply;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(served.is_ok(), "a freed slot serves again");
+}
+
+#[tokio::test]
+async fn an_idle_log_stream_is_closed_and_counted() {
+    let limits = MetadataLimits {
+        log_idle: Duration::from_millis(300),
+        ..MetadataLimits::default()
+    };
+    let service = Service::start_with(1 << 20, limits).await;
+    let mut stream = UnixStream::connect(service.socket())
+        .await
+        .expect("connect");
+    stream
+        .write_all(
+            b"POST /v1/log HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhi\n\r\n",
+        )
+        .await
+        .expect("write");
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut reply))
+        .await
+        .expect("the service ends the idle stream")
+        .expect("read");
+    let reply = parse(&reply);
+    assert_eq!(reply.status, 408, "{}", reply.headers);
+    assert_eq!(reply.json()["code"], "log-idle");
+    assert_conforms(&reply, "/v1/log", "post");
+    assert_eq!(service.handle.usage().idle_logs_closed, 1);
+    assert!(service.log_text().await.contains("hi"), "what came is kept");
+}
+
+#[tokio::test]
+async fn the_guestfwd_helper_exits_when_the_service_closes_whatever_the_guest_does() {
+    let limits = MetadataLimits {
+        head_timeout: Duration::from_millis(300),
+        ..MetadataLimits::default()
+    };
+    let service = Service::start_with(1 << 20, limits).await;
+    let socket = service.socket();
+    let binary = env!("CARGO_BIN_EXE_qemu-worker");
+    let status = tokio::task::spawn_blocking(move || {
+        // The guest side stays open and silent: only the service can end this.
+        let mut child = Command::new(binary)
+            .arg("metadata-splice")
+            .arg(&socket)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("helper");
+        let _guest = child.stdin.take();
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return Some(status);
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .expect("join");
+    assert!(
+        status.is_some(),
+        "the helper outlived the service's side of the connection"
+    );
+}
+
+#[tokio::test]
+async fn slow_heads_smuggling_and_bad_chunking_are_refused() {
+    let limits = MetadataLimits {
+        head_timeout: Duration::from_millis(300),
+        ..MetadataLimits::default()
+    };
+    let service = Service::start_with(1 << 20, limits).await;
+    let socket = service.socket();
+    // A head that never finishes is dropped at the head timeout.
+    let mut slow = UnixStream::connect(&socket).await.expect("connect");
+    slow.write_all(b"GET /v1/ping HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let mut sink = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut sink))
+        .await
+        .expect("a slow head is dropped")
+        .expect("read");
+    assert!(
+        !String::from_utf8_lossy(&sink).contains("200 OK"),
+        "{sink:?}"
+    );
+    // Content-Length and chunked together: the body is read as chunked (RFC 9112) and
+    // the connection closed after the answer, so the request smuggled behind it is never
+    // served.
+    let mut stream = UnixStream::connect(&socket).await.expect("connect");
+    stream
+        .write_all(b"POST /v1/log HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /v1/task HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+        .await
+        .expect("closed")
+        .expect("read");
+    let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    assert_eq!(
+        text.matches("http/1.1 ").count(),
+        1,
+        "one answer only: {text}"
+    );
+    assert!(
+        text.contains("connection: close") && !text.contains("command"),
+        "{text}"
+    );
+    // A chunk size that is not hex breaks the stream, with a JSON error.
+    let broken = request(
+        &socket,
+        b"POST /v1/log HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(broken.status, 400, "{}", broken.headers);
+    assert_eq!(broken.json()["code"], "bad-body");
+    let reply = request(&socket, &simple("GET", "/v1/ping", "")).await;
+    assert_eq!(reply.status, 200, "the service still answers");
 }

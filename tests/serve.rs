@@ -211,6 +211,15 @@ fn serve_runs_queued_jobs_cleans_orphans_and_gives_jobs_back_on_shutdown() {
         std::fs::read_to_string(out.join("public/r.txt")).expect("artifact"),
         "done\n"
     );
+    // Only what the report lists is handed out: a file it does not list (a transfer
+    // that failed, say) stays where it is.
+    let store = fx.state().join("jobs").join(&ok).join("run-1/artifacts");
+    std::fs::write(store.join("public/unlisted.bin"), b"partial").expect("stray file");
+    let again = fx.dir.path().join("artifacts-again");
+    let copied = fx.cli(&["artifacts", &ok, "--out", again.to_str().expect("utf-8")]);
+    assert_eq!(copied.status.code(), Some(0));
+    assert!(again.join("public/r.txt").exists());
+    assert!(!again.join("public/unlisted.bin").exists());
     let status = fx.cli(&["status", "--json", &malformed]);
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
     assert_eq!(status["report"]["reason"], "malformed-payload");

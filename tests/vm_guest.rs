@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use common::{
     cached_test_image, metadata_network, processes_under, require, test_launch, test_machine,
 };
-use qemu_worker::agent::{AgentClient, AgentError};
+use qemu_worker::artifacts::{AgentClient, AgentError};
+use qemu_worker::config::{ArtifactStoreConfig, ByteSize};
 use qemu_worker::image::{ImageCache, ImageLease};
 use qemu_worker::job::ArtifactKind;
 use qemu_worker::job::MachineDefinition;
@@ -434,13 +435,13 @@ async fn artifacts_come_back_through_the_agent_port() {
 
     let mut agent = AgentClient::connect(&socket, T).await.expect("agent port");
     let file = agent
-        .fetch(
+        .fetch_one(
             "/out/report.txt",
             ArtifactKind::File,
-            &out.join("report.txt"),
-            1 << 20,
+            &out,
+            "report.txt",
+            &capped(1 << 20),
             true,
-            T,
         )
         .await
         .expect("file");
@@ -451,20 +452,20 @@ async fn artifacts_come_back_through_the_agent_port() {
     assert_eq!(file.files[0].size, 7);
 
     let tree = agent
-        .fetch(
+        .fetch_one(
             "/out/logs",
             ArtifactKind::Directory,
-            &out.join("logs"),
-            1 << 20,
+            &out,
+            "logs",
+            &capped(1 << 20),
             true,
-            T,
         )
         .await
         .expect("folder");
     let names: Vec<&str> = tree.files.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(
         names,
-        ["a.txt", "nested/b.txt"],
+        ["logs/a.txt", "logs/nested/b.txt"],
         "exactly the relative names"
     );
     assert_eq!(
@@ -473,7 +474,7 @@ async fn artifacts_come_back_through_the_agent_port() {
     );
     assert_eq!(tree.skipped.len(), 1);
     assert_eq!(
-        tree.skipped[0].name, "escape",
+        tree.skipped[0].name, "logs/escape",
         "the symlink out of the folder is not followed"
     );
     assert!(!out.join("logs/escape").exists());
@@ -483,19 +484,19 @@ async fn artifacts_come_back_through_the_agent_port() {
         ("/out/missing", ArtifactKind::Directory),
     ] {
         let error = agent
-            .fetch(path, kind, &out.join("missing"), 1 << 20, false, T)
+            .fetch_one(path, kind, &out, "missing", &capped(1 << 20), false)
             .await
             .expect_err("missing");
         assert!(matches!(error, AgentError::NotFound { .. }), "{error}");
     }
     let error = agent
-        .fetch(
+        .fetch_one(
             "/out/big.bin",
             ArtifactKind::File,
-            &out.join("big.bin"),
-            1 << 20,
+            &out,
+            "big.bin",
+            &capped(1 << 20),
             false,
-            T,
         )
         .await
         .expect_err("over the cap");
@@ -514,13 +515,13 @@ async fn artifacts_come_back_through_the_agent_port() {
         .await
         .expect("agent port after a restart");
     let big = agent
-        .fetch(
+        .fetch_one(
             "/out/big.bin",
             ArtifactKind::File,
-            &out.join("big.bin"),
-            8 << 20,
+            &out,
+            "big.bin",
+            &capped(8 << 20),
             false,
-            T,
         )
         .await
         .expect("big file");
@@ -540,6 +541,15 @@ async fn artifacts_come_back_through_the_agent_port() {
     vm.teardown().await;
     guest.assert_clean();
     guest.close().await;
+}
+
+/// Artifact limits with every file and the total capped at `bytes`.
+fn capped(bytes: u64) -> ArtifactStoreConfig {
+    ArtifactStoreConfig {
+        max_file_size: ByteSize(bytes),
+        max_total_size: ByteSize(bytes),
+        ..ArtifactStoreConfig::default()
+    }
 }
 
 /// The probe script shared by the isolation tests: the guest's own metadata service

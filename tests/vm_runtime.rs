@@ -70,6 +70,7 @@ fn diskless(dir: &Path, name: &str, extra: &[&str]) -> VmLaunch {
         run_dir,
         log_dir: dir.join(format!("{name}-logs")),
         netns: None,
+        max_console: 1 << 20,
     }
 }
 

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 mod agent;
+#[cfg(feature = "hostile")]
+mod hostile;
 
 /// The metadata service, as every VM sees it.
 const METADATA: &str = "169.254.169.254:80";
@@ -476,6 +478,11 @@ fn stream_log(
     for piece in rx {
         let Piece::Data(piece) = piece else { break };
         for _ in 0..3 {
+            // The service closes a stream that idled too long (logs.idleSeconds): look
+            // before writing, or the first piece after a long silence would be lost.
+            if stream.as_ref().is_some_and(closed_by_service) {
+                stream = None;
+            }
             if stream.is_none() {
                 stream = connect(address).and_then(start_log).ok();
             }
@@ -492,6 +499,20 @@ fn stream_log(
     let mut s = stream?;
     s.write_all(b"0\r\n\r\n").ok()?;
     read_response(s).ok()?.reusable
+}
+
+/// Whether the service has ended this request: it closed the connection, or answered
+/// (it answers a log stream only when it ends it).
+fn closed_by_service(stream: &TcpStream) -> bool {
+    if stream.set_nonblocking(true).is_err() {
+        return true;
+    }
+    let mut byte = [0u8; 1];
+    let closed = match stream.peek(&mut byte) {
+        Ok(_) => true,
+        Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+    };
+    stream.set_nonblocking(false).is_err() || closed
 }
 
 fn start_log(mut stream: TcpStream) -> io::Result<TcpStream> {

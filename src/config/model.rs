@@ -38,6 +38,8 @@ pub struct WorkerConfig {
     #[serde(default)]
     pub logs: LogConfig,
     #[serde(default)]
+    pub metadata: MetadataConfig,
+    #[serde(default)]
     pub timeouts: Timeouts,
     #[serde(default)]
     pub snapshots: SnapshotConfig,
@@ -169,14 +171,43 @@ pub enum NetworkBackend {
     Tap,
 }
 
-/// Caps on what one job may store as artifacts.
+/// Caps on what one job may store as artifacts, and on the time their collection may
+/// take. Everything here is counted on the host: the guest is not trusted to keep them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ArtifactStoreConfig {
+    /// Largest single file.
     #[serde(default = "default_artifact_file")]
     pub max_file_size: ByteSize,
+    /// All artifacts of a job together.
     #[serde(default = "default_artifact_total")]
     pub max_total_size: ByteSize,
+    /// Files a job may store, all artifacts together.
+    #[serde(default = "default_max_entries")]
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub max_entries: u64,
+    /// Entries a directory artifact may skip (links, devices, unreadable files) before its
+    /// collection fails; the first few are named in the report, the rest counted.
+    #[serde(default = "default_max_skipped")]
+    #[schemars(range(min = 0, max = 10_000_000))]
+    pub max_skipped: u64,
+    /// Longest file name inside a directory artifact, in bytes, `/`s included.
+    #[serde(default = "default_max_name_length")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub max_name_length: u64,
+    /// Deepest nesting inside a directory artifact (`a/b/c.txt` is depth 3).
+    #[serde(default = "default_max_depth")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub max_depth: u64,
+    /// The whole collection, every artifact together: a job ends within maxRunTime plus
+    /// this.
+    #[serde(default = "default_collect_seconds")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub collect_seconds: u64,
+    /// Longest silence on the agent port in the middle of an answer.
+    #[serde(default = "default_stall_seconds")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub stall_seconds: u64,
 }
 
 fn default_artifact_file() -> ByteSize {
@@ -187,11 +218,41 @@ fn default_artifact_total() -> ByteSize {
     ByteSize::gib(4)
 }
 
+fn default_max_entries() -> u64 {
+    10_000
+}
+
+fn default_max_skipped() -> u64 {
+    1_000
+}
+
+fn default_max_name_length() -> u64 {
+    1_024
+}
+
+fn default_max_depth() -> u64 {
+    32
+}
+
+fn default_collect_seconds() -> u64 {
+    300
+}
+
+fn default_stall_seconds() -> u64 {
+    30
+}
+
 impl Default for ArtifactStoreConfig {
     fn default() -> Self {
         Self {
             max_file_size: default_artifact_file(),
             max_total_size: default_artifact_total(),
+            max_entries: default_max_entries(),
+            max_skipped: default_max_skipped(),
+            max_name_length: default_max_name_length(),
+            max_depth: default_max_depth(),
+            collect_seconds: default_collect_seconds(),
+            stall_seconds: default_stall_seconds(),
         }
     }
 }
@@ -200,18 +261,61 @@ impl Default for ArtifactStoreConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LogConfig {
+    /// The job log; output past it is dropped and counted.
     #[serde(default = "default_log_size")]
     pub max_size: ByteSize,
+    /// The serial console log (`console.log`), capped while QEMU writes it; the rest is
+    /// read and dropped, and counted.
+    #[serde(default = "default_console_size")]
+    pub max_console_size: ByteSize,
+    /// A log stream that sends nothing for this long is closed (the guest tools open a
+    /// new one for what follows).
+    #[serde(default = "default_log_idle")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub idle_seconds: u64,
 }
 
 fn default_log_size() -> ByteSize {
     ByteSize::mib(64)
 }
 
+fn default_console_size() -> ByteSize {
+    ByteSize::mib(16)
+}
+
+fn default_log_idle() -> u64 {
+    300
+}
+
+fn default_max_connections() -> u32 {
+    16
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
             max_size: default_log_size(),
+            max_console_size: default_console_size(),
+            idle_seconds: default_log_idle(),
+        }
+    }
+}
+
+/// The per-VM metadata service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MetadataConfig {
+    /// Connections one VM may hold open at once; more are closed as they arrive (with
+    /// user networking each open connection costs a helper process on the host).
+    #[serde(default = "default_max_connections")]
+    #[schemars(range(min = 2, max = 1024))]
+    pub max_connections: u32,
+}
+
+impl Default for MetadataConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: default_max_connections(),
         }
     }
 }

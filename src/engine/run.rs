@@ -1,15 +1,16 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::agent::AgentClient;
+use crate::artifacts::{ArtifactSources, collect_artifacts};
 use crate::config::{NetworkBackend, WorkerConfig};
+use crate::error_chain::display_chain;
 use crate::image::{ImageCache, ImageLease, ImageRequest};
 use crate::job::{
-    ArtifactKind, ArtifactRecord, ExceptionReason, Identity, JobPayload, MachineLayers,
-    PayloadContext, PhaseTiming, Resolution, ResultReport, validate_payload,
+    ExceptionReason, Identity, JobPayload, MachineLayers, PayloadContext, PhaseTiming, Resolution,
+    ResultReport, validate_payload,
 };
 use crate::metadata::{
-    LogSink, MetadataHandle, MetadataLimits, Park, Task, start_metadata_service,
+    LogSink, MetadataHandle, MetadataLimits, MetadataUsage, Park, Task, start_metadata_service,
     start_metadata_service_tcp,
 };
 use crate::schema::Issue;
@@ -240,6 +241,7 @@ impl Engine {
                 log_dir: job.job_dir.clone(),
                 network,
                 accelerator,
+                max_console: self.config.logs.max_console_size.bytes(),
             },
             snapshots,
         ) {
@@ -250,15 +252,27 @@ impl Engine {
             powerdown: Duration::from_secs(self.config.timeouts.shutdown_seconds),
             ..VmTimeouts::default()
         };
-        let mut vm = match Vm::start(launch, timeouts).await {
-            Ok(vm) => vm,
-            Err(e) => return exception(ExceptionReason::InternalError, e.to_string()),
+        let started = Vm::start(launch, timeouts).await;
+        // A resumed QEMU exits as soon as its saved state fails to load, so a start that
+        // fails is the snapshot's failure as much as a load QMP reports.
+        let (vm, resume_failure) = match (started, &snapshot) {
+            (Ok(vm), SnapshotPlan::Resume(_)) => match finish_resume(vm.qmp()).await {
+                Ok(()) => (Some(vm), None),
+                Err(why) => {
+                    vm.teardown().await;
+                    (None, Some(why))
+                }
+            },
+            (Ok(vm), _) => (Some(vm), None),
+            (Err(e), SnapshotPlan::Resume(_)) => (None, Some(display_chain(&e))),
+            (Err(e), _) => {
+                return exception(ExceptionReason::InternalError, display_chain(&e));
+            }
         };
         if let (SnapshotPlan::Resume(saved), Some(store)) = (&snapshot, snapshots) {
-            if let Err(why) = finish_resume(vm.qmp()).await {
+            if let Some(why) = resume_failure {
                 // A snapshot that does not load is dropped (the next job saves a new
                 // one); this job boots.
-                vm.teardown().await;
                 store.discard(saved);
                 progress
                     .note(&format!(
@@ -285,6 +299,12 @@ impl Engine {
                 ))
                 .await;
         }
+        let Some(mut vm) = vm else {
+            return exception(
+                ExceptionReason::InternalError,
+                "the VM did not start".into(),
+            );
+        };
         if let SnapshotPlan::Save(_) = &snapshot {
             service.arm_park();
         }
@@ -325,14 +345,13 @@ impl Engine {
                     .await;
                 ResultReport::new(Resolution::Failed { exit_code: None }, Vec::new())
             }
-            Outcome::GuestEnded(exit) => {
-                progress
-                    .note(&format!(
-                        "the guest ended before reporting a result ({exit:?})"
-                    ))
-                    .await;
-                ResultReport::new(Resolution::Failed { exit_code: None }, Vec::new())
-            }
+            Outcome::GuestEnded(exit) => ResultReport::new(
+                Resolution::Failed { exit_code: None },
+                vec![Issue::new(
+                    "",
+                    format!("the VM ended before the guest reported a result: {exit}"),
+                )],
+            ),
             Outcome::ServiceLost => ResultReport::new(
                 Resolution::Exception(ExceptionReason::InternalError),
                 vec![Issue::new(
@@ -358,26 +377,45 @@ impl Engine {
                 ResultReport::new(Resolution::Failed { exit_code: None }, Vec::new())
             }
         };
+        report
+            .errors
+            .extend(metadata_budget_errors(&service.usage()));
+        for line in metadata_budget_notes(&service.usage()) {
+            progress.note(&line).await;
+        }
 
         let canceled = report.state == crate::job::ResultState::Exception;
         if !canceled && vm.wait(Duration::ZERO).await.is_none() {
-            let failures = self
-                .collect_artifacts(
-                    &vm,
-                    payload,
-                    machine.guest_agent,
-                    &job.job_dir,
-                    &mut report,
-                    progress,
-                )
-                .await;
-            if !failures.is_empty() && report.state == crate::job::ResultState::Completed {
+            let sources = ArtifactSources {
+                agent: PathBuf::from(vm.run_dir().agent_socket()),
+                qga: machine
+                    .guest_agent
+                    .then(|| PathBuf::from(vm.run_dir().qga_socket())),
+            };
+            let collection = collect_artifacts(
+                &payload.artifacts,
+                &sources,
+                &job.job_dir,
+                &self.config.artifacts,
+            )
+            .await;
+            for line in &collection.notes {
+                progress.note(line).await;
+            }
+            report.artifacts = collection.artifacts;
+            report.skipped = collection.skipped;
+            report.skipped_count = collection.skipped_count;
+            // A missing or refused artifact fails the job, as in taskcluster.
+            if !collection.problems.is_empty() && report.state == crate::job::ResultState::Completed
+            {
                 report = ResultReport {
-                    artifacts: report.artifacts,
+                    artifacts: std::mem::take(&mut report.artifacts),
+                    skipped: std::mem::take(&mut report.skipped),
+                    skipped_count: report.skipped_count,
                     ..ResultReport::new(Resolution::Failed { exit_code: Some(0) }, Vec::new())
                 };
             }
-            report.errors.extend(failures);
+            report.errors.extend(collection.problems);
             progress.phase("artifacts");
             if let Ok(shot) =
                 take_screenshot(vm.qmp(), vm.run_dir().path(), Duration::from_secs(10)).await
@@ -393,16 +431,25 @@ impl Engine {
             }
             progress.phase("screenshot");
         }
+        let known_exit = vm.wait(Duration::ZERO).await.is_some();
+        let console = vm.console();
         let exit = vm.teardown().await;
-        if matches!(exit, VmExit::QemuFailed { .. }) {
-            progress
-                .note(&format!("QEMU ended abnormally: {exit:?}"))
-                .await;
+        if console.dropped() > 0 {
+            report.errors.push(Issue::new(
+                "",
+                format!(
+                    "the serial console reached its cap of {} bytes (logs.maxConsoleSize); {} more bytes were dropped",
+                    console.limit(),
+                    console.dropped()
+                ),
+            ));
+        }
+        if !known_exit && matches!(exit, VmExit::QemuFailed { .. }) {
+            progress.note(&format!("after the result: {exit}")).await;
         }
         if needs_console(&report) {
-            let console = tokio::fs::read_to_string(job.job_dir.join("console.log"))
-                .await
-                .unwrap_or_default();
+            // Only the end is read, however large the console grew.
+            let console = crate::vm::read_tail(&job.job_dir.join("console.log"), CONSOLE_TAIL);
             let tail: Vec<&str> = console.lines().rev().take(20).collect();
             for line in tail.into_iter().rev() {
                 progress.note(&format!("console: {line}")).await;
@@ -448,6 +495,15 @@ impl Engine {
         }
     }
 
+    /// The metadata service's limits from worker.yml.
+    fn metadata_limits(&self) -> MetadataLimits {
+        MetadataLimits {
+            max_connections: self.config.metadata.max_connections as usize,
+            log_idle: Duration::from_secs(self.config.logs.idle_seconds),
+            ..MetadataLimits::default()
+        }
+    }
+
     /// Sets up the VM's network and its metadata service.
     async fn network(
         &self,
@@ -466,14 +522,10 @@ impl Engine {
                 // The run dir must exist for the socket; prepare_launch keeps it.
                 crate::vm::create_run_dir(run_dir.path()).map_err(|e| e.to_string())?;
                 let socket = run_dir.metadata_socket();
-                let service = start_metadata_service(
-                    Path::new(&socket),
-                    task,
-                    log,
-                    MetadataLimits::default(),
-                )
-                .await
-                .map_err(|e| format!("the metadata service cannot start: {e}"))?;
+                let service =
+                    start_metadata_service(Path::new(&socket), task, log, self.metadata_limits())
+                        .await
+                        .map_err(|e| format!("the metadata service cannot start: {e}"))?;
                 let attachment = NetworkAttachment::User {
                     guestfwd_command: vec![
                         self.helper.display().to_string(),
@@ -487,7 +539,7 @@ impl Engine {
                 let tap = TapNetwork::create(name, outbound).map_err(|e| e.to_string())?;
                 let listener = tap.bind_metadata().map_err(|e| e.to_string())?;
                 let service =
-                    start_metadata_service_tcp(listener, task, log, MetadataLimits::default())
+                    start_metadata_service_tcp(listener, task, log, self.metadata_limits())
                         .map_err(|e| format!("the metadata service cannot start: {e}"))?;
                 let attachment = NetworkAttachment::Tap {
                     ifname: TAP_DEVICE.into(),
@@ -542,182 +594,38 @@ impl Engine {
             },
         }
     }
-
-    /// Pulls every declared artifact through the agent port, or through qemu-ga when the
-    /// image has no guest tools answering there (files only: qemu-ga cannot list a
-    /// directory). Returns the problems (a missing artifact fails the job, as in
-    /// taskcluster).
-    async fn collect_artifacts(
-        &self,
-        vm: &Vm,
-        payload: &JobPayload,
-        qga: bool,
-        job_dir: &Path,
-        report: &mut ResultReport,
-        progress: &Progress,
-    ) -> Vec<Issue> {
-        if payload.artifacts.is_empty() {
-            return Vec::new();
-        }
-        let mut problems = Vec::new();
-        let socket = PathBuf::from(vm.run_dir().agent_socket());
-        // Idle guest tools answer in milliseconds even under TCG; with qemu-ga to fall
-        // back on, do not make every such job wait long for tools the image lacks.
-        let wait = Duration::from_secs(if qga { 10 } else { 30 });
-        let mut agent = match AgentClient::connect(&socket, wait).await {
-            Ok(agent) => agent,
-            Err(e) if qga => {
-                progress
-                    .note(&format!("the guest tools did not answer on the agent port ({e}); collecting artifacts through qemu-ga"))
-                    .await;
-                return self.collect_through_qga(vm, payload, job_dir, report).await;
-            }
-            Err(e) => {
-                problems.push(Issue::new(
-                    "/artifacts",
-                    format!("the guest tools did not answer on the agent port: {e}"),
-                ));
-                return problems;
-            }
-        };
-        let store = job_dir.join("artifacts");
-        let mut budget = self.config.artifacts.max_total_size.bytes();
-        for (index, spec) in payload.artifacts.iter().enumerate() {
-            let dest = store.join(&spec.name);
-            if let Some(parent) = dest.parent() {
-                let _ = tokio::fs::create_dir_all(parent).await;
-            }
-            let cap = budget.min(match spec.kind {
-                ArtifactKind::File => self.config.artifacts.max_file_size.bytes(),
-                ArtifactKind::Directory => budget,
-            });
-            match agent
-                .fetch(
-                    &spec.path,
-                    spec.kind,
-                    &dest,
-                    cap,
-                    false,
-                    Duration::from_secs(60),
-                )
-                .await
-            {
-                Ok(tree) => {
-                    for file in tree.files {
-                        budget = budget.saturating_sub(file.size);
-                        let name = if file.name.is_empty() {
-                            spec.name.clone()
-                        } else {
-                            format!("{}/{}", spec.name, file.name)
-                        };
-                        report.artifacts.push(ArtifactRecord {
-                            content_type: content_type(&name).into(),
-                            name,
-                            size: file.size,
-                            sha256: file.sha256,
-                        });
-                    }
-                }
-                Err(e) => {
-                    // A refusal is a whole answer; anything else may leave the rest of
-                    // an interrupted one on the port: start afresh. QEMU's socket takes
-                    // one connection at a time, so the old one goes first.
-                    let in_sync = matches!(
-                        e,
-                        crate::agent::AgentError::NotFound { .. }
-                            | crate::agent::AgentError::Refused { .. }
-                    );
-                    problems.push(Issue::new(
-                        format!("/artifacts/{index}"),
-                        format!("artifact {}: {e}", spec.name),
-                    ));
-                    if !in_sync {
-                        drop(agent);
-                        match AgentClient::connect(&socket, Duration::from_secs(30)).await {
-                            Ok(fresh) => agent = fresh,
-                            Err(e) => {
-                                problems.push(Issue::new(
-                                    "/artifacts",
-                                    format!("the agent port did not answer again after an error, so the remaining artifacts were not collected: {e}"),
-                                ));
-                                break;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        problems
-    }
 }
 
-impl Engine {
-    /// The qemu-ga fallback of `collect_artifacts`.
-    async fn collect_through_qga(
-        &self,
-        vm: &Vm,
-        payload: &JobPayload,
-        job_dir: &Path,
-        report: &mut ResultReport,
-    ) -> Vec<Issue> {
-        let mut problems = Vec::new();
-        let socket = PathBuf::from(vm.run_dir().qga_socket());
-        let mut qga = match crate::qemu::QgaClient::connect(&socket, Duration::from_secs(30)).await
-        {
-            Ok(qga) => qga,
-            Err(e) => {
-                problems.push(Issue::new(
-                    "/artifacts",
-                    format!("neither the guest tools nor qemu-ga answered: {e}"),
-                ));
-                return problems;
-            }
-        };
-        let store = job_dir.join("artifacts");
-        let mut budget = self.config.artifacts.max_total_size.bytes();
-        for (index, spec) in payload.artifacts.iter().enumerate() {
-            let at = format!("/artifacts/{index}");
-            if spec.kind == ArtifactKind::Directory {
-                problems.push(Issue::new(
-                    at,
-                    format!(
-                        "artifact {}: directory artifacts need the guest tools (qemu-ga cannot list a directory)",
-                        spec.name
-                    ),
-                ));
-                continue;
-            }
-            let dest = store.join(&spec.name);
-            if let Some(parent) = dest.parent() {
-                let _ = tokio::fs::create_dir_all(parent).await;
-            }
-            let cap = budget.min(self.config.artifacts.max_file_size.bytes());
-            let read = match tokio::fs::File::create(&dest).await {
-                Ok(mut file) => qga
-                    .file_read(&spec.path, &mut file, cap, Duration::from_secs(60))
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(format!("cannot create {}: {e}", dest.display())),
-            };
-            match read {
-                Ok(read) => {
-                    budget = budget.saturating_sub(read.bytes);
-                    report.artifacts.push(ArtifactRecord {
-                        content_type: content_type(&spec.name).into(),
-                        name: spec.name.clone(),
-                        size: read.bytes,
-                        sha256: read.sha256,
-                    });
-                }
-                Err(e) => {
-                    let _ = tokio::fs::remove_file(&dest).await;
-                    problems.push(Issue::new(at, format!("artifact {}: {e}", spec.name)));
-                }
-            }
-        }
-        problems
+/// The metadata budgets the guest ran into that it should hear about as errors.
+fn metadata_budget_errors(usage: &MetadataUsage) -> Vec<Issue> {
+    let mut errors = Vec::new();
+    if usage.refused_connections > 0 {
+        errors.push(Issue::new(
+            "",
+            format!(
+                "the guest opened more than {} connections to the metadata service at once (metadata.maxConnections); {} were closed on arrival",
+                usage.max_connections, usage.refused_connections
+            ),
+        ));
     }
+    errors
 }
+
+/// The metadata budgets an honest guest can meet too (a long silent command), as lines.
+fn metadata_budget_notes(usage: &MetadataUsage) -> Vec<String> {
+    let mut notes = Vec::new();
+    if usage.idle_logs_closed > 0 {
+        notes.push(format!(
+            "{} log stream(s) sent nothing for {} s and were closed (logs.idleSeconds); the guest tools open a new one for more output",
+            usage.idle_logs_closed,
+            usage.log_idle.as_secs()
+        ));
+    }
+    notes
+}
+
+/// How much of the console's end is read to explain a failure.
+const CONSOLE_TAIL: u64 = 16 << 10;
 
 enum Outcome {
     Exited(i32),
@@ -742,26 +650,4 @@ fn exception(reason: ExceptionReason, message: String) -> ResultReport {
 fn short_name(job_id: &str, run_id: u32) -> String {
     let id = Identity::derive(job_id, run_id);
     format!("j{}-{run_id}", &id.disk_serial[2..14])
-}
-
-/// A content type from the file name; enough for browsers to show common CI outputs.
-fn content_type(name: &str) -> &'static str {
-    let ext = name
-        .rsplit_once('.')
-        .map_or("", |(_, ext)| ext)
-        .to_ascii_lowercase();
-    match ext.as_str() {
-        "txt" | "log" => "text/plain; charset=utf-8",
-        "json" => "application/json",
-        "xml" => "application/xml",
-        "html" | "htm" => "text/html; charset=utf-8",
-        "png" => "image/png",
-        "jpg" | "jpeg" => "image/jpeg",
-        "svg" => "image/svg+xml",
-        "gz" | "tgz" => "application/gzip",
-        "zst" => "application/zstd",
-        "tar" => "application/x-tar",
-        "zip" => "application/zip",
-        _ => "application/octet-stream",
-    }
 }

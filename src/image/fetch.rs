@@ -393,15 +393,7 @@ fn check_digest(expected: Option<&str>, unpacked: &Unpacked) -> Result<(), Fetch
 }
 
 fn describe(error: &reqwest::Error) -> String {
-    use std::error::Error;
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+    crate::error_chain::display_chain(error)
 }
 
 /// The start of an error body, as printable text.

@@ -23,7 +23,7 @@ pub use payload::{
 pub(crate) use payload::{SHA256_PATTERN, artifact_name_problem};
 pub use report::{
     ArtifactRecord, ExceptionReason, PhaseTiming, Resolution, ResultReport, ResultState,
-    ValidationReport,
+    SkippedRecord, ValidationReport,
 };
 pub use validate::{
     MAX_DOCUMENT_BYTES, PayloadCheck, PayloadContext, load_machine_json, validate_payload,

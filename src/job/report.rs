@@ -66,9 +66,17 @@ pub struct ResultReport {
     /// Every problem that made the job malformed (or other errors worth a line each).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<Issue>,
-    /// The artifacts stored, one entry per file.
+    /// The artifacts stored, one entry per file. Only these are complete: nothing else
+    /// is kept.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub artifacts: Vec<ArtifactRecord>,
+    /// Entries of directory artifacts the guest did not send (symbolic links, special
+    /// files, unreadable files, names that are not UTF-8), the first few by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<SkippedRecord>,
+    /// How many entries were skipped in all (`skipped` names at most 20 of them).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped_count: u64,
     /// The final screenshot (PNG), relative to the job directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub screenshot: Option<String>,
@@ -86,6 +94,20 @@ pub struct ArtifactRecord {
     pub size: u64,
     pub sha256: String,
     pub content_type: String,
+}
+
+/// An entry of a directory artifact that was not stored, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SkippedRecord {
+    /// The name it would have had, e.g. `public/logs/latest` (at most 256 characters
+    /// of it).
+    pub name: String,
+    pub reason: String,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// How long one phase of a job took.
@@ -109,6 +131,8 @@ impl ResultReport {
             exit_code,
             errors,
             artifacts: Vec::new(),
+            skipped: Vec::new(),
+            skipped_count: 0,
             screenshot: None,
             timings: Vec::new(),
         }

@@ -457,6 +457,46 @@ mod tests {
         );
     }
 
+    #[test]
+    fn an_alias_bomb_is_stopped_not_expanded() {
+        // The billion laughs: nine levels of nine aliases each.
+        let mut bomb = String::from(
+            "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+        );
+        let names = ["b", "c", "d", "e", "f", "g", "h", "i"];
+        let mut previous = "a";
+        for name in names {
+            bomb.push_str(&format!(
+                "{name}: &{name} [{}]\n",
+                vec![format!("*{previous}"); 9].join(",")
+            ));
+            previous = name;
+        }
+        bomb.push_str("image: https://example.com/i.tar.zst\ncommand: [*i]\nmaxRunTime: 60\n");
+        let result = check(&bomb);
+        assert!(!result.is_valid(), "refused");
+        assert!(result.payload.is_none());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+        /// Whatever bytes arrive, validation answers with issues or a payload, never a
+        /// panic.
+        #[test]
+        fn any_text_is_answered_without_a_panic(text in "\\PC{0,300}") {
+            let _ = check(&text);
+        }
+
+        #[test]
+        fn any_payload_shaped_text_is_answered_without_a_panic(
+            key in "[a-zA-Z/*&!]{1,12}",
+            value in "[\\[\\]{}:,&*!|>a-z0-9 \\n-]{0,60}",
+        ) {
+            let text = format!("image: https://example.com/i.tar.zst\ncommand: [x]\nmaxRunTime: 60\n{key}: {value}\n");
+            let _ = check(&text);
+        }
+    }
+
     fn check(text: &str) -> PayloadCheck {
         validate_payload(text, &context(), &Identity::derive("job", 0))
     }

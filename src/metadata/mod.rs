@@ -14,6 +14,7 @@ pub use api::{ApiError, LogReceipt, Ping, Task, TaskReply, TaskResult};
 pub use log::{LogSink, LogWriterError};
 pub use openapi::openapi_document;
 pub use service::{
-    MetadataHandle, MetadataLimits, Park, start_metadata_service, start_metadata_service_tcp,
+    MetadataHandle, MetadataLimits, MetadataUsage, Park, start_metadata_service,
+    start_metadata_service_tcp,
 };
 pub use splice::splice_stdio_to_socket;

@@ -1,6 +1,7 @@
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,6 +26,12 @@ pub struct MetadataLimits {
     pub max_head: usize,
     /// Longest wait for a request head.
     pub head_timeout: Duration,
+    /// Connections open at once; more are closed as they arrive (worker.yml
+    /// `metadata.maxConnections`).
+    pub max_connections: usize,
+    /// Longest silence inside a log stream before it is closed (worker.yml
+    /// `logs.idleSeconds`).
+    pub log_idle: Duration,
 }
 
 impl Default for MetadataLimits {
@@ -33,6 +40,8 @@ impl Default for MetadataLimits {
             max_json_body: 64 << 10,
             max_head: 16 << 10,
             head_timeout: Duration::from_secs(10),
+            max_connections: 16,
+            log_idle: Duration::from_secs(300),
         }
     }
 }
@@ -59,6 +68,7 @@ struct State {
     result: watch::Sender<Option<i32>>,
     fetched: watch::Sender<bool>,
     limits: MetadataLimits,
+    counters: Arc<Counters>,
 }
 
 /// A running metadata service for one VM. Dropping it stops the service and every
@@ -70,6 +80,29 @@ pub struct MetadataHandle {
     fetched: watch::Receiver<bool>,
     accept: tokio::task::JoinHandle<()>,
     socket: Option<PathBuf>,
+    counters: Arc<Counters>,
+    limits: MetadataLimits,
+}
+
+/// What the service refused the guest, counted for the job's error lines.
+#[derive(Debug, Default)]
+struct Counters {
+    /// Connections closed on arrival because the VM had `max_connections` open.
+    refused_connections: AtomicU64,
+    /// The most connections open at once.
+    peak_connections: AtomicU64,
+    /// Log streams closed for idling.
+    idle_logs: AtomicU64,
+}
+
+/// The guest's use of the service, as counted on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetadataUsage {
+    pub refused_connections: u64,
+    pub peak_connections: u64,
+    pub idle_logs_closed: u64,
+    pub max_connections: usize,
+    pub log_idle: Duration,
 }
 
 impl MetadataHandle {
@@ -114,6 +147,17 @@ impl MetadataHandle {
     /// The result reported so far, if any.
     pub fn reported(&self) -> Option<i32> {
         *self.result.borrow()
+    }
+
+    /// What the guest was refused so far.
+    pub fn usage(&self) -> MetadataUsage {
+        MetadataUsage {
+            refused_connections: self.counters.refused_connections.load(Ordering::Relaxed),
+            peak_connections: self.counters.peak_connections.load(Ordering::Relaxed),
+            idle_logs_closed: self.counters.idle_logs.load(Ordering::Relaxed),
+            max_connections: self.limits.max_connections,
+            log_idle: self.limits.log_idle,
+        }
     }
 }
 
@@ -194,6 +238,7 @@ fn start(
     let _ = rustix::rand::getrandom(&mut seed, rustix::rand::GetRandomFlags::empty());
     let entropy = seed.iter().map(|b| format!("{b:02x}")).collect();
     let park = Arc::new(watch::Sender::new(Park::Off));
+    let counters = Arc::new(Counters::default());
     let state = Arc::new(State {
         task: task.clone(),
         entropy,
@@ -202,6 +247,7 @@ fn start(
         result,
         fetched,
         limits,
+        counters: Arc::clone(&counters),
     });
     let accept = tokio::spawn(async move {
         let mut connections = JoinSet::new();
@@ -209,6 +255,19 @@ fn start(
             tokio::select! {
                 accepted = listener.accept() => {
                     let Ok(connection) = accepted else { continue };
+                    // Reap what has ended, so the count below is of open connections.
+                    while connections.try_join_next().is_some() {}
+                    if connections.len() >= state.limits.max_connections {
+                        // Closing it ends the guestfwd helper too (it exits when the
+                        // service's side closes), so the host holds at most the cap.
+                        state.counters.refused_connections.fetch_add(1, Ordering::Relaxed);
+                        drop(connection);
+                        continue;
+                    }
+                    state
+                        .counters
+                        .peak_connections
+                        .fetch_max(connections.len() as u64 + 1, Ordering::Relaxed);
                     let state = Arc::clone(&state);
                     let limits = state.limits;
                     connections.spawn(async move {
@@ -241,6 +300,8 @@ fn start(
         fetched: fetched_rx,
         accept,
         socket,
+        counters,
+        limits,
     }
 }
 
@@ -348,7 +409,19 @@ fn serve_task(state: &State, query: Option<&str>) -> Reply {
 /// Appends a (chunked) body to the job log as it arrives.
 async fn stream_log(state: &State, mut body: Incoming) -> Reply {
     let mut bytes: u64 = 0;
-    while let Some(frame) = body.frame().await {
+    loop {
+        let Ok(next) = tokio::time::timeout(state.limits.log_idle, body.frame()).await else {
+            state.counters.idle_logs.fetch_add(1, Ordering::Relaxed);
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "log-idle",
+                format!(
+                    "the log stream sent nothing for {} s; open a new one for more output",
+                    state.limits.log_idle.as_secs()
+                ),
+            );
+        };
+        let Some(frame) = next else { break };
         match frame {
             Ok(frame) => {
                 if let Ok(data) = frame.into_data() {

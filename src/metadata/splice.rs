@@ -5,22 +5,24 @@ use std::path::Path;
 
 /// The guestfwd helper: QEMU's user-mode network runs it once per guest connection to
 /// 169.254.169.254:80, with that connection as stdin/stdout; it splices the connection
-/// to the VM's metadata socket until both directions are done. Plain blocking I/O: it
-/// starts per connection, so it must start fast.
+/// to the VM's metadata socket. Plain blocking I/O: it starts per connection, so it must
+/// start fast.
+///
+/// It returns as soon as the service's side is done (the caller then exits, which closes
+/// the guest's side): the service decides how long a connection lives (idle, over the
+/// VM's connection cap, answered), never the guest. A guest that shuts its write side
+/// still gets the answer: the upstream copy half-closes the service's side.
 pub fn splice_stdio_to_socket(socket: &Path) -> std::io::Result<()> {
     let stream = UnixStream::connect(socket)?;
     let mut to_service = stream.try_clone()?;
-    let upstream = std::thread::spawn(move || {
-        let result = copy(&mut std::io::stdin().lock(), &mut to_service);
+    // Detached: when the service is done, a guest still sending must not keep this
+    // process (and its slot on the host) alive.
+    std::thread::spawn(move || {
+        let _ = copy(&mut std::io::stdin().lock(), &mut to_service);
         let _ = to_service.shutdown(Shutdown::Write);
-        result
     });
     let mut from_service = stream;
-    let down = copy(&mut from_service, &mut std::io::stdout().lock());
-    let up = upstream
-        .join()
-        .unwrap_or_else(|_| Err(std::io::Error::other("the upstream copy panicked")));
-    up.and(down)
+    copy(&mut from_service, &mut std::io::stdout().lock())
 }
 
 /// Copies with a flush per read, so that streamed responses are not held back.

@@ -84,7 +84,7 @@ pub struct VmSpec<'a> {
     pub network: &'a NetworkAttachment,
     pub accelerator: Accelerator,
     /// A boot snapshot's saved state to load (`-incoming`) instead of booting; the
-    /// serial log then continues the snapshot's console (`append=on`).
+    /// worker's console capture then appends to the snapshot's console.
     pub resume: Option<&'a str>,
 }
 
@@ -144,7 +144,7 @@ pub fn qemu_argv(spec: &VmSpec<'_>) -> Vec<String> {
 
     disk_args(&mut argv, spec.disk, m);
     network_args(&mut argv, spec.network, m);
-    control_args(&mut argv, spec.run_dir, m, spec.resume.is_some());
+    control_args(&mut argv, spec.run_dir, m);
     display_args(&mut argv, spec.run_dir, m);
     usb_args(&mut argv, m);
     sound_args(&mut argv, m);
@@ -299,18 +299,12 @@ fn unix_server(id: &str, path: &str) -> String {
     format!("socket,id={id},path={},server=on,wait=off", escape(path))
 }
 
-fn control_args(argv: &mut Args, run_dir: &RunDir, m: &Machine, append_serial: bool) {
+fn control_args(argv: &mut Args, run_dir: &RunDir, m: &Machine) {
     argv.push("-chardev", unix_server("qmp0", &run_dir.qmp_socket()));
     argv.push("-mon", "chardev=qmp0,mode=control");
     if m.serial_console {
-        argv.push(
-            "-chardev",
-            format!(
-                "file,id=serial0,path={}{}",
-                escape(&run_dir.serial_log()),
-                if append_serial { ",append=on" } else { "" }
-            ),
-        );
+        // A socket the worker reads and caps, never a file QEMU fills without bound.
+        argv.push("-chardev", unix_server("serial0", &run_dir.serial_socket()));
         argv.push("-serial", "chardev:serial0");
     }
     argv.push("-device", "virtio-serial-pci,id=vser0");

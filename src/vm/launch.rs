@@ -20,6 +20,8 @@ pub struct LaunchPlan<'a> {
     pub log_dir: PathBuf,
     pub network: NetworkAttachment,
     pub accelerator: Accelerator,
+    /// The serial log's cap (worker.yml `logs.maxConsoleSize`).
+    pub max_console: u64,
 }
 
 /// What a launch does about boot snapshots (see `snapshot.rs`).
@@ -126,6 +128,7 @@ pub fn prepare_launch_with_snapshots(
             run_dir: plan.run_dir,
             log_dir: plan.log_dir,
             netns,
+            max_console: plan.max_console,
         },
         snapshot,
     ))

@@ -4,6 +4,7 @@
 
 mod accel;
 mod argv;
+mod console;
 mod launch;
 mod network;
 mod run_dir;
@@ -19,6 +20,7 @@ pub use argv::{
     AGENT_PORT_NAME, Accelerator, BootDisk, DiskFormat, DiskLayer, KernelFiles, NetworkAttachment,
     QGA_PORT_NAME, VmSpec, qemu_argv,
 };
+pub use console::ConsoleUsage;
 pub use launch::{LaunchPlan, SnapshotPlan, prepare_launch, prepare_launch_with_snapshots};
 pub use network::{NetworkError, TAP_DEVICE, TapNetwork};
 pub use run_dir::{RunDir, RunDirError};
@@ -27,4 +29,6 @@ pub use snapshot::{
     Lookup, PARKED_LINE, PARKING_LINE, Snapshot, SnapshotStore, Volatile, finish_resume,
 };
 pub use strays::kill_strays;
-pub use supervisor::{StopStep, Vm, VmError, VmExit, VmLaunch, VmTimeouts, create_run_dir};
+pub use supervisor::{
+    StopStep, Vm, VmError, VmExit, VmLaunch, VmTimeouts, create_run_dir, read_tail,
+};

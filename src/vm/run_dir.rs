@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
 /// The longest file name the run dir holds a socket under.
-const LONGEST_SOCKET_NAME: &str = "agent.sock";
+const LONGEST_SOCKET_NAME: &str = "serial.sock";
 
 /// The per-VM directory: QEMU's sockets, the serial console, its output.
 ///
@@ -86,9 +86,15 @@ impl RunDir {
         self.file("meta.sock")
     }
 
-    /// The guest's first serial port.
+    /// The guest's first serial port, as the worker keeps it (capped).
     pub fn serial_log(&self) -> String {
         self.file("serial.log")
+    }
+
+    /// The guest's first serial port (QEMU listens; the worker copies it into
+    /// `serial_log`).
+    pub fn serial_socket(&self) -> String {
+        self.file("serial.sock")
     }
 }
 
@@ -109,6 +115,7 @@ mod tests {
             dir.agent_socket(),
             dir.vnc_socket(),
             dir.metadata_socket(),
+            dir.serial_socket(),
         ] {
             assert!(socket.len() <= MAX_SOCKET_PATH, "{socket}");
         }

@@ -3,12 +3,14 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal, kill_process_group};
 use tokio::process::{Child, Command};
 use tokio::sync::broadcast;
 
+use super::console::{ConsoleUsage, capture_console};
 use super::run_dir::RunDir;
 use crate::qemu::{QmpClient, QmpError, QmpEvent};
 
@@ -53,6 +55,9 @@ pub struct VmLaunch {
     pub log_dir: PathBuf,
     /// The network namespace QEMU runs in (`network: tap`).
     pub netns: Option<String>,
+    /// The serial log's cap (worker.yml `logs.maxConsoleSize`), when QEMU serves the
+    /// console on the run dir's console socket.
+    pub max_console: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,13 +90,72 @@ pub enum VmExit {
     RebootLoop { resets: usize },
     /// The guest kernel panicked (pvpanic) and QEMU stopped.
     Panicked,
-    /// QEMU exited on its own without a guest shutdown: an emulator error.
+    /// QEMU exited on its own without a guest shutdown: an emulator error, or QEMU
+    /// killed from outside (`signal`).
     QemuFailed {
         code: Option<i32>,
+        signal: Option<i32>,
         stderr_tail: String,
     },
     /// The guest did not power off; the worker ended QEMU at this step.
     Stopped { step: StopStep },
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::PoweredOff { requested: true } => write!(f, "the guest powered off when asked"),
+            Self::PoweredOff { requested: false } => write!(f, "the guest powered itself off"),
+            Self::RebootLoop { resets } => write!(
+                f,
+                "the guest kept resetting ({resets} resets within {} s), so the worker stopped it",
+                RESET_WINDOW.as_secs()
+            ),
+            Self::Panicked => write!(f, "the guest kernel panicked"),
+            Self::QemuFailed {
+                code,
+                signal,
+                stderr_tail,
+            } => {
+                match (code, signal) {
+                    (_, Some(signal)) => write!(
+                        f,
+                        "QEMU was killed by signal {signal} ({}) while the job ran: something outside the worker ended it (the OOM killer, or an operator)",
+                        signal_name(*signal)
+                    )?,
+                    (Some(code), None) => {
+                        write!(f, "QEMU exited with status {code} while the job ran")?
+                    }
+                    (None, None) => write!(f, "QEMU ended while the job ran, with no exit status")?,
+                }
+                match stderr_tail.lines().last() {
+                    Some(last) => write!(f, "; its last message: {last}"),
+                    None => Ok(()),
+                }
+            }
+            Self::Stopped { step } => write!(
+                f,
+                "the guest did not power off, so the worker ended QEMU ({})",
+                match step {
+                    StopStep::Quit => "QMP quit",
+                    StopStep::Terminate => "SIGTERM",
+                    StopStep::Kill => "SIGKILL",
+                }
+            ),
+        }
+    }
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        6 => "SIGABRT",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        15 => "SIGTERM",
+        _ => "a signal",
+    }
 }
 
 /// The step of the stop sequence that ended QEMU.
@@ -118,10 +182,14 @@ impl VmResources {
             let _ = kill_process_group(group, Signal::KILL);
         }
         super::kill_strays(&self.run_dir);
-        // Keep the console for the job log before the run dir goes.
+        // Keep the console for the job log before the run dir goes (copied when the
+        // job directory is on another file system).
         let serial = self.run_dir.join("serial.log");
         if serial.exists() {
-            let _ = std::fs::rename(&serial, self.log_dir.join("console.log"));
+            let kept = self.log_dir.join("console.log");
+            if std::fs::rename(&serial, &kept).is_err() {
+                let _ = std::fs::copy(&serial, &kept);
+            }
         }
         match std::fs::remove_dir_all(&self.run_dir) {
             Ok(()) => {}
@@ -151,6 +219,8 @@ pub struct Vm {
     timeouts: VmTimeouts,
     powerdown_requested: bool,
     exit: Option<VmExit>,
+    console: Arc<ConsoleUsage>,
+    console_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Vm {
@@ -216,6 +286,28 @@ impl Vm {
 
         let qmp = connect_qmp(&mut child, &launch.run_dir, &log_path, timeouts.qmp).await?;
         let (seen, events) = qmp.subscribe().await?;
+        // QEMU made every chardev before it greeted on QMP, and the guest has not run
+        // yet: the console is captured from its first byte.
+        let console = Arc::new(ConsoleUsage::default());
+        let console_socket = PathBuf::from(launch.run_dir.serial_socket());
+        let console_task = if console_socket.exists() {
+            let log = PathBuf::from(launch.run_dir.serial_log());
+            Some(
+                capture_console(
+                    &console_socket,
+                    log,
+                    launch.max_console,
+                    Arc::clone(&console),
+                )
+                .await
+                .map_err(|source| VmError::Prepare {
+                    path: console_socket.clone(),
+                    source,
+                })?,
+            )
+        } else {
+            None
+        };
         tracing::info!(run_dir = %launch.run_dir.path().display(), qemu = qmp.qemu_version(), "VM started (paused)");
         Ok(Self {
             child,
@@ -227,6 +319,8 @@ impl Vm {
             timeouts,
             powerdown_requested: false,
             exit: None,
+            console,
+            console_task,
         })
     }
 
@@ -361,10 +455,11 @@ impl Vm {
                 requested: self.powerdown_requested,
             };
         }
-        let code = status.and_then(|s| s.code());
+        use std::os::unix::process::ExitStatusExt;
         VmExit::QemuFailed {
-            code,
-            stderr_tail: tail(&self.resources.log_dir.join("qemu.log")),
+            code: status.and_then(|s| s.code()),
+            signal: status.and_then(|s| s.signal()),
+            stderr_tail: read_tail(&self.resources.log_dir.join("qemu.log"), STDERR_TAIL),
         }
     }
 
@@ -375,8 +470,18 @@ impl Vm {
             Some(exit) => exit,
             None => self.stop().await,
         };
+        // QEMU is gone, so the console socket is at its end: let the copy finish before
+        // the serial log moves.
+        if let Some(task) = self.console_task.take() {
+            let _ = tokio::time::timeout(self.timeouts.exit, task).await;
+        }
         self.resources.release();
         exit
+    }
+
+    /// What the console capture kept and dropped (readable after `teardown` too).
+    pub fn console(&self) -> Arc<ConsoleUsage> {
+        Arc::clone(&self.console)
     }
 
     /// QMP events seen so far.
@@ -418,7 +523,7 @@ async fn connect_qmp(
     let deadline = Instant::now() + timeout;
     let failed = |status: ExitStatus| VmError::QemuFailed {
         status: status.to_string(),
-        stderr_tail: tail(log),
+        stderr_tail: read_tail(log, STDERR_TAIL),
     };
     loop {
         if let Ok(Some(status)) = child.try_wait() {
@@ -449,14 +554,14 @@ async fn connect_qmp(
     }
 }
 
-/// The last few KiB of a log, trimmed.
-fn tail(path: &Path) -> String {
+/// The last `bytes` of a log (never more, however large it is), trimmed, as text.
+pub fn read_tail(path: &Path, bytes: u64) -> String {
     let Ok(mut file) = File::open(path) else {
         return String::new();
     };
     let len = file.metadata().map_or(0, |m| m.len());
-    let _ = file.seek(SeekFrom::Start(len.saturating_sub(STDERR_TAIL)));
-    let mut text = String::new();
-    let _ = file.read_to_string(&mut text);
-    text.trim().to_owned()
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(bytes)));
+    let mut raw = Vec::new();
+    let _ = file.take(bytes).read_to_end(&mut raw);
+    String::from_utf8_lossy(&raw).trim().to_owned()
 }

@@ -174,6 +174,7 @@ pub fn test_launch(
         log_dir: dir.join(format!("{name}-logs")),
         network,
         accelerator: Accelerator::Tcg,
+        max_console: 16 << 20,
     })
     .expect("launch")
 }

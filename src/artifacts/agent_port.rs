@@ -1,0 +1,291 @@
+//! The host side of the guest agent port (docs/guest-agent.md): the bulk channel over
+//! the virtio-serial port `org.qemu-worker.agent.0`. The guest tools on its other end
+//! are hostile until checked: every frame is bounded, every file goes through a
+//! `Receiver`, and a broken answer is left behind by resynchronising.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::UnixStream;
+
+use super::receive::{Budget, ReceiveError, Received, Receiver};
+use crate::config::ArtifactStoreConfig;
+use crate::job::ArtifactKind;
+
+/// Largest control frame (headers, errors) accepted from the guest.
+const MAX_CONTROL_FRAME: usize = 64 << 10;
+/// Largest data frame the guest tools send.
+const MAX_DATA_FRAME: usize = 1 << 20;
+/// The sync frame: type, length, then the nonce.
+const SYNC_HEAD: [u8; 5] = [b'S', 0, 0, 0, 8];
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("failed to connect to the agent port socket {path:?}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the guest tools did not answer on the agent port within {0:?}")]
+    NoAgent(Duration),
+    #[error("the agent port failed")]
+    Io(#[from] std::io::Error),
+    #[error("the guest sent nothing for {0:?} in the middle of an answer (artifacts.stallSeconds)")]
+    Stalled(Duration),
+    #[error("the collection deadline of {0} s was spent (artifacts.collectSeconds)")]
+    Deadline(u64),
+    #[error("{path} was not found in the guest")]
+    NotFound { path: String },
+    #[error("the guest refused {path}: {code}: {message}")]
+    Refused {
+        path: String,
+        code: String,
+        message: String,
+    },
+    #[error("{path} is larger than the limit of {limit} bytes")]
+    TooLarge { path: String, limit: u64 },
+    #[error(transparent)]
+    Receive(#[from] ReceiveError),
+    #[error("the guest broke the agent protocol: {0}")]
+    Protocol(String),
+}
+
+impl AgentError {
+    /// Whether the answer ended cleanly, so the connection is still in step. After any
+    /// other error the rest of an answer may still be on its way: resynchronise.
+    pub fn in_step(&self) -> bool {
+        matches!(
+            self,
+            Self::NotFound { .. } | Self::Refused { .. } | Self::TooLarge { .. }
+        )
+    }
+}
+
+/// A connection to the guest tools' agent port.
+#[derive(Debug)]
+pub struct AgentClient {
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: BufWriter<tokio::net::unix::OwnedWriteHalf>,
+}
+
+impl AgentClient {
+    /// Connects and synchronizes: a SYNC with a fresh nonce is sent (again every second)
+    /// and every byte before its echo is discarded, so bytes left over from an earlier,
+    /// interrupted answer never pass for a new one, whatever they look like.
+    pub async fn connect(path: &Path, wait: Duration) -> Result<Self, AgentError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| AgentError::Connect {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let (read, write) = stream.into_split();
+        let mut client = Self {
+            reader: BufReader::with_capacity(MAX_DATA_FRAME + 5, read),
+            writer: BufWriter::new(write),
+        };
+        let deadline = Instant::now() + wait;
+        loop {
+            let nonce = nonce();
+            client.send(b'S', &nonce).await?;
+            let attempt =
+                Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now()));
+            match tokio::time::timeout(attempt, client.skip_to_sync(&nonce)).await {
+                Ok(Ok(())) => return Ok(client),
+                Ok(Err(e)) => return Err(e),
+                Err(_) if Instant::now() >= deadline => return Err(AgentError::NoAgent(wait)),
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Reads until the echo of `nonce`, as raw bytes: what comes before it is not read
+    /// as frames (a left-over length would otherwise be taken for one).
+    async fn skip_to_sync(&mut self, nonce: &[u8]) -> Result<(), AgentError> {
+        let mut pattern = SYNC_HEAD.to_vec();
+        pattern.extend_from_slice(nonce);
+        let mut carry: Vec<u8> = Vec::with_capacity(pattern.len());
+        loop {
+            let buffer = self.reader.fill_buf().await?;
+            if buffer.is_empty() {
+                return Err(AgentError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            let read = buffer.len();
+            let mut hay = std::mem::take(&mut carry);
+            let before = hay.len();
+            hay.extend_from_slice(buffer);
+            if let Some(at) = hay.windows(pattern.len()).position(|w| w == pattern) {
+                self.reader.consume(at + pattern.len() - before);
+                return Ok(());
+            }
+            self.reader.consume(read);
+            carry = hay[hay.len().saturating_sub(pattern.len() - 1)..].to_vec();
+        }
+    }
+
+    async fn send(&mut self, kind: u8, payload: &[u8]) -> Result<(), AgentError> {
+        let len = u32::try_from(payload.len())
+            .map_err(|_| AgentError::Protocol("request too large".into()))?;
+        self.writer.write_all(&[kind]).await?;
+        self.writer.write_all(&len.to_be_bytes()).await?;
+        self.writer.write_all(payload).await?;
+        self.writer.flush().await?;
+        Ok(())
+    }
+
+    async fn frame(&mut self, max: usize) -> Result<(u8, Vec<u8>), AgentError> {
+        let mut head = [0u8; 5];
+        self.reader.read_exact(&mut head).await?;
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        if len > max {
+            return Err(AgentError::Protocol(format!(
+                "a {len}-byte frame, over the limit of {max}"
+            )));
+        }
+        let mut payload = vec![0u8; len];
+        self.reader.read_exact(&mut payload).await?;
+        Ok((head[0], payload))
+    }
+
+    /// Fetches a guest file or folder into `receiver`, which checks and counts every
+    /// file against the job's budget. The host hashes every file it receives and checks
+    /// its size against the guest's; with `verify` the guest hashes it too and the two
+    /// must agree (end to end, at ~5x the cost under TCG). Each frame must come within
+    /// the budget's stall limit and before its deadline. After an error that is not
+    /// `in_step`, reconnect.
+    pub async fn fetch(
+        &mut self,
+        path: &str,
+        kind: ArtifactKind,
+        verify: bool,
+        receiver: &mut Receiver<'_>,
+    ) -> Result<(), AgentError> {
+        let max_bytes = receiver.budget().bytes_for(kind);
+        let request = serde_json::json!({
+            "path": path, "kind": kind.as_str(), "maxBytes": max_bytes, "verify": verify
+        });
+        self.send(b'G', request.to_string().as_bytes()).await?;
+        loop {
+            let wait = receiver.budget().frame_wait();
+            let Ok(frame) = tokio::time::timeout(wait, self.frame(MAX_DATA_FRAME)).await else {
+                return Err(if receiver.budget().deadline_passed() {
+                    AgentError::Deadline(receiver.budget().limits().collect_seconds)
+                } else {
+                    AgentError::Stalled(wait)
+                });
+            };
+            let (kind, payload) = frame?;
+            match kind {
+                b'D' => receiver.data(&payload).await?,
+                b'F' => {
+                    let header: FileHeader = control(&payload)?;
+                    receiver.begin(&header.name, header.size).await?;
+                }
+                b'E' => {
+                    let end: FileEnd = control(&payload)?;
+                    receiver.end(end.size, end.sha256.as_deref()).await?;
+                }
+                b'K' => {
+                    let skipped: Skipped = control(&payload)?;
+                    receiver.skip(&skipped.name, &skipped.reason)?;
+                }
+                b'X' => {
+                    let refusal: Refusal = control(&payload)?;
+                    return Err(match refusal.code.as_str() {
+                        "not-found" => AgentError::NotFound {
+                            path: path.to_owned(),
+                        },
+                        "too-large" => AgentError::TooLarge {
+                            path: path.to_owned(),
+                            limit: max_bytes,
+                        },
+                        _ => AgentError::Refused {
+                            path: path.to_owned(),
+                            code: refusal.code.chars().take(64).collect(),
+                            message: refusal.message.chars().take(512).collect(),
+                        },
+                    });
+                }
+                b'Z' => return Ok(()),
+                other => {
+                    return Err(AgentError::Protocol(format!("unknown frame type {other}")));
+                }
+            }
+        }
+    }
+}
+
+impl AgentClient {
+    /// Fetches one artifact, stored as `name` under `store`, with a budget of its own
+    /// (`vm boot`, tests and benchmarks; jobs go through `collect_artifacts`).
+    pub async fn fetch_one(
+        &mut self,
+        path: &str,
+        kind: ArtifactKind,
+        store: &Path,
+        name: &str,
+        limits: &ArtifactStoreConfig,
+        verify: bool,
+    ) -> Result<Received, AgentError> {
+        let mut budget = Budget::new(limits);
+        let partial = store.join(".partial");
+        let mut receiver = Receiver::new(&mut budget, store, &partial, name, kind);
+        let fetched = self.fetch(path, kind, verify, &mut receiver).await;
+        let received = match fetched {
+            Ok(()) => Ok(receiver.finish()),
+            Err(e) => {
+                receiver.abandon().await;
+                Err(e)
+            }
+        };
+        let _ = tokio::fs::remove_dir_all(&partial).await;
+        received
+    }
+}
+
+#[derive(Deserialize)]
+struct FileHeader {
+    name: String,
+    size: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct FileEnd {
+    size: u64,
+    sha256: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Skipped {
+    name: String,
+    reason: String,
+}
+
+#[derive(Deserialize)]
+struct Refusal {
+    code: String,
+    message: String,
+}
+
+fn control<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, AgentError> {
+    if payload.len() > MAX_CONTROL_FRAME {
+        return Err(AgentError::Protocol(format!(
+            "a {}-byte control frame, over the limit of {MAX_CONTROL_FRAME}",
+            payload.len()
+        )));
+    }
+    serde_json::from_slice(payload).map_err(|e| AgentError::Protocol(e.to_string()))
+}
+
+fn nonce() -> Vec<u8> {
+    let mut nonce = [0u8; 8];
+    // A short read leaves zeros and the time below still makes the nonce fresh.
+    let _ = rustix::rand::getrandom(&mut nonce, rustix::rand::GetRandomFlags::empty());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    (u64::from_be_bytes(nonce) ^ nanos).to_be_bytes().to_vec()
+}

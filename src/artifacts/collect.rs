@@ -1,0 +1,215 @@
+//! Collecting a job's declared artifacts: through the agent port, or through qemu-ga
+//! when the guest tools do not answer (files only), within one budget and one deadline
+//! for the whole job.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::agent_port::AgentClient;
+use super::receive::{Budget, Receiver};
+use crate::config::ArtifactStoreConfig;
+use crate::error_chain::{DisplayChain, display_chain};
+use crate::job::{ArtifactKind, ArtifactRecord, ArtifactSpec, SkippedRecord};
+use crate::qemu::QgaClient;
+use crate::schema::Issue;
+
+/// Where the transports are reached on the host.
+#[derive(Debug, Clone)]
+pub struct ArtifactSources {
+    /// The agent port's socket (the guest tools).
+    pub agent: PathBuf,
+    /// qemu-ga's socket, when the machine has the guest agent.
+    pub qga: Option<PathBuf>,
+}
+
+/// What the collection brought, and what went wrong.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Collection {
+    /// Every stored file; nothing else is kept.
+    pub artifacts: Vec<ArtifactRecord>,
+    pub skipped: Vec<SkippedRecord>,
+    pub skipped_count: u64,
+    /// One per artifact that failed (or was not collected); each fails the job.
+    pub problems: Vec<Issue>,
+    /// Lines for the job log: fallbacks taken, skipped entries.
+    pub notes: Vec<String>,
+}
+
+/// The transport in use.
+enum Transport {
+    Agent(AgentClient),
+    Qga(Box<QgaClient>),
+    /// Neither answers; why.
+    Gone(String),
+}
+
+/// Collects `specs` into `<job_dir>/artifacts`. Files in progress are kept in
+/// `<job_dir>/.partial`, which is gone when this returns.
+pub async fn collect_artifacts(
+    specs: &[ArtifactSpec],
+    sources: &ArtifactSources,
+    job_dir: &Path,
+    limits: &ArtifactStoreConfig,
+) -> Collection {
+    let mut collection = Collection::default();
+    if specs.is_empty() {
+        return collection;
+    }
+    let mut budget = Budget::new(limits);
+    let store = job_dir.join("artifacts");
+    let partial = job_dir.join(".partial");
+    // Idle guest tools answer in milliseconds even under TCG; with qemu-ga to fall back
+    // on, do not make every such job wait long for tools the image lacks.
+    let wait = Duration::from_secs(if sources.qga.is_some() { 10 } else { 30 });
+    let mut transport =
+        match AgentClient::connect(&sources.agent, wait.min(budget.time_left())).await {
+            Ok(agent) => Transport::Agent(agent),
+            Err(e) => {
+                fall_back(
+                    sources,
+                    &budget,
+                    display_chain(&e),
+                    "artifacts",
+                    &mut collection.notes,
+                )
+                .await
+            }
+        };
+    for (index, spec) in specs.iter().enumerate() {
+        let at = format!("/artifacts/{index}");
+        if budget.deadline_passed() {
+            collection.problems.push(Issue::new(
+                at,
+                format!(
+                    "artifact {}: not collected: the collection deadline of {} s was spent (artifacts.collectSeconds)",
+                    spec.name, limits.collect_seconds
+                ),
+            ));
+            continue;
+        }
+        let mut receiver = Receiver::new(&mut budget, &store, &partial, &spec.name, spec.kind);
+        let fetched = match &mut transport {
+            Transport::Agent(agent) => agent
+                .fetch(&spec.path, spec.kind, false, &mut receiver)
+                .await
+                .map_err(|e| (display_chain(&e), !e.in_step())),
+            Transport::Qga(qga) => through_qga(qga, spec, &mut receiver)
+                .await
+                .map_err(|message| (message, false)),
+            Transport::Gone(why) => Err((format!("not collected: {why}"), false)),
+        };
+        match fetched {
+            Ok(()) => {
+                let received = receiver.finish();
+                for skipped in &received.skipped {
+                    collection.notes.push(format!(
+                        "artifact {}: skipped {}: {}",
+                        spec.name, skipped.name, skipped.reason
+                    ));
+                }
+                collection.artifacts.extend(received.files);
+                collection.skipped.extend(received.skipped);
+                collection.skipped_count += received.skipped_count;
+            }
+            Err((message, resync)) => {
+                receiver.abandon().await;
+                collection.problems.push(Issue::new(
+                    at,
+                    format!("artifact {}: {message}; nothing of it was kept", spec.name),
+                ));
+                if resync {
+                    // The rest of a broken answer may still be on the port: start
+                    // afresh. QEMU's socket takes one connection at a time, so the old
+                    // one goes first.
+                    drop(transport);
+                    let wait = Duration::from_secs(10).min(budget.time_left());
+                    transport = match AgentClient::connect(&sources.agent, wait).await {
+                        Ok(agent) => Transport::Agent(agent),
+                        Err(e) => fall_back(
+                            sources,
+                            &budget,
+                            format!(
+                                "the agent port did not answer again after a broken answer ({})",
+                                DisplayChain(&e)
+                            ),
+                            "the remaining artifacts",
+                            &mut collection.notes,
+                        )
+                        .await,
+                    };
+                }
+            }
+        }
+    }
+    let shown = collection.skipped.len() as u64;
+    if collection.skipped_count > shown {
+        collection.notes.push(format!(
+            "{} more skipped entries are not listed",
+            collection.skipped_count - shown
+        ));
+    }
+    let _ = tokio::fs::remove_dir_all(&partial).await;
+    collection
+}
+
+/// After the agent port failed: qemu-ga if the machine has it (collecting `what`),
+/// else nothing.
+async fn fall_back(
+    sources: &ArtifactSources,
+    budget: &Budget,
+    why: String,
+    what: &str,
+    notes: &mut Vec<String>,
+) -> Transport {
+    let Some(socket) = &sources.qga else {
+        return Transport::Gone(why);
+    };
+    let wait = Duration::from_secs(30).min(budget.time_left());
+    match QgaClient::connect(socket, wait).await {
+        Ok(qga) => {
+            notes.push(format!("{why}; collecting {what} through qemu-ga"));
+            Transport::Qga(Box::new(qga))
+        }
+        Err(e) => Transport::Gone(format!(
+            "{why}, and qemu-ga did not answer either ({})",
+            DisplayChain(&e)
+        )),
+    }
+}
+
+/// One file through qemu-ga (it cannot list a directory).
+async fn through_qga(
+    qga: &mut QgaClient,
+    spec: &ArtifactSpec,
+    receiver: &mut Receiver<'_>,
+) -> Result<(), String> {
+    if spec.kind == ArtifactKind::Directory {
+        return Err(
+            "directory artifacts need the guest tools (qemu-ga cannot list a directory)".into(),
+        );
+    }
+    let cap = receiver.budget().bytes_for(spec.kind);
+    let wait = receiver.budget().frame_wait();
+    let left = receiver.budget().time_left();
+    receiver
+        .begin("", None)
+        .await
+        .map_err(|e| display_chain(&e))?;
+    let Some(file) = receiver.file() else {
+        return Err("the file was not started".into());
+    };
+    let read = match tokio::time::timeout(left, qga.file_read(&spec.path, file, cap, wait)).await {
+        Ok(Ok(read)) => read,
+        Ok(Err(e)) => return Err(display_chain(&e)),
+        Err(_) => {
+            return Err(format!(
+                "the collection deadline of {} s was spent (artifacts.collectSeconds)",
+                receiver.budget().limits().collect_seconds
+            ));
+        }
+    };
+    receiver
+        .end_written(read.bytes, &read.sha256)
+        .await
+        .map_err(|e| display_chain(&e))
+}

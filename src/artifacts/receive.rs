@@ -1,0 +1,797 @@
+//! Where artifact files land on the host, whatever transport brought them: each file is
+//! written under a temporary name, hashed, checked against the job's budget, and moved
+//! to its name only when complete. A failed artifact leaves nothing behind and gives its
+//! share of the budget back.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::config::ArtifactStoreConfig;
+use crate::job::{ArtifactKind, ArtifactRecord, SkippedRecord, artifact_name_problem};
+
+/// Skipped entries named in the report and the log; the rest are only counted.
+pub const SKIPPED_NAMED: usize = 20;
+
+/// Why a received file or entry was refused on the host.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("{name} is larger than the limit of {limit} bytes for one file")]
+    FileTooLarge { name: String, limit: u64 },
+    #[error("the artifacts are larger than the job's limit of {limit} bytes in all")]
+    TotalTooLarge { limit: u64 },
+    #[error("more than {limit} files in the job's artifacts (artifacts.maxEntries)")]
+    TooManyEntries { limit: u64 },
+    #[error("more than {limit} skipped entries (artifacts.maxSkipped)")]
+    TooManySkipped { limit: u64 },
+    #[error("the guest sent an unsafe file name {name:?}: {problem}")]
+    UnsafeName { name: String, problem: String },
+    #[error("the guest sent {name} twice")]
+    Duplicate { name: String },
+    #[error("{name} was already stored by another artifact")]
+    Exists { name: String },
+    #[error("{name} arrived with {received} bytes, the guest said {announced}")]
+    SizeMismatch {
+        name: String,
+        received: u64,
+        announced: u64,
+    },
+    #[error("{name} arrived corrupted: sha256 {actual}, the guest computed {expected}")]
+    Checksum {
+        name: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("the guest broke the protocol: {0}")]
+    Protocol(String),
+    #[error("cannot write {name} to {path:?}")]
+    Write {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What one job may still store: bytes, files and skipped entries, counted on the host
+/// across every artifact and transport, and the collection's deadline.
+#[derive(Debug)]
+pub struct Budget {
+    limits: ArtifactStoreConfig,
+    bytes_left: u64,
+    entries_left: u64,
+    skipped: u64,
+    deadline: Instant,
+}
+
+impl Budget {
+    /// A full budget; the collection deadline starts now.
+    pub fn new(limits: &ArtifactStoreConfig) -> Self {
+        Self {
+            limits: *limits,
+            bytes_left: limits.max_total_size.bytes(),
+            entries_left: limits.max_entries,
+            skipped: 0,
+            deadline: Instant::now() + Duration::from_secs(limits.collect_seconds),
+        }
+    }
+
+    pub fn limits(&self) -> &ArtifactStoreConfig {
+        &self.limits
+    }
+
+    /// Bytes the next artifact may take (for a single file also capped per file).
+    pub fn bytes_for(&self, kind: ArtifactKind) -> u64 {
+        match kind {
+            ArtifactKind::File => self.bytes_left.min(self.limits.max_file_size.bytes()),
+            ArtifactKind::Directory => self.bytes_left,
+        }
+    }
+
+    /// Time left before the collection's deadline.
+    pub fn time_left(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// How long to wait for the next frame: the stall limit, or less near the deadline.
+    pub fn frame_wait(&self) -> Duration {
+        Duration::from_secs(self.limits.stall_seconds).min(self.time_left())
+    }
+
+    /// Whether the deadline (rather than the stall limit) ended a wait.
+    pub fn deadline_passed(&self) -> bool {
+        self.time_left().is_zero()
+    }
+}
+
+/// A file being received.
+#[derive(Debug)]
+struct Pending {
+    file: tokio::fs::File,
+    temp: PathBuf,
+    target: PathBuf,
+    name: String,
+    announced: Option<u64>,
+    size: u64,
+    hasher: Sha256,
+}
+
+/// Receives the files of one artifact (a single file, or a folder's files) for
+/// `collect`. Every file is charged to the job's `Budget` as it arrives.
+#[derive(Debug)]
+pub struct Receiver<'a> {
+    budget: &'a mut Budget,
+    /// The artifact's name (e.g. `public/logs`) and where it is stored.
+    label: String,
+    target: PathBuf,
+    kind: ArtifactKind,
+    /// Where files are written until they are complete (outside the artifacts dir).
+    partial_dir: PathBuf,
+    current: Option<Pending>,
+    stored: Vec<(PathBuf, ArtifactRecord)>,
+    names: HashSet<String>,
+    created_dirs: Vec<PathBuf>,
+    skipped: Vec<SkippedRecord>,
+    skipped_count: u64,
+    bytes: u64,
+    next_temp: u64,
+}
+
+/// What one artifact brought, once complete.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub files: Vec<ArtifactRecord>,
+    /// Named skipped entries (at most `SKIPPED_NAMED` per job) and how many there were.
+    pub skipped: Vec<SkippedRecord>,
+    pub skipped_count: u64,
+}
+
+impl<'a> Receiver<'a> {
+    /// Receives the artifact `label` into `store` (the job's artifacts dir), with files
+    /// in progress under `partial_dir`.
+    pub fn new(
+        budget: &'a mut Budget,
+        store: &Path,
+        partial_dir: &Path,
+        label: &str,
+        kind: ArtifactKind,
+    ) -> Self {
+        Self {
+            budget,
+            label: label.to_owned(),
+            target: store.join(label),
+            kind,
+            partial_dir: partial_dir.to_path_buf(),
+            current: None,
+            stored: Vec::new(),
+            names: HashSet::new(),
+            created_dirs: Vec::new(),
+            skipped: Vec::new(),
+            skipped_count: 0,
+            bytes: 0,
+            next_temp: 0,
+        }
+    }
+
+    pub fn budget(&self) -> &Budget {
+        self.budget
+    }
+
+    /// Starts the file `name` (relative inside a folder; empty for a single file),
+    /// `announced` bytes long if the transport says.
+    pub async fn begin(&mut self, name: &str, announced: Option<u64>) -> Result<(), ReceiveError> {
+        if self.current.is_some() {
+            return Err(ReceiveError::Protocol(
+                "a new file before the last one ended".into(),
+            ));
+        }
+        let full = self.check_name(name)?;
+        if self.budget.entries_left == 0 {
+            return Err(ReceiveError::TooManyEntries {
+                limit: self.budget.limits.max_entries,
+            });
+        }
+        if !self.names.insert(name.to_owned()) {
+            return Err(ReceiveError::Duplicate { name: full });
+        }
+        self.budget.entries_left -= 1;
+        let target = match self.kind {
+            ArtifactKind::File => self.target.clone(),
+            ArtifactKind::Directory => self.target.join(name),
+        };
+        tokio::fs::create_dir_all(&self.partial_dir)
+            .await
+            .map_err(|source| self.write_error(&full, &self.partial_dir, source))?;
+        let temp = self.partial_dir.join(format!("{}.partial", self.next_temp));
+        self.next_temp += 1;
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .await
+            .map_err(|source| self.write_error(&full, &temp, source))?;
+        self.current = Some(Pending {
+            file,
+            temp,
+            target,
+            name: full,
+            announced,
+            size: 0,
+            hasher: Sha256::new(),
+        });
+        Ok(())
+    }
+
+    /// Appends to the current file.
+    pub async fn data(&mut self, bytes: &[u8]) -> Result<(), ReceiveError> {
+        let n = bytes.len() as u64;
+        let file_limit = self.budget.limits.max_file_size.bytes();
+        let total_limit = self.budget.limits.max_total_size.bytes();
+        let bytes_left = self.budget.bytes_left;
+        let Some(pending) = self.current.as_mut() else {
+            return Err(ReceiveError::Protocol("data outside a file".into()));
+        };
+        if let Some(announced) = pending.announced
+            && pending.size + n > announced
+        {
+            return Err(ReceiveError::SizeMismatch {
+                name: pending.name.clone(),
+                received: pending.size + n,
+                announced,
+            });
+        }
+        if pending.size + n > file_limit {
+            return Err(ReceiveError::FileTooLarge {
+                name: pending.name.clone(),
+                limit: file_limit,
+            });
+        }
+        if n > bytes_left {
+            return Err(ReceiveError::TotalTooLarge { limit: total_limit });
+        }
+        pending.hasher.update(bytes);
+        pending.size += n;
+        if let Err(source) = pending.file.write_all(bytes).await {
+            let (name, temp) = (pending.name.clone(), pending.temp.clone());
+            return Err(self.write_error(&name, &temp, source));
+        }
+        self.budget.bytes_left -= n;
+        self.bytes += n;
+        Ok(())
+    }
+
+    /// Ends the current file: `size` is what the guest says it sent, `sha256` its hash
+    /// if it made one. The file moves to its name only if both agree with what arrived.
+    pub async fn end(&mut self, size: u64, sha256: Option<&str>) -> Result<(), ReceiveError> {
+        let Some(mut pending) = self.current.take() else {
+            return Err(ReceiveError::Protocol("a file end without a file".into()));
+        };
+        let result = self.complete(&mut pending, size, sha256).await;
+        if result.is_err() {
+            // Not stored: its bytes go back to the budget with the rest in `abandon`.
+            let _ = tokio::fs::remove_file(&pending.temp).await;
+        }
+        result
+    }
+
+    /// Ends a file that the transport wrote itself through `file()` (qemu-ga), with
+    /// what the transport counted and hashed.
+    pub async fn end_written(&mut self, size: u64, sha256: &str) -> Result<(), ReceiveError> {
+        let Some(mut pending) = self.current.take() else {
+            return Err(ReceiveError::Protocol("a file end without a file".into()));
+        };
+        let limits = self.budget.limits;
+        let result = if size > limits.max_file_size.bytes() {
+            Err(ReceiveError::FileTooLarge {
+                name: pending.name.clone(),
+                limit: limits.max_file_size.bytes(),
+            })
+        } else if size > self.budget.bytes_left {
+            Err(ReceiveError::TotalTooLarge {
+                limit: limits.max_total_size.bytes(),
+            })
+        } else {
+            pending.size = size;
+            self.budget.bytes_left -= size;
+            self.bytes += size;
+            self.store(&mut pending, sha256.to_owned()).await
+        };
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&pending.temp).await;
+        }
+        result
+    }
+
+    /// The file in progress, for a transport that writes it itself.
+    pub fn file(&mut self) -> Option<&mut tokio::fs::File> {
+        self.current.as_mut().map(|p| &mut p.file)
+    }
+
+    async fn complete(
+        &mut self,
+        pending: &mut Pending,
+        size: u64,
+        sha256: Option<&str>,
+    ) -> Result<(), ReceiveError> {
+        if size != pending.size {
+            return Err(ReceiveError::SizeMismatch {
+                name: pending.name.clone(),
+                received: pending.size,
+                announced: size,
+            });
+        }
+        let digest: [u8; 32] = std::mem::take(&mut pending.hasher).finalize().into();
+        let actual: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        if let Some(expected) = sha256
+            && expected != actual
+        {
+            return Err(ReceiveError::Checksum {
+                name: pending.name.clone(),
+                expected: expected.to_owned(),
+                actual,
+            });
+        }
+        self.store(pending, actual).await
+    }
+
+    /// Flushes the file and moves it to its name, never over an existing file.
+    async fn store(&mut self, pending: &mut Pending, sha256: String) -> Result<(), ReceiveError> {
+        if let Err(source) = pending.file.flush().await {
+            return Err(self.write_error(&pending.name, &pending.temp, source));
+        }
+        if let Some(parent) = pending.target.parent() {
+            self.create_dirs(parent, &pending.name).await?;
+        }
+        let (temp, target) = (pending.temp.clone(), pending.target.clone());
+        let moved = tokio::task::spawn_blocking(move || {
+            rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                &temp,
+                rustix::fs::CWD,
+                &target,
+                rustix::fs::RenameFlags::NOREPLACE,
+            )
+        })
+        .await
+        .unwrap_or(Err(rustix::io::Errno::IO));
+        match moved {
+            Ok(()) => {}
+            Err(rustix::io::Errno::EXIST) => {
+                return Err(ReceiveError::Exists {
+                    name: pending.name.clone(),
+                });
+            }
+            Err(errno) => {
+                return Err(self.write_error(&pending.name, &pending.target, errno.into()));
+            }
+        }
+        self.stored.push((
+            pending.target.clone(),
+            ArtifactRecord {
+                content_type: content_type(&pending.name).into(),
+                name: pending.name.clone(),
+                size: pending.size,
+                sha256,
+            },
+        ));
+        Ok(())
+    }
+
+    /// Creates the folders above a stored file, remembering the new ones so that a
+    /// failed artifact removes them again.
+    async fn create_dirs(&mut self, dir: &Path, name: &str) -> Result<(), ReceiveError> {
+        let mut missing = Vec::new();
+        let mut at = Some(dir);
+        while let Some(d) = at {
+            if tokio::fs::try_exists(d).await.unwrap_or(false) {
+                break;
+            }
+            missing.push(d.to_path_buf());
+            at = d.parent();
+        }
+        for d in missing.into_iter().rev() {
+            match tokio::fs::create_dir(&d).await {
+                Ok(()) => self.created_dirs.push(d),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(source) => return Err(self.write_error(name, &d, source)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Records an entry the guest did not send (a link, a device, an unreadable file).
+    pub fn skip(&mut self, name: &str, reason: &str) -> Result<(), ReceiveError> {
+        self.skipped_count += 1;
+        self.budget.skipped += 1;
+        if self.budget.skipped > self.budget.limits.max_skipped {
+            return Err(ReceiveError::TooManySkipped {
+                limit: self.budget.limits.max_skipped,
+            });
+        }
+        let named = usize::try_from(self.budget.skipped).unwrap_or(usize::MAX);
+        if named <= SKIPPED_NAMED {
+            let printable: String = name.chars().take(256).collect();
+            self.skipped.push(SkippedRecord {
+                name: if printable.is_empty() {
+                    self.label.clone()
+                } else {
+                    format!("{}/{printable}", self.label)
+                },
+                reason: reason.chars().take(256).collect(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The artifact is complete.
+    pub fn finish(self) -> Received {
+        Received {
+            files: self.stored.into_iter().map(|(_, record)| record).collect(),
+            skipped: self.skipped,
+            skipped_count: self.skipped_count,
+        }
+    }
+
+    /// The artifact failed: everything it stored or started is removed, its files,
+    /// bytes and skipped entries are given back to the budget.
+    pub async fn abandon(mut self) {
+        if let Some(pending) = self.current.take() {
+            drop(pending.file);
+            let _ = tokio::fs::remove_file(&pending.temp).await;
+        }
+        for (path, _) in &self.stored {
+            let _ = tokio::fs::remove_file(path).await;
+        }
+        for dir in self.created_dirs.iter().rev() {
+            // Only empty folders: one may hold another artifact's files.
+            let _ = tokio::fs::remove_dir(dir).await;
+        }
+        if self.kind == ArtifactKind::Directory {
+            let _ = tokio::fs::remove_dir(&self.target).await;
+        }
+        self.budget.entries_left += self.names.len() as u64;
+        self.budget.bytes_left += self.bytes;
+        self.budget.skipped -= self.skipped_count.min(self.budget.skipped);
+    }
+
+    /// The name checks of a folder's files: the artifact name rules, the length and
+    /// depth caps. Returns the stored name (`label/name`).
+    fn check_name(&self, name: &str) -> Result<String, ReceiveError> {
+        let unsafe_name = |problem: String| ReceiveError::UnsafeName {
+            name: name.chars().take(256).collect(),
+            problem,
+        };
+        match self.kind {
+            ArtifactKind::File if name.is_empty() => return Ok(self.label.clone()),
+            ArtifactKind::File => {
+                return Err(ReceiveError::Protocol(
+                    "a named file in a single-file answer".into(),
+                ));
+            }
+            ArtifactKind::Directory => {}
+        }
+        let limits = &self.budget.limits;
+        if name.len() as u64 > limits.max_name_length {
+            return Err(unsafe_name(format!(
+                "{} bytes long, over the limit of {} (artifacts.maxNameLength)",
+                name.len(),
+                limits.max_name_length
+            )));
+        }
+        let depth = name.split('/').count() as u64;
+        if depth > limits.max_depth {
+            return Err(unsafe_name(format!(
+                "{depth} levels deep, over the limit of {} (artifacts.maxDepth)",
+                limits.max_depth
+            )));
+        }
+        if let Some(problem) = artifact_name_problem(name) {
+            return Err(unsafe_name(problem));
+        }
+        Ok(format!("{}/{name}", self.label))
+    }
+
+    fn write_error(&self, name: &str, path: &Path, source: std::io::Error) -> ReceiveError {
+        ReceiveError::Write {
+            name: name.to_owned(),
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// A content type from the file name; enough for browsers to show common CI outputs.
+pub fn content_type(name: &str) -> &'static str {
+    let ext = name
+        .rsplit_once('.')
+        .map_or("", |(_, ext)| ext)
+        .to_ascii_lowercase();
+    match ext.as_str() {
+        "txt" | "log" => "text/plain; charset=utf-8",
+        "json" => "application/json",
+        "xml" => "application/xml",
+        "html" | "htm" => "text/html; charset=utf-8",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "svg" => "image/svg+xml",
+        "gz" | "tgz" => "application/gzip",
+        "zst" => "application/zstd",
+        "tar" => "application/x-tar",
+        "zip" => "application/zip",
+        _ => "application/octet-stream",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ByteSize;
+
+    fn limits() -> ArtifactStoreConfig {
+        ArtifactStoreConfig {
+            max_file_size: ByteSize(10),
+            max_total_size: ByteSize(16),
+            max_entries: 3,
+            max_skipped: 2,
+            max_name_length: 12,
+            max_depth: 2,
+            ..ArtifactStoreConfig::default()
+        }
+    }
+
+    struct Dirs {
+        _temp: tempfile::TempDir,
+        store: PathBuf,
+        partial: PathBuf,
+    }
+
+    fn dirs() -> Dirs {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let store = temp.path().join("artifacts");
+        let partial = temp.path().join(".partial");
+        std::fs::create_dir(&store).expect("store");
+        Dirs {
+            _temp: temp,
+            store,
+            partial,
+        }
+    }
+
+    async fn file(
+        receiver: &mut Receiver<'_>,
+        name: &str,
+        data: &[u8],
+    ) -> Result<(), ReceiveError> {
+        receiver.begin(name, Some(data.len() as u64)).await?;
+        receiver.data(data).await?;
+        receiver.end(data.len() as u64, None).await
+    }
+
+    #[tokio::test]
+    async fn hostile_names_are_refused_before_anything_is_written() {
+        let d = dirs();
+        let mut budget = Budget::new(&limits());
+        for bad in [
+            "../x",
+            "/etc/passwd",
+            "a/../../x",
+            "",
+            "a//b",
+            ".",
+            "a/./b",
+            "a\\b",
+        ] {
+            let mut receiver = Receiver::new(
+                &mut budget,
+                &d.store,
+                &d.partial,
+                "dir",
+                ArtifactKind::Directory,
+            );
+            let error = receiver.begin(bad, None).await.expect_err(bad);
+            assert!(
+                matches!(error, ReceiveError::UnsafeName { .. }),
+                "{bad:?}: {error}"
+            );
+            receiver.abandon().await;
+        }
+        let mut receiver = Receiver::new(
+            &mut budget,
+            &d.store,
+            &d.partial,
+            "dir",
+            ArtifactKind::Directory,
+        );
+        let long = receiver
+            .begin("abcdefghijklm", None)
+            .await
+            .expect_err("13 bytes");
+        assert!(
+            long.to_string().contains("artifacts.maxNameLength"),
+            "{long}"
+        );
+        let deep = receiver.begin("a/b/c", None).await.expect_err("depth 3");
+        assert!(deep.to_string().contains("artifacts.maxDepth"), "{deep}");
+        receiver.abandon().await;
+        assert_eq!(std::fs::read_dir(&d.store).expect("store").count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_complete_file_is_stored_under_its_name_with_its_hash() {
+        let d = dirs();
+        let mut budget = Budget::new(&limits());
+        let mut receiver = Receiver::new(
+            &mut budget,
+            &d.store,
+            &d.partial,
+            "logs",
+            ArtifactKind::Directory,
+        );
+        file(&mut receiver, "a/b.txt", b"hello")
+            .await
+            .expect("stored");
+        let received = receiver.finish();
+        assert_eq!(received.files.len(), 1);
+        assert_eq!(received.files[0].name, "logs/a/b.txt");
+        assert_eq!(received.files[0].content_type, "text/plain; charset=utf-8");
+        assert_eq!(
+            received.files[0].sha256,
+            "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
+        assert_eq!(
+            std::fs::read(d.store.join("logs/a/b.txt")).expect("file"),
+            b"hello"
+        );
+        assert_eq!(budget.bytes_left, 11);
+        assert_eq!(budget.entries_left, 2);
+    }
+
+    #[tokio::test]
+    async fn a_failed_artifact_leaves_nothing_and_gives_its_budget_back() {
+        let d = dirs();
+        let mut budget = Budget::new(&limits());
+        let mut receiver = Receiver::new(
+            &mut budget,
+            &d.store,
+            &d.partial,
+            "out",
+            ArtifactKind::Directory,
+        );
+        file(&mut receiver, "x/one", b"12345").await.expect("first");
+        receiver
+            .begin("x/two", Some(8))
+            .await
+            .expect("second starts");
+        receiver.data(b"123").await.expect("some data");
+        // More than announced.
+        let error = receiver.data(b"123456").await.expect_err("too much");
+        assert!(
+            matches!(error, ReceiveError::SizeMismatch { .. }),
+            "{error}"
+        );
+        receiver.abandon().await;
+        assert!(!d.store.join("out").exists(), "nothing of it is kept");
+        assert_eq!(std::fs::read_dir(&d.partial).expect("partial").count(), 0);
+        assert_eq!((budget.bytes_left, budget.entries_left), (16, 3));
+    }
+
+    #[tokio::test]
+    async fn sizes_hashes_counts_and_duplicates_are_checked_on_the_host() {
+        let d = dirs();
+        let mut budget = Budget::new(&limits());
+        let mut receiver =
+            Receiver::new(&mut budget, &d.store, &d.partial, "f", ArtifactKind::File);
+        receiver.begin("", None).await.expect("begin");
+        let big = receiver
+            .data(&[0; 11])
+            .await
+            .expect_err("over the file cap");
+        assert!(
+            matches!(big, ReceiveError::FileTooLarge { limit: 10, .. }),
+            "{big}"
+        );
+        receiver.abandon().await;
+
+        let mut receiver =
+            Receiver::new(&mut budget, &d.store, &d.partial, "f", ArtifactKind::File);
+        receiver.begin("", None).await.expect("begin");
+        receiver.data(b"abc").await.expect("data");
+        let lie = receiver.end(4, None).await.expect_err("sent 3, says 4");
+        assert!(matches!(lie, ReceiveError::SizeMismatch { .. }), "{lie}");
+        receiver.abandon().await;
+
+        let mut receiver =
+            Receiver::new(&mut budget, &d.store, &d.partial, "f", ArtifactKind::File);
+        receiver.begin("", None).await.expect("begin");
+        receiver.data(b"abc").await.expect("data");
+        let corrupt = receiver.end(3, Some("00")).await.expect_err("bad hash");
+        assert!(
+            matches!(corrupt, ReceiveError::Checksum { .. }),
+            "{corrupt}"
+        );
+        receiver.abandon().await;
+
+        let mut receiver = Receiver::new(
+            &mut budget,
+            &d.store,
+            &d.partial,
+            "d",
+            ArtifactKind::Directory,
+        );
+        file(&mut receiver, "same", b"1").await.expect("first");
+        let twice = receiver.begin("same", None).await.expect_err("twice");
+        assert!(matches!(twice, ReceiveError::Duplicate { .. }), "{twice}");
+        receiver.abandon().await;
+        assert_eq!(std::fs::read_dir(&d.store).expect("store").count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stored_file_is_never_replaced() {
+        let d = dirs();
+        std::fs::write(d.store.join("taken"), b"first").expect("existing");
+        let mut budget = Budget::new(&limits());
+        let mut receiver = Receiver::new(
+            &mut budget,
+            &d.store,
+            &d.partial,
+            "taken",
+            ArtifactKind::File,
+        );
+        let error = file(&mut receiver, "", b"second")
+            .await
+            .expect_err("exists");
+        assert!(matches!(error, ReceiveError::Exists { .. }), "{error}");
+        receiver.abandon().await;
+        assert_eq!(
+            std::fs::read(d.store.join("taken")).expect("kept"),
+            b"first"
+        );
+    }
+
+    #[tokio::test]
+    async fn entries_and_skipped_entries_are_capped_for_the_whole_job() {
+        let d = dirs();
+        let mut budget = Budget::new(&limits());
+        let mut receiver = Receiver::new(
+            &mut budget,
+            &d.store,
+            &d.partial,
+            "a",
+            ArtifactKind::Directory,
+        );
+        for name in ["1", "2", "3"] {
+            file(&mut receiver, name, b"")
+                .await
+                .expect("within the count");
+        }
+        receiver
+            .skip("link", "is a symbolic link")
+            .expect("one skipped");
+        receiver
+            .skip("dev", "is not a regular file")
+            .expect("two skipped");
+        let received = receiver.finish();
+        assert_eq!(received.skipped_count, 2);
+        assert_eq!(received.skipped[0].name, "a/link");
+        let mut receiver = Receiver::new(
+            &mut budget,
+            &d.store,
+            &d.partial,
+            "b",
+            ArtifactKind::Directory,
+        );
+        let many = receiver.begin("4", None).await.expect_err("a fourth file");
+        assert!(
+            matches!(many, ReceiveError::TooManyEntries { limit: 3 }),
+            "{many}"
+        );
+        let skipped = receiver.skip("x", "y").expect_err("a third skipped entry");
+        assert!(
+            matches!(skipped, ReceiveError::TooManySkipped { limit: 2 }),
+            "{skipped}"
+        );
+    }
+}

@@ -91,3 +91,115 @@ pub fn pinned(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     std::fs::write(&path, bytes).expect("write asset");
     path
 }
+
+/// The test image with hostile guest tools: the guest crate built with its `hostile`
+/// feature (guest/src/hostile.rs) put in place of the real tools with debugfs, nothing
+/// else changed. Built once per set of inputs (under a lock: nextest runs each case in a
+/// process of its own) next to the test image, as `qemu-worker-test-hostile-KEY.tar.zst`.
+pub fn hostile_image() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(build_hostile_image).clone()
+}
+
+fn build_hostile_image() -> PathBuf {
+    use std::process::Command;
+    super::require("zstd", "zstd");
+    let workspace = super::workspace();
+    let test_image = test_image();
+    let out = test_image.parent().expect("images/out").to_path_buf();
+    let lock = std::fs::File::create(out.join(".hostile.lock")).expect("lock file");
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).expect("lock");
+
+    // A target dir of its own: the test image's recipe hashes the real tools' binary.
+    let target_dir = workspace.join("target/hostile-guest");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(&workspace)
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--quiet",
+            "-p",
+            "qemu-worker-guest",
+        ])
+        .args([
+            "--features",
+            "hostile",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env(
+            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+            "-C target-feature=+crt-static",
+        )
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building the hostile guest tools failed");
+    let tools = target_dir.join("x86_64-unknown-linux-gnu/release/qemu-worker-guest");
+
+    let key = {
+        let image = std::fs::read(&test_image).expect("test image");
+        let binary = std::fs::read(&tools).expect("hostile tools");
+        sha256_hex(format!("{}{}", sha256_hex(&image), sha256_hex(&binary)).as_bytes())
+    };
+    let target = out.join(format!("qemu-worker-test-hostile-{}.tar.zst", &key[..16]));
+    if target.exists() {
+        return target;
+    }
+    let work = tempfile::Builder::new()
+        .prefix("qw-hostile")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let image_dir = work.path().join("image");
+    std::fs::create_dir(&image_dir).expect("image dir");
+    let unpacked = Command::new("sh")
+        .arg("-c")
+        .arg("zstd -dcq \"$1\" | tar -x -C \"$2\"")
+        .args([
+            "sh",
+            test_image.to_str().expect("utf-8"),
+            image_dir.to_str().expect("utf-8"),
+        ])
+        .status()
+        .expect("tar");
+    assert!(unpacked.success(), "unpacking the test image failed");
+    let script = work.path().join("swap.debugfs");
+    std::fs::write(
+        &script,
+        format!(
+            "rm /usr/bin/qemu-worker-guest\nwrite {} /usr/bin/qemu-worker-guest\n\
+             sif /usr/bin/qemu-worker-guest mode 0100755\n",
+            tools.display()
+        ),
+    )
+    .expect("debugfs script");
+    let swapped = Command::new("debugfs")
+        .arg("-w")
+        .arg("-f")
+        .arg(&script)
+        .arg(image_dir.join("disk.img"))
+        .output()
+        .expect("`debugfs` is missing: install it with `apt-get install e2fsprogs`");
+    assert!(
+        swapped.status.success() && !String::from_utf8_lossy(&swapped.stderr).contains("rror"),
+        "debugfs could not swap the guest tools: {}",
+        String::from_utf8_lossy(&swapped.stderr)
+    );
+    let partial = target.with_extension("partial");
+    let packed = Command::new(super::worker_binary())
+        .args(["image", "pack"])
+        .arg(&image_dir)
+        .arg(&partial)
+        .output()
+        .expect("image pack");
+    assert!(
+        packed.status.success(),
+        "packing the hostile image failed: {}",
+        String::from_utf8_lossy(&packed.stderr)
+    );
+    std::fs::rename(&partial, &target).expect("rename");
+    target
+}

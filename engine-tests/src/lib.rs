@@ -462,6 +462,64 @@ impl Job {
     pub fn run(&self, worker: &Worker) -> Outcome {
         let path = self.write(worker.dir());
         let output = worker.cli(&["run", "--json", path.to_str().expect("utf-8")]);
+        Outcome::of(worker, output)
+    }
+
+    /// [`Job::run`], watching the worker while it runs: its peak resident memory and the
+    /// most guestfwd helper processes alive at once, sampled every 20 ms.
+    pub fn run_watched(&self, worker: &Worker) -> (Outcome, Watched) {
+        let path = self.write(worker.dir());
+        let mut child = worker
+            .command(&["run", "--json", path.to_str().expect("utf-8")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run starts");
+        let pid = child.id();
+        let mut watched = Watched::default();
+        // Read the pipes on threads: a full pipe would stop the worker.
+        let mut stdout = child.stdout.take().expect("stdout");
+        let mut stderr = child.stderr.take().expect("stderr");
+        let out = std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut stdout, &mut bytes);
+            bytes
+        });
+        let err = std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut stderr, &mut bytes);
+            bytes
+        });
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            watched.peak_rss_kib = watched.peak_rss_kib.max(rss_kib(pid));
+            let helpers = processes_under(worker.dir())
+                .iter()
+                .filter(|p| p.contains("metadata-splice"))
+                .count();
+            watched.peak_helpers = watched.peak_helpers.max(helpers);
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let output = Output {
+            status,
+            stdout: out.join().expect("stdout thread"),
+            stderr: err.join().expect("stderr thread"),
+        };
+        (Outcome::of(worker, output), watched)
+    }
+}
+
+/// What [`Job::run_watched`] saw.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Watched {
+    pub peak_rss_kib: u64,
+    pub peak_helpers: usize,
+}
+
+impl Outcome {
+    fn of(worker: &Worker, output: Output) -> Self {
         let report: serde_json::Value =
             serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
                 panic!(

@@ -1,5 +1,6 @@
 //! Faults: the guest powers off before reporting, QEMU is killed from outside, the
-//! worker is killed and restarted, and the disk fills up while an image downloads.
+//! worker is killed and restarted, and the disk fills up while an image downloads or an
+//! artifact arrives.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -20,8 +21,9 @@ fn a_guest_that_powers_off_before_reporting_fails_the_job_with_the_console_tail(
     let log = outcome.log();
     assert!(log.contains("going down"), "{log}");
     assert!(
-        log.contains("the guest ended before reporting a result")
-            && log.contains("console: QEMU-WORKER-INIT"),
+        log.contains(
+            "the VM ended before the guest reported a result: the guest powered itself off"
+        ) && log.contains("console: QEMU-WORKER-INIT"),
         "the log says why, with the console's tail: {log}"
     );
     worker.assert_clean();
@@ -70,7 +72,20 @@ fn qemu_killed_from_outside_fails_the_job_and_leaves_nothing() {
             .join("job.log"),
     )
     .expect("log");
-    assert!(log.contains("QEMU"), "the log says QEMU ended: {log}");
+    // In words, with the signal, in the report and the log; never Rust's debug text.
+    let sentence =
+        "the VM ended before the guest reported a result: QEMU was killed by signal 9 (SIGKILL)";
+    assert!(
+        report["errors"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with(sentence)),
+        "{report}"
+    );
+    assert!(
+        log.contains(sentence),
+        "the log says QEMU was killed: {log}"
+    );
+    assert!(!log.contains("QemuFailed"), "{log}");
     worker.assert_clean();
 }
 
@@ -223,5 +238,39 @@ fn a_full_disk_while_downloading_is_a_resource_error_and_the_cache_stays_consist
     );
     let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("json");
     assert_eq!(listed, serde_json::json!([]), "nothing cached");
+    worker.assert_clean();
+}
+
+#[test]
+fn a_full_disk_while_an_artifact_arrives_names_enospc_and_keeps_nothing_of_it() {
+    let worker = Worker::new();
+    // The job directories on a disk with room for the logs, not for the artifact.
+    let _disk = SmallDisk::mount(&worker.state().join("jobs"), "2M");
+    let outcome = Job::script("head -c 8388608 /dev/zero > /tmp/big.bin && echo made")
+        .file_artifact("/tmp/big.bin", "public/big.bin")
+        .file_artifact("/etc/passwd", "later/passwd")
+        .run(&worker);
+    assert_eq!(outcome.state(), "failed", "{}", outcome.report);
+    let message = outcome.report["errors"][0]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        message.starts_with("artifact public/big.bin: cannot write public/big.bin")
+            && message.contains("No space left on device (os error 28)"),
+        "{}",
+        outcome.report
+    );
+    assert_eq!(outcome.error_paths(), ["/artifacts/0"]);
+    assert!(
+        outcome.log().contains("No space left on device"),
+        "{}",
+        outcome.log()
+    );
+    // Nothing of it, and the space it took is free again for the next artifact.
+    assert!(!outcome.job_dir.join("artifacts/public/big.bin").exists());
+    assert!(!outcome.job_dir.join(".partial").exists());
+    assert_eq!(outcome.artifact_names(), ["later/passwd"]);
+    assert!(outcome.artifact("later/passwd").is_some());
     worker.assert_clean();
 }

@@ -66,6 +66,8 @@ fn serve(mut reader: File, writer: File) -> io::Result<()> {
         match kind {
             b'S' => write_frame(&mut out, b'S', &payload)?,
             b'G' => match serde_json::from_slice::<Get>(&payload) {
+                #[cfg(feature = "hostile")]
+                Ok(get) if crate::hostile::answer(&mut out, &get.path)? => {}
                 Ok(get) => send(&mut out, &get)?,
                 Err(e) => error(&mut out, "bad-request", &e.to_string())?,
             },
@@ -87,7 +89,7 @@ fn read_frame(reader: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
     Ok((head[0], payload))
 }
 
-fn write_frame(out: &mut impl Write, kind: u8, payload: &[u8]) -> io::Result<()> {
+pub(crate) fn write_frame(out: &mut impl Write, kind: u8, payload: &[u8]) -> io::Result<()> {
     let len = u32::try_from(payload.len()).map_err(|_| io::Error::other("frame too large"))?;
     out.write_all(&[kind])?;
     out.write_all(&len.to_be_bytes())?;
@@ -211,7 +213,21 @@ fn collect(
     };
     entries.sort_by_key(std::fs::DirEntry::file_name);
     for entry in entries {
-        let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+        let file_name = entry.file_name();
+        // Names travel as JSON strings: one that is not UTF-8 is skipped and shown with
+        // its bad bytes as \xNN, never turned into a name that another file could have.
+        let Some(utf8) = file_name.to_str() else {
+            let shown = escape_name(std::os::unix::ffi::OsStrExt::as_bytes(
+                file_name.as_os_str(),
+            ));
+            skip(
+                out,
+                &format!("{prefix}{shown}"),
+                "its name is not valid UTF-8 (shown with \\xNN for the bad bytes)",
+            )?;
+            continue;
+        };
+        let name = format!("{prefix}{utf8}");
         match entry.file_type() {
             Ok(t) if t.is_dir() => collect(&entry.path(), &format!("{name}/"), files, out)?,
             Ok(t) if t.is_file() => {
@@ -223,6 +239,18 @@ fn collect(
         }
     }
     Ok(())
+}
+
+/// A name's valid UTF-8 as it is, every other byte as `\xNN`.
+fn escape_name(bytes: &[u8]) -> String {
+    let mut shown = String::new();
+    for chunk in bytes.utf8_chunks() {
+        shown.push_str(chunk.valid());
+        for byte in chunk.invalid() {
+            shown.push_str(&format!("\\x{byte:02x}"));
+        }
+    }
+    shown
 }
 
 fn skip(out: &mut impl Write, name: &str, reason: &str) -> io::Result<()> {

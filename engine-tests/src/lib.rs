@@ -495,9 +495,10 @@ impl Job {
                 break status;
             }
             watched.peak_rss_kib = watched.peak_rss_kib.max(rss_kib(pid));
+            // QEMU's own command line names the helper in its guestfwd rule.
             let helpers = processes_under(worker.dir())
                 .iter()
-                .filter(|p| p.contains("metadata-splice"))
+                .filter(|p| p.contains("metadata-splice") && !p.contains("qemu-system"))
                 .count();
             watched.peak_helpers = watched.peak_helpers.max(helpers);
             std::thread::sleep(Duration::from_millis(20));

@@ -45,8 +45,12 @@ pub enum AgentError {
         code: String,
         message: String,
     },
-    #[error("{path} is larger than the limit of {limit} bytes")]
-    TooLarge { path: String, limit: u64 },
+    #[error("{path} is larger than the limit of {limit} bytes ({budget})")]
+    TooLarge {
+        path: String,
+        limit: u64,
+        budget: &'static str,
+    },
     #[error(transparent)]
     Receive(#[from] ReceiveError),
     #[error("the guest broke the agent protocol: {0}")]
@@ -177,8 +181,8 @@ impl AgentClient {
                     AgentError::Stalled(wait)
                 });
             };
-            let (kind, payload) = frame?;
-            match kind {
+            let (frame, payload) = frame?;
+            match frame {
                 b'D' => receiver.data(&payload).await?,
                 b'F' => {
                     let header: FileHeader = control(&payload)?;
@@ -201,6 +205,7 @@ impl AgentClient {
                         "too-large" => AgentError::TooLarge {
                             path: path.to_owned(),
                             limit: max_bytes,
+                            budget: receiver.budget().limit_name(kind),
                         },
                         _ => AgentError::Refused {
                             path: path.to_owned(),
@@ -209,7 +214,10 @@ impl AgentClient {
                         },
                     });
                 }
-                b'Z' => return Ok(()),
+                b'Z' => {
+                    receiver.check_complete()?;
+                    return Ok(());
+                }
                 other => {
                     return Err(AgentError::Protocol(format!("unknown frame type {other}")));
                 }
@@ -231,7 +239,8 @@ impl AgentClient {
         verify: bool,
     ) -> Result<Received, AgentError> {
         let mut budget = Budget::new(limits);
-        let partial = store.join(".partial");
+        // Beside the store, not in it: only complete files are ever in the store.
+        let partial = store.with_extension("partial");
         let mut receiver = Receiver::new(&mut budget, store, &partial, name, kind);
         let fetched = self.fetch(path, kind, verify, &mut receiver).await;
         let received = match fetched {

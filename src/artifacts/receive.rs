@@ -31,6 +31,10 @@ pub enum ReceiveError {
     UnsafeName { name: String, problem: String },
     #[error("the guest sent {name} twice")]
     Duplicate { name: String },
+    #[error("the guest sent {name} both as a file and as a folder")]
+    FileAndFolder { name: String },
+    #[error("{name} was not sent: {why}")]
+    NotSent { name: String, why: String },
     #[error("{name} was already stored by another artifact")]
     Exists { name: String },
     #[error("{name} arrived with {received} bytes, the guest said {announced}")]
@@ -65,6 +69,8 @@ pub struct Budget {
     entries_left: u64,
     skipped: u64,
     deadline: Instant,
+    /// Names files in progress: one sequence per job, so no two ever meet.
+    next_temp: u64,
 }
 
 impl Budget {
@@ -76,6 +82,7 @@ impl Budget {
             entries_left: limits.max_entries,
             skipped: 0,
             deadline: Instant::now() + Duration::from_secs(limits.collect_seconds),
+            next_temp: 0,
         }
     }
 
@@ -88,6 +95,15 @@ impl Budget {
         match kind {
             ArtifactKind::File => self.bytes_left.min(self.limits.max_file_size.bytes()),
             ArtifactKind::Directory => self.bytes_left,
+        }
+    }
+
+    /// The worker.yml key that sets `bytes_for(kind)`.
+    pub fn limit_name(&self, kind: ArtifactKind) -> &'static str {
+        if kind == ArtifactKind::File && self.bytes_left >= self.limits.max_file_size.bytes() {
+            "artifacts.maxFileSize"
+        } else {
+            "what is left of artifacts.maxTotalSize"
         }
     }
 
@@ -137,7 +153,8 @@ pub struct Receiver<'a> {
     skipped: Vec<SkippedRecord>,
     skipped_count: u64,
     bytes: u64,
-    next_temp: u64,
+    /// Folders above the files received, to tell a name used as both.
+    folders: HashSet<String>,
 }
 
 /// What one artifact brought, once complete.
@@ -172,7 +189,7 @@ impl<'a> Receiver<'a> {
             skipped: Vec::new(),
             skipped_count: 0,
             bytes: 0,
-            next_temp: 0,
+            folders: HashSet::new(),
         }
     }
 
@@ -194,8 +211,16 @@ impl<'a> Receiver<'a> {
                 limit: self.budget.limits.max_entries,
             });
         }
-        if !self.names.insert(name.to_owned()) {
+        if self.names.contains(name) {
             return Err(ReceiveError::Duplicate { name: full });
+        }
+        let mut ancestors = name.match_indices('/').map(|(at, _)| &name[..at]);
+        if self.folders.contains(name) || ancestors.any(|a| self.names.contains(a)) {
+            return Err(ReceiveError::FileAndFolder { name: full });
+        }
+        self.names.insert(name.to_owned());
+        for (at, _) in name.match_indices('/') {
+            self.folders.insert(name[..at].to_owned());
         }
         self.budget.entries_left -= 1;
         let target = match self.kind {
@@ -205,8 +230,10 @@ impl<'a> Receiver<'a> {
         tokio::fs::create_dir_all(&self.partial_dir)
             .await
             .map_err(|source| self.write_error(&full, &self.partial_dir, source))?;
-        let temp = self.partial_dir.join(format!("{}.partial", self.next_temp));
-        self.next_temp += 1;
+        let temp = self
+            .partial_dir
+            .join(format!("{}.partial", self.budget.next_temp));
+        self.budget.next_temp += 1;
         let file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -426,7 +453,29 @@ impl<'a> Receiver<'a> {
         Ok(())
     }
 
-    /// The artifact is complete.
+    /// Checks that the answer that just ended is whole: no file left open, and a
+    /// single-file artifact has its file.
+    pub fn check_complete(&self) -> Result<(), ReceiveError> {
+        if let Some(pending) = &self.current {
+            return Err(ReceiveError::Protocol(format!(
+                "the answer ended in the middle of {}",
+                pending.name
+            )));
+        }
+        if self.kind == ArtifactKind::File && self.stored.is_empty() {
+            let why = self.skipped.first().map_or_else(
+                || "the guest ended its answer without it".to_owned(),
+                |s| format!("the guest skipped it: {}", s.reason),
+            );
+            return Err(ReceiveError::NotSent {
+                name: self.label.clone(),
+                why,
+            });
+        }
+        Ok(())
+    }
+
+    /// The artifact is complete (after `check_complete`).
     pub fn finish(self) -> Received {
         Received {
             files: self.stored.into_iter().map(|(_, record)| record).collect(),
@@ -793,5 +842,61 @@ mod tests {
             matches!(skipped, ReceiveError::TooManySkipped { limit: 2 }),
             "{skipped}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_answer_must_be_whole_and_a_name_is_a_file_or_a_folder() {
+        let d = dirs();
+        let mut budget = Budget::new(&limits());
+        let mut receiver =
+            Receiver::new(&mut budget, &d.store, &d.partial, "f", ArtifactKind::File);
+        receiver
+            .skip("", "cannot be opened: permission denied")
+            .expect("skipped");
+        let missing = receiver.check_complete().expect_err("no file");
+        assert_eq!(
+            missing.to_string(),
+            "f was not sent: the guest skipped it: cannot be opened: permission denied"
+        );
+        receiver.abandon().await;
+
+        let mut receiver = Receiver::new(
+            &mut budget,
+            &d.store,
+            &d.partial,
+            "d",
+            ArtifactKind::Directory,
+        );
+        receiver.begin("open", Some(5)).await.expect("begin");
+        let open = receiver.check_complete().expect_err("a file still open");
+        assert!(
+            open.to_string().contains("in the middle of d/open"),
+            "{open}"
+        );
+        receiver.abandon().await;
+
+        let mut receiver = Receiver::new(
+            &mut budget,
+            &d.store,
+            &d.partial,
+            "d",
+            ArtifactKind::Directory,
+        );
+        file(&mut receiver, "a", b"1").await.expect("a file");
+        let under = receiver
+            .begin("a/b", None)
+            .await
+            .expect_err("a as a folder");
+        assert!(
+            matches!(under, ReceiveError::FileAndFolder { .. }),
+            "{under}"
+        );
+        file(&mut receiver, "x/y", b"1")
+            .await
+            .expect("x as a folder");
+        let over = receiver.begin("x", None).await.expect_err("x as a file");
+        assert!(matches!(over, ReceiveError::FileAndFolder { .. }), "{over}");
+        receiver.abandon().await;
+        assert_eq!(std::fs::read_dir(&d.partial).expect("partial").count(), 0);
     }
 }

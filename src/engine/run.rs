@@ -16,8 +16,8 @@ use crate::metadata::{
 use crate::schema::Issue;
 use crate::vm::{
     LaunchPlan, NetworkAttachment, RunDir, SnapshotPlan, SnapshotStore, TAP_DEVICE, TapNetwork, Vm,
-    VmExit, VmTimeouts, choose_accelerator_cached, finish_resume, prepare_launch_with_snapshots,
-    take_screenshot,
+    VmError, VmExit, VmTimeouts, choose_accelerator_cached, finish_resume,
+    prepare_launch_with_snapshots, take_screenshot,
 };
 
 /// One run of one job.
@@ -264,7 +264,9 @@ impl Engine {
                 }
             },
             (Ok(vm), _) => (Some(vm), None),
-            (Err(e), SnapshotPlan::Resume(_)) => (None, Some(display_chain(&e))),
+            (Err(e @ VmError::QemuFailed { .. }), SnapshotPlan::Resume(_)) => {
+                (None, Some(display_chain(&e)))
+            }
             (Err(e), _) => {
                 return exception(ExceptionReason::InternalError, display_chain(&e));
             }
@@ -377,12 +379,6 @@ impl Engine {
                 ResultReport::new(Resolution::Failed { exit_code: None }, Vec::new())
             }
         };
-        report
-            .errors
-            .extend(metadata_budget_errors(&service.usage()));
-        for line in metadata_budget_notes(&service.usage()) {
-            progress.note(&line).await;
-        }
 
         let canceled = report.state == crate::job::ResultState::Exception;
         if !canceled && vm.wait(Duration::ZERO).await.is_none() {
@@ -405,15 +401,11 @@ impl Engine {
             report.artifacts = collection.artifacts;
             report.skipped = collection.skipped;
             report.skipped_count = collection.skipped_count;
-            // A missing or refused artifact fails the job, as in taskcluster.
+            // A missing or refused artifact fails the job, as in taskcluster: completed
+            // with exit code 0 becomes failed with it.
             if !collection.problems.is_empty() && report.state == crate::job::ResultState::Completed
             {
-                report = ResultReport {
-                    artifacts: std::mem::take(&mut report.artifacts),
-                    skipped: std::mem::take(&mut report.skipped),
-                    skipped_count: report.skipped_count,
-                    ..ResultReport::new(Resolution::Failed { exit_code: Some(0) }, Vec::new())
-                };
+                report.state = crate::job::ResultState::Failed;
             }
             report.errors.extend(collection.problems);
             progress.phase("artifacts");
@@ -431,18 +423,30 @@ impl Engine {
             }
             progress.phase("screenshot");
         }
+        // Counted to the end: connections refused during the collection count too.
+        report
+            .errors
+            .extend(metadata_budget_errors(&service.usage()));
+        for line in metadata_budget_notes(&service.usage()) {
+            progress.note(&line).await;
+        }
         let known_exit = vm.wait(Duration::ZERO).await.is_some();
         let console = vm.console();
         let exit = vm.teardown().await;
         if console.dropped() > 0 {
-            report.errors.push(Issue::new(
-                "",
+            let message = if console.write_failed() {
+                format!(
+                    "the serial console log could not be written (is the state directory's disk full?); {} bytes were dropped",
+                    console.dropped()
+                )
+            } else {
                 format!(
                     "the serial console reached its cap of {} bytes (logs.maxConsoleSize); {} more bytes were dropped",
                     console.limit(),
                     console.dropped()
-                ),
-            ));
+                )
+            };
+            report.errors.push(Issue::new("", message));
         }
         if !known_exit && matches!(exit, VmExit::QemuFailed { .. }) {
             progress.note(&format!("after the result: {exit}")).await;

@@ -63,6 +63,7 @@ pub fn openapi_document() -> Value {
                 "responses": {
                     "200": reply("Recorded (or the same result was already recorded).", "TaskResult"),
                     "400": error("The body is not a TaskResult."),
+                    "408": error("The body did not arrive within the head timeout (code slow-body)."),
                     "409": error("A different result was already reported."),
                     "413": error("The body is too large.")
                 }

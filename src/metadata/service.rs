@@ -450,9 +450,18 @@ async fn stream_log(state: &State, mut body: Incoming) -> Reply {
 /// The first result wins; the same result again is fine; a different one is a conflict.
 async fn report_result(state: &State, body: Incoming) -> Reply {
     let limit = state.limits.max_json_body;
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
+    let wait = state.limits.head_timeout;
+    let collected = tokio::time::timeout(wait, Limited::new(body, limit).collect()).await;
+    let body = match collected {
+        Ok(Ok(collected)) => collected.to_bytes(),
         Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "slow-body",
+                format!("a result body must arrive within {} ms", wait.as_millis()),
+            );
+        }
+        Ok(Err(_)) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too-large",

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -17,6 +17,8 @@ pub struct ConsoleUsage {
     written: AtomicU64,
     dropped: AtomicU64,
     limit: AtomicU64,
+    /// The serial log could not be written (its disk is full or gone).
+    write_failed: AtomicBool,
 }
 
 impl ConsoleUsage {
@@ -32,6 +34,12 @@ impl ConsoleUsage {
 
     pub fn limit(&self) -> u64 {
         self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Whether bytes were dropped because the serial log could not be written, rather
+    /// than for the cap.
+    pub fn write_failed(&self) -> bool {
+        self.write_failed.load(Ordering::Relaxed)
     }
 }
 
@@ -54,32 +62,37 @@ pub(crate) async fn capture_console(
     usage.written.store(written, Ordering::Relaxed);
     Ok(tokio::spawn(async move {
         let mut buffer = vec![0u8; 64 << 10];
+        let mut noted = false;
+        let mut failed = false;
         loop {
             let n = match stream.read(&mut buffer).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
             let room = usize::try_from(limit.saturating_sub(written)).unwrap_or(usize::MAX);
-            let keep = n.min(room);
+            let keep = if failed { 0 } else { n.min(room) };
             if keep > 0 {
-                if file.write_all(&buffer[..keep]).await.is_err() {
-                    // The state disk is full or gone: drop the rest, still reading.
-                    written = limit;
-                } else {
+                if file.write_all(&buffer[..keep]).await.is_ok() {
                     written += keep as u64;
-                }
-                usage.written.store(written, Ordering::Relaxed);
-                if written >= limit {
-                    let note = format!(
-                        "\n[qemu-worker] the console reached its cap of {limit} bytes (logs.maxConsoleSize); the rest is dropped\n"
-                    );
-                    let _ = file.write_all(note.as_bytes()).await;
+                    usage.written.store(written, Ordering::Relaxed);
+                } else {
+                    // The state disk is full or gone: drop the rest, still reading.
+                    failed = true;
+                    usage.write_failed.store(true, Ordering::Relaxed);
                 }
             }
-            if keep < n {
+            if !failed && !noted && written >= limit {
+                noted = true;
+                let note = format!(
+                    "\n[qemu-worker] the console reached its cap of {limit} bytes (logs.maxConsoleSize); the rest is dropped\n"
+                );
+                let _ = file.write_all(note.as_bytes()).await;
+            }
+            let kept = if failed { 0 } else { keep };
+            if kept < n {
                 usage
                     .dropped
-                    .fetch_add((n - keep) as u64, Ordering::Relaxed);
+                    .fetch_add((n - kept) as u64, Ordering::Relaxed);
             }
         }
         let _ = file.flush().await;

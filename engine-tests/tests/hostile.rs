@@ -160,18 +160,42 @@ fn answers_that_end_badly_fail_their_artifact_and_the_port_resynchronises() {
     worker.assert_clean();
 }
 
-#[test]
-fn endless_skipped_entries_stop_at_their_budget_and_the_rest_comes_through_qemu_ga() {
+/// One attack (the artifact at `path`, stored as `name`, answered in `mode`), then /etc/passwd as a
+/// later artifact: the attack fails its artifact with `error`, the later one arrives
+/// (through qemu-ga when the port cannot be resynchronised).
+fn attack_then_later(path: &str, mode: &str, directory: bool, name: &str, error: &str) -> Outcome {
     let worker = worker(LIMITS);
-    let job = hostile_job(&[("/h", "skipped-flood")])
-        .directory_artifact("/h", "flood")
-        .file_artifact("/etc/passwd", "later/passwd");
-    let (outcome, watched) = job.run_watched(&worker);
-    assert_contained(&outcome, watched, &["flood"]);
+    let job = hostile_job(&[(path, mode)]);
+    let job = if directory {
+        job.directory_artifact(path, name)
+    } else {
+        job.file_artifact(path, name)
+    };
+    let (outcome, watched) = job
+        .file_artifact("/etc/passwd", "later/passwd")
+        .run_watched(&worker);
+    assert_contained(&outcome, watched, &[name]);
     assert!(
-        error_for(&outcome, 0).contains("more than 100 skipped entries (artifacts.maxSkipped)"),
+        error_for(&outcome, 0).contains(error),
         "{}",
         error_for(&outcome, 0)
+    );
+    assert_eq!(
+        outcome.artifact("later/passwd").as_deref(),
+        Some(PASSWD.as_bytes())
+    );
+    worker.assert_clean();
+    outcome
+}
+
+#[test]
+fn endless_skipped_entries_stop_at_their_budget_and_the_rest_comes_through_qemu_ga() {
+    let outcome = attack_then_later(
+        "/h",
+        "skipped-flood",
+        true,
+        "flood",
+        "more than 100 skipped entries (artifacts.maxSkipped)",
     );
     assert!(
         outcome
@@ -180,52 +204,28 @@ fn endless_skipped_entries_stop_at_their_budget_and_the_rest_comes_through_qemu_
         "{}",
         outcome.log()
     );
-    assert_eq!(
-        outcome.artifact("later/passwd").as_deref(),
-        Some(PASSWD.as_bytes())
-    );
-    worker.assert_clean();
 }
 
 #[test]
 fn an_endless_file_stops_at_the_file_cap() {
-    let worker = worker(LIMITS);
-    let job = hostile_job(&[("/h/endless", "endless-data")])
-        .file_artifact("/h/endless", "endless.bin")
-        .file_artifact("/etc/passwd", "later/passwd");
-    let (outcome, watched) = job.run_watched(&worker);
-    assert_contained(&outcome, watched, &["endless.bin"]);
-    assert!(
-        error_for(&outcome, 0)
-            .contains("endless.bin is larger than the limit of 4194304 bytes for one file"),
-        "{}",
-        error_for(&outcome, 0)
+    attack_then_later(
+        "/h/endless",
+        "endless-data",
+        false,
+        "endless.bin",
+        "endless.bin is larger than the limit of 4194304 bytes for one file",
     );
-    assert_eq!(
-        outcome.artifact("later/passwd").as_deref(),
-        Some(PASSWD.as_bytes())
-    );
-    worker.assert_clean();
 }
 
 #[test]
 fn a_trickle_is_cut_by_the_stall_limit() {
-    let worker = worker(LIMITS);
-    let job = hostile_job(&[("/h/slow", "slow")])
-        .file_artifact("/h/slow", "slow.bin")
-        .file_artifact("/etc/passwd", "later/passwd");
-    let (outcome, watched) = job.run_watched(&worker);
-    assert_contained(&outcome, watched, &["slow.bin"]);
-    assert!(
-        error_for(&outcome, 0).contains("the guest sent nothing for 5s in the middle of an answer"),
-        "{}",
-        error_for(&outcome, 0)
+    attack_then_later(
+        "/h/slow",
+        "slow",
+        false,
+        "slow.bin",
+        "the guest sent nothing for 5s in the middle of an answer",
     );
-    assert_eq!(
-        outcome.artifact("later/passwd").as_deref(),
-        Some(PASSWD.as_bytes())
-    );
-    worker.assert_clean();
 }
 
 #[test]
@@ -327,3 +327,51 @@ fn a_thousand_metadata_connections_cost_at_most_the_cap_in_helpers() {
 
 /// Helpers of refused connections that a sample may catch before they exit.
 const TRANSIENT_HELPERS: usize = 4;
+
+#[test]
+fn skipped_entries_are_named_in_the_report_and_the_log_and_bad_names_never_merge() {
+    let worker = Worker::new();
+    // Two names that are not UTF-8 (they would both read `a\u{fffd}` if decoded lossily),
+    // a symbolic link and a FIFO beside a regular file.
+    let outcome = Job::script(
+        "mkdir -p /out && echo kept > /out/kept.txt && touch \"/out/$(printf 'a\\377')\" \
+         \"/out/$(printf 'a\\376')\" && ln -s /etc/passwd /out/link && mkfifo /out/fifo",
+    )
+    .directory_artifact("/out", "public/out")
+    .run(&worker);
+    assert_eq!(outcome.state(), "completed", "{}", outcome.report);
+    assert_eq!(outcome.artifact_names(), ["public/out/kept.txt"]);
+    assert_eq!(outcome.report["skippedCount"], 4, "{}", outcome.report);
+    let skipped: Vec<(String, String)> = outcome.report["skipped"]
+        .as_array()
+        .expect("skipped")
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap_or("").to_owned(),
+                s["reason"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    let names: Vec<&str> = skipped.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "public/out/a\\xfe",
+            "public/out/a\\xff",
+            "public/out/fifo",
+            "public/out/link"
+        ],
+        "{skipped:?}"
+    );
+    assert!(skipped[0].1.contains("not valid UTF-8"), "{skipped:?}");
+    assert!(skipped[3].1.contains("symbolic link"), "{skipped:?}");
+    let log = outcome.log();
+    for name in names {
+        assert!(
+            log.contains(&format!("skipped {name}: ")),
+            "{name} in the log: {log}"
+        );
+    }
+    worker.assert_clean();
+}

@@ -7,9 +7,28 @@
 use std::io::{self, Write};
 use std::time::Duration;
 
+use serde_json::{Value, json};
+
 use crate::agent::write_frame;
 
 const MODES: &str = "/tmp/qw-hostile";
+
+fn control(out: &mut impl Write, kind: u8, value: Value) -> io::Result<()> {
+    write_frame(out, kind, value.to_string().as_bytes())
+}
+
+/// `F`, one `D` of `data` (if any), then `E` claiming `claimed` bytes.
+fn file(out: &mut impl Write, name: &str, data: &[u8], claimed: usize) -> io::Result<()> {
+    control(out, b'F', json!({"name": name, "size": claimed}))?;
+    if !data.is_empty() {
+        write_frame(out, b'D', data)?;
+    }
+    control(out, b'E', json!({"size": claimed, "sha256": null}))
+}
+
+fn done(out: &mut impl Write, files: usize) -> io::Result<()> {
+    control(out, b'Z', json!({"files": files, "bytes": 0}))
+}
 
 /// Answers `path` in its hostile mode, if the job gave it one; `false` to answer it
 /// honestly.
@@ -23,45 +42,28 @@ pub fn answer(out: &mut impl Write, path: &str) -> io::Result<bool> {
     }) else {
         return Ok(false);
     };
-    let json = |value: serde_json::Value| value.to_string().into_bytes();
     match mode.as_str() {
         // Skipped entries without end.
         "skipped-flood" => {
             for n in 0u64.. {
-                let skipped = json(serde_json::json!({
-                    "name": format!("link-{n:012}"), "reason": "is a symbolic link (not followed)"
-                }));
-                write_frame(out, b'K', &skipped)?;
+                let name = format!("link-{n:012}");
+                control(
+                    out,
+                    b'K',
+                    json!({"name": name, "reason": "is a symbolic link (not followed)"}),
+                )?;
             }
         }
         // 200,000 empty files.
         "many-entries" => {
             for n in 0..200_000u32 {
-                let name = format!("d{}/f{n:06}", n / 1000);
-                write_frame(
-                    out,
-                    b'F',
-                    &json(serde_json::json!({"name": name, "size": 0})),
-                )?;
-                write_frame(
-                    out,
-                    b'E',
-                    &json(serde_json::json!({"size": 0, "sha256": null})),
-                )?;
+                file(out, &format!("d{}/f{n:06}", n / 1000), b"", 0)?;
             }
-            write_frame(
-                out,
-                b'Z',
-                &json(serde_json::json!({"files": 200_000, "bytes": 0})),
-            )?;
+            done(out, 200_000)?;
         }
         // One byte every 50 s.
         "slow" => {
-            write_frame(
-                out,
-                b'F',
-                &json(serde_json::json!({"name": "", "size": 1000})),
-            )?;
+            control(out, b'F', json!({"name": "", "size": 1000}))?;
             loop {
                 write_frame(out, b'D', b"x")?;
                 out.flush()?;
@@ -70,30 +72,12 @@ pub fn answer(out: &mut impl Write, path: &str) -> io::Result<bool> {
         }
         // Says 10 bytes, sends 5, ends claiming 10.
         "lying-size" => {
-            write_frame(
-                out,
-                b'F',
-                &json(serde_json::json!({"name": "", "size": 10})),
-            )?;
-            write_frame(out, b'D', b"12345")?;
-            write_frame(
-                out,
-                b'E',
-                &json(serde_json::json!({"size": 10, "sha256": null})),
-            )?;
-            write_frame(
-                out,
-                b'Z',
-                &json(serde_json::json!({"files": 1, "bytes": 10})),
-            )?;
+            file(out, "", b"12345", 10)?;
+            done(out, 1)?;
         }
         // A file that never ends.
         "endless-data" => {
-            write_frame(
-                out,
-                b'F',
-                &json(serde_json::json!({"name": "", "size": u64::MAX / 2})),
-            )?;
+            control(out, b'F', json!({"name": "", "size": u64::MAX / 2}))?;
             let chunk = vec![b'y'; 1 << 20];
             loop {
                 write_frame(out, b'D', &chunk)?;
@@ -101,69 +85,37 @@ pub fn answer(out: &mut impl Write, path: &str) -> io::Result<bool> {
         }
         // A frame header announcing 4 GiB, then some of it.
         "oversized-frame" => {
-            write_frame(
-                out,
-                b'F',
-                &json(serde_json::json!({"name": "", "size": 100})),
-            )?;
+            control(out, b'F', json!({"name": "", "size": 100}))?;
             out.write_all(&[b'D', 0xff, 0xff, 0xff, 0xf0])?;
             out.write_all(&[b'z'; 4096])?;
         }
         // Names that must never reach the host's file system as given.
         "bad-names" => {
-            for name in [
+            let names = [
                 "../escape",
                 "/etc/passwd",
                 "a/../../b",
                 "a//b",
                 ".",
                 "a/./b",
-            ] {
-                write_frame(
-                    out,
-                    b'F',
-                    &json(serde_json::json!({"name": name, "size": 1})),
-                )?;
-                write_frame(out, b'D', b"!")?;
-                write_frame(
-                    out,
-                    b'E',
-                    &json(serde_json::json!({"size": 1, "sha256": null})),
-                )?;
+            ];
+            for name in names {
+                file(out, name, b"!", 1)?;
             }
-            write_frame(
-                out,
-                b'Z',
-                &json(serde_json::json!({"files": 6, "bytes": 6})),
-            )?;
+            done(out, names.len())?;
         }
         // The same name twice.
         "duplicate-names" => {
-            for _ in 0..2 {
-                write_frame(
-                    out,
-                    b'F',
-                    &json(serde_json::json!({"name": "same", "size": 1})),
-                )?;
-                write_frame(out, b'D', b"!")?;
-                write_frame(
-                    out,
-                    b'E',
-                    &json(serde_json::json!({"size": 1, "sha256": null})),
-                )?;
-            }
-            write_frame(
-                out,
-                b'Z',
-                &json(serde_json::json!({"files": 2, "bytes": 2})),
-            )?;
+            file(out, "same", b"!", 1)?;
+            file(out, "same", b"!", 1)?;
+            done(out, 2)?;
         }
         other => {
             let message = format!("unknown hostile mode {other}");
-            write_frame(
+            control(
                 out,
                 b'X',
-                &json(serde_json::json!({"code": "bad-request", "message": message})),
+                json!({"code": "bad-request", "message": message}),
             )?;
         }
     }

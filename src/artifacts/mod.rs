@@ -9,4 +9,4 @@ mod receive;
 
 pub use agent_port::{AgentClient, AgentError};
 pub use collect::{ArtifactSources, Collection, collect_artifacts};
-pub use receive::{Budget, ReceiveError, Received, Receiver, SKIPPED_NAMED, content_type};
+pub use receive::{Budget, ReceiveError, Received, Receiver};

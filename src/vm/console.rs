@@ -14,7 +14,6 @@ use tokio::net::UnixStream;
 /// What the console capture kept and dropped, readable while it runs.
 #[derive(Debug, Default)]
 pub struct ConsoleUsage {
-    written: AtomicU64,
     dropped: AtomicU64,
     limit: AtomicU64,
     /// The serial log could not be written (its disk is full or gone).
@@ -25,11 +24,6 @@ impl ConsoleUsage {
     /// Bytes of console output dropped past the cap.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
-    }
-
-    /// Bytes in the serial log (a resumed VM's boot console included).
-    pub fn written(&self) -> u64 {
-        self.written.load(Ordering::Relaxed)
     }
 
     pub fn limit(&self) -> u64 {
@@ -59,7 +53,6 @@ pub(crate) async fn capture_console(
         .await?;
     let mut written = file.metadata().await.map_or(0, |m| m.len());
     usage.limit.store(limit, Ordering::Relaxed);
-    usage.written.store(written, Ordering::Relaxed);
     Ok(tokio::spawn(async move {
         let mut buffer = vec![0u8; 64 << 10];
         let mut noted = false;
@@ -74,7 +67,6 @@ pub(crate) async fn capture_console(
             if keep > 0 {
                 if file.write_all(&buffer[..keep]).await.is_ok() {
                     written += keep as u64;
-                    usage.written.store(written, Ordering::Relaxed);
                 } else {
                     // The state disk is full or gone: drop the rest, still reading.
                     failed = true;

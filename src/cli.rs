@@ -508,7 +508,7 @@ async fn run_job(loaded: &LoadedConfig, payload: String, json: bool) -> Result<E
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
     let job_id = format!("run-{millis}-{}", std::process::id());
-    let job_dir = config.state_dir.join("jobs").join(&job_id);
+    let job_dir = qemu_worker::job::JobDir::one_shot(&config.state_dir, &job_id);
     let cache = open_cache(CacheSettings::from_config(&config)).await?;
     let engine = Engine {
         config,
@@ -557,7 +557,7 @@ async fn run_job(loaded: &LoadedConfig, payload: String, json: bool) -> Result<E
     };
     eprintln!(
         "qemu-worker: job {job_id} {outcome}; log, report and artifacts in {}",
-        job_dir.display()
+        job_dir.path().display()
     );
     for issue in &report.errors {
         eprintln!("  {issue}");

@@ -6,7 +6,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::run::{Engine, JobRun};
-use crate::job::ExceptionReason;
+use crate::job::{ExceptionReason, JobDir};
 use crate::queue::{Claim, Queue, QueueError};
 
 /// How long an idle worker waits for work before it looks for expired leases again (a
@@ -160,12 +160,7 @@ async fn run_claimed(
             }
         })
     };
-    let job_dir = engine
-        .config
-        .state_dir
-        .join("jobs")
-        .join(&claim.job_id)
-        .join(format!("run-{}", claim.run_id));
+    let job_dir = JobDir::of_run(&engine.config.state_dir, &claim.job_id, claim.run_id);
     let report = engine
         .run(&JobRun {
             job_id: claim.job_id.clone(),

@@ -1,6 +1,7 @@
 //! What a job asks for and how it ends: the payload, the machine definition and its
 //! limits, deterministic VM identities, validation, and the resolution report.
 
+mod dir;
 mod identity;
 mod limits;
 mod machine;
@@ -9,6 +10,7 @@ mod report;
 pub(crate) mod string_enum;
 mod validate;
 
+pub use dir::{FINAL_SCREENSHOT, JobDir};
 pub use identity::Identity;
 pub use limits::{CpuTopology, LimitViolation, MachineLimits, RequestedResources};
 pub use machine::{

@@ -1,0 +1,72 @@
+use std::path::PathBuf;
+
+use crate::error_chain::display_chain;
+use crate::image::ImageError;
+use crate::job::ExceptionReason;
+use crate::metadata::LogWriterError;
+use crate::qemu::QmpError;
+use crate::schema::Issue;
+use crate::vm::{AccelError, NetworkError, RunDirError, VmError};
+
+/// Why the worker could not run a job to a result. Each variant keeps its cause, so the
+/// report and the log say the whole chain once ("the VM did not start: QMP failed: …"),
+/// and knows how the job is resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("cannot create the job directory {}", path.display())]
+    JobDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the job log")]
+    JobLog(#[source] LogWriterError),
+    #[error("no accelerator can run the VM")]
+    Accelerator(#[source] AccelError),
+    /// The image could not be fetched or unpacked; its own issues name the entry.
+    #[error("the image is not available")]
+    Image(#[source] ImageError),
+    #[error("the run directory cannot be used")]
+    RunDir(#[source] RunDirError),
+    // Validation refuses this (allowOutbound needs tap); never run it quietly closed.
+    #[error("outbound network access needs `network: {{backend: tap}}`")]
+    OutboundNeedsTap,
+    #[error("the VM's network cannot be set up")]
+    Network(#[source] NetworkError),
+    #[error("the metadata service cannot start")]
+    Metadata(#[source] std::io::Error),
+    #[error("the VM cannot be prepared")]
+    Launch(#[source] VmError),
+    #[error("the VM did not start")]
+    Start(#[source] VmError),
+    #[error("the VM did not resume after start")]
+    Continue(#[source] QmpError),
+}
+
+impl JobError {
+    /// How a job that hit this error is resolved.
+    pub fn reason(&self) -> ExceptionReason {
+        match self {
+            Self::Image(e) => e.reason(),
+            Self::Accelerator(_)
+            | Self::OutboundNeedsTap
+            | Self::Network(_)
+            | Self::Metadata(_) => ExceptionReason::ResourceUnavailable,
+            Self::JobDir { .. }
+            | Self::JobLog(_)
+            | Self::RunDir(_)
+            | Self::Launch(_)
+            | Self::Start(_)
+            | Self::Continue(_) => ExceptionReason::InternalError,
+        }
+    }
+
+    /// The report's errors: the image's own issues (each names its entry), or this
+    /// error's whole chain.
+    pub fn issues(&self) -> Vec<Issue> {
+        match self {
+            Self::Image(e) => e.to_issues(),
+            _ => vec![Issue::new("", display_chain(self))],
+        }
+    }
+}

@@ -1,0 +1,92 @@
+use super::context::JobContext;
+use super::error::JobError;
+use super::resolve::Ending;
+use super::run::Engine;
+use crate::config::NetworkBackend;
+use crate::image::{ImageLease, ImageRequest};
+use crate::job::{JobPayload, Machine, MachineLayers, PayloadContext, validate_payload};
+use crate::metadata::Task;
+use crate::schema::Issue;
+use crate::vm::{Accelerator, SnapshotStore, choose_accelerator_cached};
+
+/// A job ready to boot: its payload checked, its image leased, its machine resolved.
+#[derive(Debug)]
+pub struct Prepared {
+    pub payload: JobPayload,
+    pub lease: ImageLease,
+    pub machine: Machine,
+    pub accelerator: Accelerator,
+    /// Where this image's boot snapshots are, when this job may use them.
+    pub snapshots: Option<SnapshotStore>,
+}
+
+impl Prepared {
+    /// What the guest tools fetch from the metadata service.
+    pub fn task(&self) -> Task {
+        Task {
+            command: self.payload.command.clone(),
+            env: self.payload.env.clone(),
+            max_run_time: self.payload.max_run_time,
+            working_directory: "/root".into(),
+        }
+    }
+}
+
+impl Engine {
+    /// Phase *prepare*: validate before spending anything, then choose the accelerator,
+    /// lease the image and resolve the machine within the limits.
+    pub(super) async fn prepare(&self, ctx: &mut JobContext<'_>) -> Result<Prepared, Ending> {
+        if let Some(reason) = *ctx.job.cancel.borrow() {
+            return Err(Ending::Stopped(reason));
+        }
+        let check = validate_payload(
+            &ctx.job.payload,
+            &PayloadContext::from_config(&self.config),
+            &ctx.identity,
+        );
+        ctx.phase("validate");
+        let Some(payload) = check.payload.filter(|_| check.issues.is_empty()) else {
+            return Err(Ending::Rejected(check.issues));
+        };
+
+        let accelerator =
+            choose_accelerator_cached(self.config.accelerator, &self.config.state_dir)
+                .await
+                .map_err(|e| Ending::Error(JobError::Accelerator(e)))?;
+        ctx.phase("accelerator");
+
+        let request = ImageRequest::from_reference(&payload.image)
+            .map_err(|e| Ending::Rejected(vec![Issue::new("/image", e.to_string())]))?;
+        let lease = self
+            .cache
+            .acquire(&request, None)
+            .await
+            .map_err(|e| Ending::Error(JobError::Image(e)))?;
+        ctx.phase("image");
+
+        let layers = MachineLayers {
+            payload: payload.machine.clone().unwrap_or_default(),
+            image: lease.contents().machine.clone(),
+            worker_config: self.config.machine.clone(),
+        };
+        let machine = layers
+            .resolve(&self.config.limits, &ctx.identity)
+            .map_err(Ending::Rejected)?;
+        ctx.phase("machine");
+
+        // Snapshots need the user network (a tap VM's addresses are per VM) and the serial
+        // console (where the guest says it parked).
+        let snapshots = (self.config.snapshots.enabled
+            && self.config.network.backend == NetworkBackend::User
+            && !payload.wants_outbound()
+            && machine.serial_console)
+            .then(|| SnapshotStore::new(lease.snapshot_dir()));
+        Ok(Prepared {
+            payload,
+            lease,
+            machine,
+            accelerator,
+            snapshots,
+        })
+    }
+}

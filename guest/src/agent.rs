@@ -6,25 +6,15 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use qemu_worker_protocol::agent::{
+    self, BAD_REQUEST, DATA, DONE, Done, END, FILE, FileEnd, FileHeader, GET, Get, GetKind,
+    NOT_A_DIRECTORY, NOT_A_FILE, NOT_FOUND, REFUSE, Refusal, SKIP, SYNC, Skipped, TOO_LARGE,
+};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-pub const PORT_NAME: &str = "org.qemu-worker.agent.0";
-const CHUNK: usize = 1 << 20;
-/// Requests are small JSON documents.
-const MAX_REQUEST: usize = 64 << 10;
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Get {
-    path: String,
-    kind: String,
-    max_bytes: u64,
-    /// Also hash each file here (the host always hashes what it receives). Under TCG
-    /// this costs most of the throughput: SHA-256 runs at ~80 MB/s in an emulated CPU.
-    #[serde(default)]
-    verify: bool,
-}
+/// Read size: one data frame per read.
+const CHUNK: usize = agent::MAX_DATA;
 
 /// Serves the port named `name` forever; reopens it after any error (the host may
 /// reconnect, or the port may not exist yet: images may load its driver after starting
@@ -64,46 +54,49 @@ fn serve(mut reader: File, writer: File) -> io::Result<()> {
     loop {
         let (kind, payload) = read_frame(&mut reader)?;
         match kind {
-            b'S' => write_frame(&mut out, b'S', &payload)?,
-            b'G' => match serde_json::from_slice::<Get>(&payload) {
+            SYNC => write_frame(&mut out, SYNC, &payload)?,
+            GET => match serde_json::from_slice::<Get>(&payload) {
                 #[cfg(feature = "hostile")]
                 Ok(get) if crate::hostile::answer(&mut out, &get.path)? => {}
                 Ok(get) => send(&mut out, &get)?,
-                Err(e) => error(&mut out, "bad-request", &e.to_string())?,
+                Err(e) => error(&mut out, BAD_REQUEST, &e.to_string())?,
             },
-            _ => error(&mut out, "bad-request", "unknown frame type")?,
+            _ => error(&mut out, BAD_REQUEST, "unknown frame type")?,
         }
         out.flush()?;
     }
 }
 
 fn read_frame(reader: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
-    let mut head = [0u8; 5];
+    let mut head = [0u8; agent::HEAD_LEN];
     reader.read_exact(&mut head)?;
-    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-    if len > MAX_REQUEST {
+    let (kind, len) = agent::parse_head(head);
+    if len > agent::MAX_CONTROL {
         return Err(io::Error::other("request frame too large"));
     }
     let mut payload = vec![0u8; len];
     reader.read_exact(&mut payload)?;
-    Ok((head[0], payload))
+    Ok((kind, payload))
 }
 
 pub(crate) fn write_frame(out: &mut impl Write, kind: u8, payload: &[u8]) -> io::Result<()> {
     let len = u32::try_from(payload.len()).map_err(|_| io::Error::other("frame too large"))?;
-    out.write_all(&[kind])?;
-    out.write_all(&len.to_be_bytes())?;
+    out.write_all(&agent::head(kind, len))?;
     out.write_all(payload)
 }
 
+/// A control frame: `value` as JSON.
+pub(crate) fn control(out: &mut impl Write, kind: u8, value: &impl Serialize) -> io::Result<()> {
+    let json = serde_json::to_vec(value).map_err(io::Error::other)?;
+    write_frame(out, kind, &json)
+}
+
 fn error(out: &mut impl Write, code: &str, message: &str) -> io::Result<()> {
-    write_frame(
-        out,
-        b'X',
-        serde_json::json!({"code": code, "message": message})
-            .to_string()
-            .as_bytes(),
-    )
+    let refusal = Refusal {
+        code: code.to_owned(),
+        message: message.to_owned(),
+    };
+    control(out, REFUSE, &refusal)
 }
 
 fn send(out: &mut impl Write, get: &Get) -> io::Result<()> {
@@ -111,35 +104,34 @@ fn send(out: &mut impl Write, get: &Get) -> io::Result<()> {
     let meta = match std::fs::symlink_metadata(&root) {
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return error(out, "not-found", &format!("{} does not exist", get.path));
+            return error(out, NOT_FOUND, &format!("{} does not exist", get.path));
         }
-        Err(e) => return error(out, "io", &e.to_string()),
+        Err(e) => return error(out, agent::IO, &e.to_string()),
     };
     let mut files = Vec::new();
-    match get.kind.as_str() {
-        "file" if meta.is_file() => files.push((String::new(), root.clone(), meta.len())),
-        "file" => {
+    match get.kind {
+        GetKind::File if meta.is_file() => files.push((String::new(), root.clone(), meta.len())),
+        GetKind::File => {
             return error(
                 out,
-                "not-a-file",
+                NOT_A_FILE,
                 &format!("{} is not a regular file", get.path),
             );
         }
-        "directory" if meta.is_dir() => collect(&root, "", &mut files, out)?,
-        "directory" => {
+        GetKind::Directory if meta.is_dir() => collect(&root, "", &mut files, out)?,
+        GetKind::Directory => {
             return error(
                 out,
-                "not-a-directory",
+                NOT_A_DIRECTORY,
                 &format!("{} is not a directory", get.path),
             );
         }
-        _ => return error(out, "bad-request", "kind must be file or directory"),
     }
     let total: u64 = files.iter().map(|f| f.2).sum();
     if total > get.max_bytes {
         return error(
             out,
-            "too-large",
+            TOO_LARGE,
             &format!(
                 "{} is {total} bytes, over the limit of {}",
                 get.path, get.max_bytes
@@ -157,13 +149,11 @@ fn send(out: &mut impl Write, get: &Get) -> io::Result<()> {
                 continue;
             }
         };
-        write_frame(
-            out,
-            b'F',
-            serde_json::json!({"name": name, "size": size})
-                .to_string()
-                .as_bytes(),
-        )?;
+        let header = FileHeader {
+            name: name.clone(),
+            size: Some(size),
+        };
+        control(out, FILE, &header)?;
         let mut hasher = get.verify.then(Sha256::new);
         let mut left = size;
         while left > 0 {
@@ -175,7 +165,7 @@ fn send(out: &mut impl Write, get: &Get) -> io::Result<()> {
             if let Some(hasher) = hasher.as_mut() {
                 hasher.update(&buffer[..n]);
             }
-            write_frame(out, b'D', &buffer[..n])?;
+            write_frame(out, DATA, &buffer[..n])?;
             left -= n as u64;
         }
         let sha256 = hasher.map(|h| {
@@ -185,18 +175,19 @@ fn send(out: &mut impl Write, get: &Get) -> io::Result<()> {
                 .map(|b| format!("{b:02x}"))
                 .collect::<String>()
         });
-        let end = serde_json::json!({"size": size - left, "sha256": sha256});
-        write_frame(out, b'E', end.to_string().as_bytes())?;
+        let end = FileEnd {
+            size: size - left,
+            sha256,
+        };
+        control(out, END, &end)?;
         sent_files += 1;
         sent_bytes += size - left;
     }
-    write_frame(
-        out,
-        b'Z',
-        serde_json::json!({"files": sent_files, "bytes": sent_bytes})
-            .to_string()
-            .as_bytes(),
-    )
+    let done = Done {
+        files: sent_files,
+        bytes: sent_bytes,
+    };
+    control(out, DONE, &done)
 }
 
 /// Lists the regular files under `dir` (sorted, names relative with `/`); symbolic
@@ -254,11 +245,9 @@ fn escape_name(bytes: &[u8]) -> String {
 }
 
 fn skip(out: &mut impl Write, name: &str, reason: &str) -> io::Result<()> {
-    write_frame(
-        out,
-        b'K',
-        serde_json::json!({"name": name, "reason": reason})
-            .to_string()
-            .as_bytes(),
-    )
+    let skipped = Skipped {
+        name: name.to_owned(),
+        reason: reason.to_owned(),
+    };
+    control(out, SKIP, &skipped)
 }

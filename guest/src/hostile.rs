@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use qemu_worker_protocol::agent::{DATA, DONE, END, FILE, REFUSE, SKIP};
+
 use crate::agent::write_frame;
 
 const MODES: &str = "/tmp/qw-hostile";
@@ -19,15 +21,15 @@ fn control(out: &mut impl Write, kind: u8, value: Value) -> io::Result<()> {
 
 /// `F`, one `D` of `data` (if any), then `E` claiming `claimed` bytes.
 fn file(out: &mut impl Write, name: &str, data: &[u8], claimed: usize) -> io::Result<()> {
-    control(out, b'F', json!({"name": name, "size": claimed}))?;
+    control(out, FILE, json!({"name": name, "size": claimed}))?;
     if !data.is_empty() {
-        write_frame(out, b'D', data)?;
+        write_frame(out, DATA, data)?;
     }
-    control(out, b'E', json!({"size": claimed, "sha256": null}))
+    control(out, END, json!({"size": claimed, "sha256": null}))
 }
 
 fn done(out: &mut impl Write, files: usize) -> io::Result<()> {
-    control(out, b'Z', json!({"files": files, "bytes": 0}))
+    control(out, DONE, json!({"files": files, "bytes": 0}))
 }
 
 /// Answers `path` in its hostile mode, if the job gave it one; `false` to answer it
@@ -49,7 +51,7 @@ pub fn answer(out: &mut impl Write, path: &str) -> io::Result<bool> {
                 let name = format!("link-{n:012}");
                 control(
                     out,
-                    b'K',
+                    SKIP,
                     json!({"name": name, "reason": "is a symbolic link (not followed)"}),
                 )?;
             }
@@ -63,9 +65,9 @@ pub fn answer(out: &mut impl Write, path: &str) -> io::Result<bool> {
         }
         // One byte every 50 s.
         "slow" => {
-            control(out, b'F', json!({"name": "", "size": 1000}))?;
+            control(out, FILE, json!({"name": "", "size": 1000}))?;
             loop {
-                write_frame(out, b'D', b"x")?;
+                write_frame(out, DATA, b"x")?;
                 out.flush()?;
                 std::thread::sleep(Duration::from_secs(50));
             }
@@ -77,16 +79,16 @@ pub fn answer(out: &mut impl Write, path: &str) -> io::Result<bool> {
         }
         // A file that never ends.
         "endless-data" => {
-            control(out, b'F', json!({"name": "", "size": u64::MAX / 2}))?;
+            control(out, FILE, json!({"name": "", "size": u64::MAX / 2}))?;
             let chunk = vec![b'y'; 1 << 20];
             loop {
-                write_frame(out, b'D', &chunk)?;
+                write_frame(out, DATA, &chunk)?;
             }
         }
         // A frame header announcing 4 GiB, then some of it.
         "oversized-frame" => {
-            control(out, b'F', json!({"name": "", "size": 100}))?;
-            out.write_all(&[b'D', 0xff, 0xff, 0xff, 0xf0])?;
+            control(out, FILE, json!({"name": "", "size": 100}))?;
+            out.write_all(&[DATA, 0xff, 0xff, 0xff, 0xf0])?;
             out.write_all(&[b'z'; 4096])?;
         }
         // Names that must never reach the host's file system as given.
@@ -114,7 +116,7 @@ pub fn answer(out: &mut impl Write, path: &str) -> io::Result<bool> {
             let message = format!("unknown hostile mode {other}");
             control(
                 out,
-                b'X',
+                REFUSE,
                 json!({"code": "bad-request", "message": message}),
             )?;
         }

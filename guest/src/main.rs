@@ -6,7 +6,6 @@
 //!
 //! It is linked statically and uses IP literals only: no DNS, no user lookups.
 
-use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::ExitStatusExt;
@@ -14,37 +13,19 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use qemu_worker_protocol::metadata::{self, LOG_PATH, PING_PATH, RESULT_PATH, Task, TaskReply};
+use qemu_worker_protocol::{agent::PORT_NAME, snapshot};
 
 mod agent;
 #[cfg(feature = "hostile")]
 mod hostile;
 
 /// The metadata service, as every VM sees it.
-const METADATA: &str = "169.254.169.254:80";
+const METADATA: &str = metadata::ADDRESS;
 /// How long to wait for the metadata service at start (the network may come up late).
 const WAIT_FOR_SERVICE: Duration = Duration::from_secs(600);
 /// Created before the task runs: a restarted instance must not run it again.
 const STARTED_MARKER: &str = "/run/qemu-worker-guest.started";
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Task {
-    command: Vec<String>,
-    env: BTreeMap<String, String>,
-    #[expect(
-        dead_code,
-        reason = "the host enforces maxRunTime; kept to document the contract"
-    )]
-    max_run_time: u64,
-    working_directory: String,
-    /// The host's clock at the fetch, in ms since the Unix epoch (older workers send none).
-    #[serde(default)]
-    unix_time_millis: Option<u64>,
-    /// Random bytes from the host, hex, for the kernel's RNG (older workers send none).
-    #[serde(default)]
-    entropy: Option<String>,
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -70,13 +51,14 @@ fn main() {
         std::process::exit(if report(address, code, None) { 0 } else { 1 });
     }
     // The agent port serves artifacts from the start, whatever happens to the task.
-    std::thread::spawn(|| agent::serve_forever(agent::PORT_NAME));
+    std::thread::spawn(|| agent::serve_forever(PORT_NAME));
     if std::path::Path::new(STARTED_MARKER).exists() {
         say("restarted: the task already ran; serving the agent port only");
         idle();
     }
-    let (task, connection) = fetch_task(address);
-    adopt_host_state(&task);
+    let (reply, connection) = fetch_task(address);
+    adopt_host_state(&reply);
+    let task = reply.task;
     if let Err(e) = std::fs::write(STARTED_MARKER, b"") {
         say(&format!(
             "cannot write {STARTED_MARKER} ({e}); a restart would run the task again"
@@ -115,12 +97,13 @@ fn fail(message: &str) -> ! {
 /// against the job's start-up. The connection is kept for the log stream when the
 /// service leaves it open (a new one costs a round trip and, with user networking, a
 /// helper process on the host).
-fn fetch_task(address: SocketAddr) -> (Task, Option<TcpStream>) {
+fn fetch_task(address: SocketAddr) -> (TaskReply, Option<TcpStream>) {
     let start = Instant::now();
     let mut waiting = false;
     loop {
         // `park=1`: these tools can hold still for a boot snapshot (see `park`).
-        match connect(address).and_then(|s| send(s, "GET", "/v1/task?park=1", b"", true)) {
+        let path = format!("{}?{}", metadata::TASK_PATH, metadata::PARK_QUERY);
+        match connect(address).and_then(|s| send(s, "GET", &path, b"", true)) {
             Ok(Response {
                 status: 200,
                 body,
@@ -132,7 +115,8 @@ fn fetch_task(address: SocketAddr) -> (Task, Option<TcpStream>) {
             }
             Ok(Response { status: 202, .. }) => park(),
             Ok(Response { status, body, .. }) => fail(&format!(
-                "GET /v1/task answered {status}: {}",
+                "GET {} answered {status}: {}",
+                metadata::TASK_PATH,
                 String::from_utf8_lossy(&body)
             )),
             Err(_) if start.elapsed() < WAIT_FOR_SERVICE => {
@@ -192,12 +176,12 @@ fn park() {
     };
     // The worker takes the link down once it reads this line: not before, or the answer
     // just received could still be in flight and lost with the link.
-    say("parking for a boot snapshot");
+    say(snapshot::PARKING_LINE);
     if !wait(&|| !carriers.iter().all(up), Duration::from_secs(10)) {
         say("asked to park, but the link stayed up; asking for the task again");
         return;
     }
-    say("parked for a boot snapshot");
+    say(snapshot::PARKED_LINE);
     if !wait(&|| carriers.iter().all(up), WAIT_FOR_SERVICE) {
         say("the link did not come back; asking for the task anyway");
     }
@@ -206,8 +190,9 @@ fn park() {
 /// Sets the guest's clock to the host's and feeds the host's random bytes to the kernel's
 /// RNG, reseeding it at once. A guest resumed from a boot snapshot wakes with the
 /// snapshot's clock and RNG state, shared with every other VM resumed from it.
-fn adopt_host_state(task: &Task) {
-    if let Some(millis) = task.unix_time_millis {
+fn adopt_host_state(reply: &TaskReply) {
+    {
+        let millis = reply.unix_time_millis;
         let now = libc::timespec {
             tv_sec: (millis / 1000) as libc::time_t,
             tv_nsec: ((millis % 1000) * 1_000_000) as libc::c_long,
@@ -220,8 +205,8 @@ fn adopt_host_state(task: &Task) {
             ));
         }
     }
-    if let Some(entropy) = &task.entropy
-        && let Err(e) = reseed(entropy)
+    if !reply.entropy.is_empty()
+        && let Err(e) = reseed(&reply.entropy)
     {
         say(&format!("cannot reseed the kernel's RNG: {e}"));
     }
@@ -517,8 +502,11 @@ fn closed_by_service(stream: &TcpStream) -> bool {
 
 fn start_log(mut stream: TcpStream) -> io::Result<TcpStream> {
     stream.write_all(
-        b"POST /v1/log HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: keep-alive\r\n\
-          Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+        format!(
+            "POST {LOG_PATH} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: keep-alive\r\n\
+             Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        .as_bytes(),
     )?;
     Ok(stream)
 }
@@ -526,8 +514,9 @@ fn start_log(mut stream: TcpStream) -> io::Result<TcpStream> {
 /// Reports the exit code (on `connection` first, if there is one; then on new connections,
 /// retrying a few times); `false` when the service never took it.
 fn report(address: SocketAddr, code: i32, connection: Option<TcpStream>) -> bool {
-    let body = format!("{{\"exitCode\": {code}}}");
-    let put = |stream: TcpStream| send(stream, "PUT", "/v1/result", body.as_bytes(), false);
+    let body = serde_json::to_string(&metadata::TaskResult { exit_code: code })
+        .unwrap_or_else(|_| format!("{{\"exitCode\": {code}}}"));
+    let put = |stream: TcpStream| send(stream, "PUT", RESULT_PATH, body.as_bytes(), false);
     if let Some(Ok(Response {
         status: 200 | 409, ..
     })) = connection.map(put)
@@ -540,10 +529,10 @@ fn report(address: SocketAddr, code: i32, connection: Option<TcpStream>) -> bool
                 status: 200 | 409, ..
             }) => return true,
             Ok(Response { status, body, .. }) => say(&format!(
-                "PUT /v1/result answered {status}: {}",
+                "PUT {RESULT_PATH} answered {status}: {}",
                 String::from_utf8_lossy(&body)
             )),
-            Err(e) => say(&format!("PUT /v1/result failed: {e}")),
+            Err(e) => say(&format!("PUT {RESULT_PATH} failed: {e}")),
         }
         std::thread::sleep(Duration::from_millis(200 * (attempt + 1)));
     }
@@ -557,7 +546,7 @@ fn bench_metadata(count: usize) {
     let mut samples = Vec::with_capacity(count);
     for _ in 0..count {
         let start = Instant::now();
-        match get(address, "/v1/ping") {
+        match get(address, PING_PATH) {
             Ok((200, _)) => samples.push(start.elapsed().as_micros()),
             other => {
                 println!("bench-metadata: request failed: {other:?}");
@@ -637,7 +626,7 @@ mod tests {
                             reader.read_exact(&mut body).expect("body");
                         }
                         let body = if line.starts_with("GET /v1/task") {
-                            r#"{"command":["echo","hello"],"env":{},"maxRunTime":60,"workingDirectory":"/tmp"}"#
+                            r#"{"command":["echo","hello"],"env":{},"maxRunTime":60,"workingDirectory":"/tmp","unixTimeMillis":0,"entropy":""}"#
                         } else {
                             "{}"
                         };
@@ -660,7 +649,8 @@ mod tests {
     }
 
     fn one_job(address: SocketAddr) {
-        let (task, connection) = fetch_task(address);
+        let (reply, connection) = fetch_task(address);
+        let task = reply.task;
         assert_eq!(task.command, ["echo", "hello"]);
         let (code, connection) = run(address, &task, connection);
         assert_eq!(code, 0);

@@ -6,6 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use qemu_worker_protocol::agent::{
+    self, DATA, DONE, END, FILE, FileEnd, FileHeader, Get, GetKind, REFUSE, Refusal, SKIP, SYNC,
+    Skipped,
+};
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::UnixStream;
@@ -15,11 +19,9 @@ use crate::config::ArtifactStoreConfig;
 use crate::job::ArtifactKind;
 
 /// Largest control frame (headers, errors) accepted from the guest.
-const MAX_CONTROL_FRAME: usize = 64 << 10;
+const MAX_CONTROL_FRAME: usize = agent::MAX_CONTROL;
 /// Largest data frame the guest tools send.
-const MAX_DATA_FRAME: usize = 1 << 20;
-/// The sync frame: type, length, then the nonce.
-const SYNC_HEAD: [u8; 5] = [b'S', 0, 0, 0, 8];
+const MAX_DATA_FRAME: usize = agent::MAX_DATA;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -94,7 +96,7 @@ impl AgentClient {
         let deadline = Instant::now() + wait;
         loop {
             let nonce = nonce();
-            client.send(b'S', &nonce).await?;
+            client.send(SYNC, &nonce).await?;
             let attempt =
                 Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now()));
             match tokio::time::timeout(attempt, client.skip_to_sync(&nonce)).await {
@@ -109,7 +111,8 @@ impl AgentClient {
     /// Reads until the echo of `nonce`, as raw bytes: what comes before it is not read
     /// as frames (a left-over length would otherwise be taken for one).
     async fn skip_to_sync(&mut self, nonce: &[u8]) -> Result<(), AgentError> {
-        let mut pattern = SYNC_HEAD.to_vec();
+        // The sync frame: its head, then the nonce.
+        let mut pattern = agent::head(SYNC, agent::NONCE_LEN as u32).to_vec();
         pattern.extend_from_slice(nonce);
         let mut carry: Vec<u8> = Vec::with_capacity(pattern.len());
         loop {
@@ -133,17 +136,16 @@ impl AgentClient {
     async fn send(&mut self, kind: u8, payload: &[u8]) -> Result<(), AgentError> {
         let len = u32::try_from(payload.len())
             .map_err(|_| AgentError::Protocol("request too large".into()))?;
-        self.writer.write_all(&[kind]).await?;
-        self.writer.write_all(&len.to_be_bytes()).await?;
+        self.writer.write_all(&agent::head(kind, len)).await?;
         self.writer.write_all(payload).await?;
         self.writer.flush().await?;
         Ok(())
     }
 
     async fn frame(&mut self, max: usize) -> Result<(u8, Vec<u8>), AgentError> {
-        let mut head = [0u8; 5];
+        let mut head = [0u8; agent::HEAD_LEN];
         self.reader.read_exact(&mut head).await?;
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let (kind, len) = agent::parse_head(head);
         if len > max {
             return Err(AgentError::Protocol(format!(
                 "a {len}-byte frame, over the limit of {max}"
@@ -151,7 +153,7 @@ impl AgentClient {
         }
         let mut payload = vec![0u8; len];
         self.reader.read_exact(&mut payload).await?;
-        Ok((head[0], payload))
+        Ok((kind, payload))
     }
 
     /// Fetches a guest file or folder into `receiver`, which checks and counts every
@@ -168,10 +170,18 @@ impl AgentClient {
         receiver: &mut Receiver<'_>,
     ) -> Result<(), AgentError> {
         let max_bytes = receiver.budget().bytes_for(kind);
-        let request = serde_json::json!({
-            "path": path, "kind": kind.as_str(), "maxBytes": max_bytes, "verify": verify
-        });
-        self.send(b'G', request.to_string().as_bytes()).await?;
+        let request = Get {
+            path: path.to_owned(),
+            kind: match kind {
+                ArtifactKind::File => GetKind::File,
+                ArtifactKind::Directory => GetKind::Directory,
+            },
+            max_bytes,
+            verify,
+        };
+        let request = serde_json::to_vec(&request)
+            .map_err(|e| AgentError::Protocol(format!("the request cannot be encoded: {e}")))?;
+        self.send(agent::GET, &request).await?;
         loop {
             let wait = receiver.budget().frame_wait();
             let Ok(frame) = tokio::time::timeout(wait, self.frame(MAX_DATA_FRAME)).await else {
@@ -183,26 +193,26 @@ impl AgentClient {
             };
             let (frame, payload) = frame?;
             match frame {
-                b'D' => receiver.data(&payload).await?,
-                b'F' => {
+                DATA => receiver.data(&payload).await?,
+                FILE => {
                     let header: FileHeader = control(&payload)?;
                     receiver.begin(&header.name, header.size).await?;
                 }
-                b'E' => {
+                END => {
                     let end: FileEnd = control(&payload)?;
                     receiver.end(end.size, end.sha256.as_deref()).await?;
                 }
-                b'K' => {
+                SKIP => {
                     let skipped: Skipped = control(&payload)?;
                     receiver.skip(&skipped.name, &skipped.reason)?;
                 }
-                b'X' => {
+                REFUSE => {
                     let refusal: Refusal = control(&payload)?;
                     return Err(match refusal.code.as_str() {
-                        "not-found" => AgentError::NotFound {
+                        agent::NOT_FOUND => AgentError::NotFound {
                             path: path.to_owned(),
                         },
-                        "too-large" => AgentError::TooLarge {
+                        agent::TOO_LARGE => AgentError::TooLarge {
                             path: path.to_owned(),
                             limit: max_bytes,
                             budget: receiver.budget().limit_name(kind),
@@ -214,7 +224,7 @@ impl AgentClient {
                         },
                     });
                 }
-                b'Z' => {
+                DONE => {
                     receiver.check_complete()?;
                     return Ok(());
                 }
@@ -253,30 +263,6 @@ impl AgentClient {
         let _ = tokio::fs::remove_dir_all(&partial).await;
         received
     }
-}
-
-#[derive(Deserialize)]
-struct FileHeader {
-    name: String,
-    size: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct FileEnd {
-    size: u64,
-    sha256: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Skipped {
-    name: String,
-    reason: String,
-}
-
-#[derive(Deserialize)]
-struct Refusal {
-    code: String,
-    message: String,
 }
 
 fn control<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, AgentError> {

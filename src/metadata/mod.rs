@@ -4,15 +4,15 @@
 //! user-mode network forward (or its own network namespace), so every request is bound
 //! to one VM by construction.
 
-mod api;
 mod log;
 mod openapi;
 mod service;
 mod splice;
 
-pub use api::{ApiError, LogReceipt, Ping, Task, TaskReply, TaskResult};
+// The wire types are shared with the guest tools (one definition for both ends).
 pub use log::{LogSink, LogWriterError};
 pub use openapi::openapi_document;
+pub use qemu_worker_protocol::metadata::{ApiError, LogReceipt, Ping, Task, TaskReply, TaskResult};
 pub use service::{
     MetadataHandle, MetadataLimits, MetadataUsage, Park, start_metadata_service,
     start_metadata_service_tcp,

@@ -1,7 +1,7 @@
 use schemars::generate::SchemaSettings;
 use serde_json::{Value, json};
 
-use super::api::{ApiError, LogReceipt, Ping, TaskReply, TaskResult};
+use super::{ApiError, LogReceipt, Ping, TaskReply, TaskResult};
 
 /// The metadata API as an OpenAPI 3.1 document (its schemas are JSON Schema 2020-12,
 /// generated from the same types the service uses).

@@ -14,8 +14,9 @@ use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::api::{ApiError, LogReceipt, Ping, Task, TaskReply, TaskResult};
 use super::log::LogSink;
+use super::{ApiError, LogReceipt, Ping, Task, TaskReply, TaskResult};
+use qemu_worker_protocol::metadata::{LOG_PATH, PARK_QUERY, PING_PATH, RESULT_PATH, TASK_PATH};
 
 /// Size and time limits of the metadata service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -331,9 +332,9 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Reply {
 async fn route(state: &State, request: Request<Incoming>) -> Reply {
     let path = request.uri().path().to_owned();
     let allowed = match path.as_str() {
-        "/v1/ping" | "/v1/task" => Method::GET,
-        "/v1/log" => Method::POST,
-        "/v1/result" => Method::PUT,
+        PING_PATH | TASK_PATH => Method::GET,
+        LOG_PATH => Method::POST,
+        RESULT_PATH => Method::PUT,
         _ => {
             return error(
                 StatusCode::NOT_FOUND,
@@ -354,20 +355,20 @@ async fn route(state: &State, request: Request<Incoming>) -> Reply {
         return reply;
     }
     match path.as_str() {
-        "/v1/ping" => json(
+        PING_PATH => json(
             StatusCode::OK,
             &Ping {
                 status: "ok".into(),
             },
         ),
-        "/v1/task" => serve_task(state, request.uri().query()),
-        "/v1/log" => stream_log(state, request.into_body()).await,
+        TASK_PATH => serve_task(state, request.uri().query()),
+        LOG_PATH => stream_log(state, request.into_body()).await,
         _ => report_result(state, request.into_body()).await,
     }
 }
 
 fn serve_task(state: &State, query: Option<&str>) -> Reply {
-    let can_park = query.is_some_and(|q| q.split('&').any(|pair| pair == "park=1"));
+    let can_park = query.is_some_and(|q| q.split('&').any(|pair| pair == PARK_QUERY));
     let mut parked = false;
     state.park.send_if_modified(|park| match (*park, can_park) {
         (Park::Armed, true) => {

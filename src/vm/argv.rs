@@ -10,7 +10,7 @@ const USER_NET: &str =
     "net=169.254.169.0/24,host=169.254.169.2,dns=169.254.169.3,dhcpstart=169.254.169.15";
 pub(crate) const METADATA_ENDPOINT: &str = "tcp:169.254.169.254:80";
 /// The virtio-serial port name of the guest tools' bulk channel.
-pub const AGENT_PORT_NAME: &str = "org.qemu-worker.agent.0";
+pub use qemu_worker_protocol::agent::PORT_NAME as AGENT_PORT_NAME;
 /// The virtio-serial port name qemu-ga looks for.
 pub const QGA_PORT_NAME: &str = "org.qemu.guest_agent.0";
 

@@ -18,11 +18,7 @@ use sha2::{Digest, Sha256};
 
 use crate::qemu::{QmpClient, QmpError};
 
-/// What the guest tools print on the console once they have the park request (and
-/// closed its connection): the link may go down.
-pub const PARKING_LINE: &str = "parking for a boot snapshot";
-/// What the guest tools print once they saw the link go down and hold still.
-pub const PARKED_LINE: &str = "parked for a boot snapshot";
+use qemu_worker_protocol::snapshot::{PARKED_LINE, PARKING_LINE};
 /// The NIC's netdev id in every command line (see argv.rs).
 const NIC: &str = "net0";
 /// Bumped when what a snapshot holds changes meaning (the park protocol, the layout).

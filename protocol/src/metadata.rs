@@ -1,11 +1,28 @@
+//! The metadata service's API, as the guest sees it at 169.254.169.254:80.
+
 use std::collections::BTreeMap;
 
-use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// `GET /v1/task`: what the guest tools must run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+/// Where every VM reaches its metadata service.
+pub const ADDRESS: &str = "169.254.169.254:80";
+
+/// `GET`: the task. With [`PARK_QUERY`] the caller offers to park for a boot snapshot.
+pub const TASK_PATH: &str = "/v1/task";
+/// The query by which guest tools say they can park (`/v1/task?park=1`).
+pub const PARK_QUERY: &str = "park=1";
+/// `POST` (chunked): the command's output, appended live to the job log.
+pub const LOG_PATH: &str = "/v1/log";
+/// `PUT`: the exit code, once.
+pub const RESULT_PATH: &str = "/v1/result";
+/// `GET`: liveness.
+pub const PING_PATH: &str = "/v1/ping";
+
+/// `GET /v1/task`: what the guest tools must run. Unknown fields are allowed so that
+/// older guest tools read what newer workers send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
 pub struct Task {
     /// Program and arguments, run without a shell.
     pub command: Vec<String>,
@@ -20,7 +37,8 @@ pub struct Task {
 /// `GET /v1/task` answer: the task, and what the guest needs from the host to run it in
 /// a fresh state. A guest resumed from a boot snapshot wakes with the snapshot's clock
 /// and RNG state; the guest tools set the clock and reseed the RNG from these.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct TaskReply {
     #[serde(flatten)]
@@ -32,28 +50,32 @@ pub struct TaskReply {
 }
 
 /// `PUT /v1/result`: the command's exit code (128 + N when killed by signal N).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TaskResult {
     pub exit_code: i32,
 }
 
 /// `POST /v1/log` answer: how many bytes of this stream the job log took.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LogReceipt {
     pub bytes: u64,
 }
 
 /// `GET /v1/ping` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Ping {
     pub status: String,
 }
 
 /// Every error response: a stable code and a sentence.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ApiError {
     pub code: String,

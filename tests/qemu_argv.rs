@@ -11,15 +11,13 @@ use std::time::Duration;
 
 use common::{TestQmp, require};
 
+use qemu_worker::image::{BootDisk, DiskFormat, DiskLayer, KernelFiles};
 use qemu_worker::job::{
     Chipset, CpuModel, GraphicsDevice, Identity, InitrdMember, KernelMember, KeyboardDevice,
     KeyboardLayout, Machine, MachineDefinition, MachineLayers, MachineLimits, MouseDevice,
     NetworkDevice, SoundDevice, StorageDevice, TabletDevice, UsbController, load_machine_json,
 };
-use qemu_worker::vm::{
-    Accelerator, BootDisk, DiskFormat, DiskLayer, KernelFiles, NetworkAttachment, RunDir, VmSpec,
-    qemu_argv,
-};
+use qemu_worker::vm::{Accelerator, NetworkAttachment, RunDir, VmSpec, qemu_argv};
 
 const LIMITS: MachineLimits = MachineLimits {
     max_memory: 256,

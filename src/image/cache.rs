@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::contents::{ImageContents, ImageLimits, check_image_dir};
+use super::disk::{BootDisk, DiskFormat, KernelFiles};
 use super::fetch::{
     FetchError, Fetcher, HttpOutcome, Progress, Validators, reset_dir, resolve_local,
 };
@@ -17,7 +18,6 @@ use super::member::Member;
 use super::qemu_img::{self, QemuImgError};
 use crate::job::{ExceptionReason, ImageReference, ImageSource};
 use crate::schema::Issue;
-use crate::vm::{BootDisk, DiskFormat, DiskLayer};
 
 const INDEX_VERSION: u32 = 1;
 
@@ -168,24 +168,41 @@ impl ImageLease {
             .join(&self.sha256)
     }
 
+    /// The files for direct kernel boot, when the image has a kernel.
+    pub fn kernel_files(&self) -> Option<KernelFiles> {
+        self.contents.kernel_files()
+    }
+
+    /// The boot chain with the job's overlay at `overlay` on top, without creating the
+    /// overlay (what a boot snapshot's key is computed from).
+    pub fn boot_chain(&self, overlay: &Path) -> BootDisk {
+        BootDisk::stacked(self.contents.base_layers(), &[overlay])
+    }
+
     /// Creates the job's writable qcow2 overlay at `path` over the cached base and
     /// returns the whole chain for QEMU. Its cost does not depend on the image size.
     pub fn create_overlay(&self, path: &Path) -> Result<BootDisk, QemuImgError> {
-        let mut layers = self.contents.base_layers();
-        let top = layers
+        let base = self.contents.base_layers();
+        let top = base
             .last()
-            .cloned()
             .unwrap_or_else(|| unreachable!("an image always has a boot disk"));
-        let format = match top.format {
-            DiskFormat::Raw => "raw",
-            DiskFormat::Qcow2 => "qcow2",
-        };
-        qemu_img::create_overlay(path, Path::new(&top.path), format)?;
-        layers.push(DiskLayer {
-            path: path.display().to_string(),
-            format: DiskFormat::Qcow2,
-        });
-        Ok(BootDisk { layers })
+        qemu_img::create_overlay(path, Path::new(&top.path), top.format)?;
+        Ok(BootDisk::stacked(base, &[path]))
+    }
+
+    /// Creates the job's writable overlay at `path` over a boot snapshot's saved disk
+    /// (a qcow2 overlay of this image's base) and returns the resume chain for QEMU:
+    /// the base, the saved disk, the job's overlay.
+    pub fn create_resume_overlay(
+        &self,
+        path: &Path,
+        saved_disk: &Path,
+    ) -> Result<BootDisk, QemuImgError> {
+        qemu_img::create_overlay(path, saved_disk, DiskFormat::Qcow2)?;
+        Ok(BootDisk::stacked(
+            self.contents.base_layers(),
+            &[saved_disk, path],
+        ))
     }
 }
 

@@ -4,10 +4,10 @@ use std::path::{Path, PathBuf};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::disk::{DiskFormat, DiskLayer, KernelFiles};
 use super::member::{ImageProblem, Member};
 use super::qemu_img::{self, QemuImgError};
 use crate::job::{MachineDefinition, load_machine_json};
-use crate::vm::{DiskFormat, DiskLayer, KernelFiles};
 
 /// The largest machine.json an image may carry.
 pub const MAX_MACHINE_JSON_BYTES: u64 = 1 << 20;
@@ -56,18 +56,18 @@ pub struct ImageContents {
 impl ImageContents {
     /// The read-only base of the boot disk, bottom first (the job overlay goes on top).
     pub fn base_layers(&self) -> Vec<DiskLayer> {
-        let layer = |member: Member, format| DiskLayer {
-            path: self.dir.join(member.name()).display().to_string(),
-            format,
+        let members: &[Member] = match self.disk {
+            DiskLayout::Raw { layer: false } => &[Member::DiskImg],
+            DiskLayout::Raw { layer: true } => &[Member::DiskImg, Member::LayerQcow2],
+            DiskLayout::Qcow2 => &[Member::DiskQcow2],
         };
-        match self.disk {
-            DiskLayout::Raw { layer: false } => vec![layer(Member::DiskImg, DiskFormat::Raw)],
-            DiskLayout::Raw { layer: true } => vec![
-                layer(Member::DiskImg, DiskFormat::Raw),
-                layer(Member::LayerQcow2, DiskFormat::Qcow2),
-            ],
-            DiskLayout::Qcow2 => vec![layer(Member::DiskQcow2, DiskFormat::Qcow2)],
-        }
+        members
+            .iter()
+            .map(|&member| DiskLayer {
+                path: self.dir.join(member.name()).display().to_string(),
+                format: DiskFormat::of_member(member),
+            })
+            .collect()
     }
 
     pub fn kernel_files(&self) -> Option<KernelFiles> {
@@ -206,12 +206,8 @@ fn read_machine(dir: &Path, problems: &mut Vec<ImageProblem>) -> Option<MachineD
 /// Checks one disk: qcow2 header first (no QEMU code has opened the file yet), then
 /// `qemu-img info` with the declared format.
 fn check_disk(path: &Path, member: Member, limits: ImageLimits) -> Result<DiskSummary, String> {
-    let format = if member == Member::DiskImg {
-        "raw"
-    } else {
-        "qcow2"
-    };
-    if format == "qcow2" {
+    let format = DiskFormat::of_member(member);
+    if format == DiskFormat::Qcow2 {
         let header = qemu_img::read_qcow2_header(path)
             .map_err(|e| format!("cannot be read: {e}"))?
             .ok_or_else(|| format!("{member} is not a qcow2 image (bad magic)"))?;
@@ -220,7 +216,12 @@ fn check_disk(path: &Path, member: Member, limits: ImageLimits) -> Result<DiskSu
                 "{member} uses an external data file, which is not allowed"
             ));
         }
-        check_backing(member, header.backing_file.as_deref(), Some("raw"), false)?;
+        check_backing(
+            member,
+            header.backing_file.as_deref(),
+            Some(DiskFormat::Raw.as_str()),
+            false,
+        )?;
     }
     let info = qemu_img::info(path, format).map_err(|e| match e {
         QemuImgError::Failed { stderr, .. } => {
@@ -228,7 +229,7 @@ fn check_disk(path: &Path, member: Member, limits: ImageLimits) -> Result<DiskSu
         }
         other => other.to_string(),
     })?;
-    if info.format != format {
+    if info.format != format.as_str() {
         return Err(format!(
             "qemu-img reports format {}, expected {format}",
             info.format
@@ -256,7 +257,7 @@ fn check_disk(path: &Path, member: Member, limits: ImageLimits) -> Result<DiskSu
             ));
         }
     }
-    if format == "qcow2" {
+    if format == DiskFormat::Qcow2 {
         check_backing(
             member,
             info.backing_filename.as_deref(),
@@ -281,7 +282,7 @@ fn check_backing(
 ) -> Result<(), String> {
     match (member, backing) {
         (Member::LayerQcow2, Some("disk.img")) => {
-            if check_format && backing_format != Some("raw") {
+            if check_format && backing_format != Some(DiskFormat::Raw.as_str()) {
                 return Err(format!(
                     "layer.qcow2 must declare its backing file disk.img as raw (found {})",
                     backing_format.unwrap_or("no format")

@@ -3,6 +3,7 @@
 
 mod cache;
 mod contents;
+mod disk;
 mod fetch;
 mod member;
 mod pack;
@@ -15,8 +16,9 @@ pub use cache::{
 pub use contents::{
     DiskLayout, DiskSummary, ImageContents, ImageLimits, MAX_MACHINE_JSON_BYTES, check_image_dir,
 };
+pub use disk::{BootDisk, DiskFormat, DiskLayer, KernelFiles};
 pub use fetch::{FetchError, FetchPolicy, Fetcher, HttpOutcome, Progress, Validators};
 pub use member::{ImageProblem, Member};
 pub use pack::{PackError, pack_image};
-pub use qemu_img::{QemuImgError, create_overlay};
+pub use qemu_img::QemuImgError;
 pub use unpack::{UnpackError, Unpacked, unpack_archive};

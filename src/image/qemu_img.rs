@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+use super::disk::DiskFormat;
+
 /// `qemu-img` must never hang a job: info and create answer in milliseconds.
 const QEMU_IMG_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -53,10 +55,10 @@ pub struct QemuImgInfo {
 
 /// Runs `qemu-img info -f FORMAT --output json PATH`: the format is given, never probed,
 /// and qemu-img does not open backing files for `info`.
-pub fn info(path: &Path, format: &str) -> Result<QemuImgInfo, QemuImgError> {
+pub fn info(path: &Path, format: DiskFormat) -> Result<QemuImgInfo, QemuImgError> {
     let mut command = Command::new("qemu-img");
     command
-        .args(["info", "-f", format, "--output", "json"])
+        .args(["info", "-f", format.as_str(), "--output", "json"])
         .arg(path);
     let output = run(command, "info", path)?;
     serde_json::from_slice(&output.stdout).map_err(|source| QemuImgError::BadOutput { source })
@@ -66,11 +68,12 @@ pub fn info(path: &Path, format: &str) -> Result<QemuImgInfo, QemuImgError> {
 pub fn create_overlay(
     overlay: &Path,
     backing: &Path,
-    backing_format: &str,
+    backing_format: DiskFormat,
 ) -> Result<(), QemuImgError> {
     let mut command = Command::new("qemu-img");
     command
-        .args(["create", "-q", "-f", "qcow2", "-F", backing_format, "-b"])
+        .args(["create", "-q", "-f", DiskFormat::Qcow2.as_str()])
+        .args(["-F", backing_format.as_str(), "-b"])
         .arg(backing)
         .arg(overlay);
     run(command, "create", overlay).map(drop)

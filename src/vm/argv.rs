@@ -1,4 +1,5 @@
 use super::run_dir::RunDir;
+use crate::image::{BootDisk, DiskFormat, KernelFiles};
 use crate::job::{
     Chipset, CpuModel, DEFAULT_KERNEL_CMDLINE, GraphicsDevice, KeyboardDevice, Machine,
     MouseDevice, NetworkDevice, SoundDevice, StorageDevice, TabletDevice, UsbController,
@@ -19,45 +20,6 @@ pub const QGA_PORT_NAME: &str = "org.qemu.guest_agent.0";
 pub enum Accelerator {
     Kvm,
     Tcg,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DiskFormat {
-    Raw,
-    Qcow2,
-}
-
-impl DiskFormat {
-    fn driver(self) -> &'static str {
-        match self {
-            Self::Raw => "raw",
-            Self::Qcow2 => "qcow2",
-        }
-    }
-}
-
-/// One file of the boot disk's backing chain.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskLayer {
-    pub path: String,
-    pub format: DiskFormat,
-}
-
-/// The boot disk as an explicit chain, bottom first; the last layer is the per-job
-/// writable overlay. Every layer above the bottom must be qcow2.
-///
-/// QEMU is told each backing node by name, so it never follows a backing file name
-/// written inside an image: a crafted qcow2 cannot make it open a host file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BootDisk {
-    pub layers: Vec<DiskLayer>,
-}
-
-/// Files for direct kernel boot.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KernelFiles {
-    pub kernel: String,
-    pub initrd: Option<String>,
 }
 
 /// How the VM's NIC is connected.
@@ -202,7 +164,7 @@ fn disk_args(argv: &mut Args, disk: &BootDisk, m: &Machine) {
             "read-only": read_only,
         });
         let mut format = serde_json::json!({
-            "driver": layer.format.driver(),
+            "driver": layer.format.as_str(),
             "file": format!("layer{index}-file"),
             "node-name": format!("layer{index}"),
             "read-only": read_only,

@@ -1,12 +1,10 @@
 use std::path::{Path, PathBuf};
 
-use super::argv::{
-    Accelerator, BootDisk, DiskFormat, DiskLayer, KernelFiles, NetworkAttachment, VmSpec, qemu_argv,
-};
+use super::argv::{Accelerator, NetworkAttachment, VmSpec, qemu_argv};
 use super::run_dir::RunDir;
 use super::snapshot::{Lookup, Snapshot, SnapshotStore, Volatile};
 use super::supervisor::{VmError, VmLaunch, create_run_dir};
-use crate::image::ImageLease;
+use crate::image::{BootDisk, ImageLease, KernelFiles};
 use crate::job::Machine;
 
 /// Everything needed to start a VM from a cached image.
@@ -55,15 +53,11 @@ pub fn prepare_launch_with_snapshots(
         .machine
         .kernel
         .as_ref()
-        .and_then(|_| plan.image.contents().kernel_files());
+        .and_then(|_| plan.image.kernel_files());
     let snapshot = snapshots.map(|store| {
         // The key is the cold boot's command line (the overlay file need not exist).
-        let mut layers = plan.image.contents().base_layers();
-        layers.push(DiskLayer {
-            path: overlay.display().to_string(),
-            format: DiskFormat::Qcow2,
-        });
-        let argv = qemu_argv(&spec(&plan, kernel.as_ref(), &BootDisk { layers }, None));
+        let disk = plan.image.boot_chain(&overlay);
+        let argv = qemu_argv(&spec(&plan, kernel.as_ref(), &disk, None));
         let m = plan.machine;
         let key = SnapshotStore::key(
             &argv,
@@ -141,19 +135,14 @@ fn resume_disk(
     saved: &Snapshot,
     overlay: &Path,
 ) -> Result<BootDisk, String> {
-    let saved_disk = saved.disk();
-    crate::image::create_overlay(overlay, &saved_disk, "qcow2").map_err(|e| e.to_string())?;
+    let disk = plan
+        .image
+        .create_resume_overlay(overlay, &saved.disk())
+        .map_err(|e| e.to_string())?;
     // The console goes on from the boot it was saved in.
     std::fs::copy(saved.console(), plan.run_dir.serial_log())
         .map_err(|e| format!("{}: {e}", saved.console().display()))?;
-    let mut layers = plan.image.contents().base_layers();
-    for path in [saved_disk.as_path(), overlay] {
-        layers.push(DiskLayer {
-            path: path.display().to_string(),
-            format: DiskFormat::Qcow2,
-        });
-    }
-    Ok(BootDisk { layers })
+    Ok(disk)
 }
 
 fn spec<'a>(

@@ -16,10 +16,7 @@ mod supervisor;
 pub use accel::{
     AccelError, PROBE_DEADLINE, ProbeFailure, choose_accelerator, choose_accelerator_cached, probe,
 };
-pub use argv::{
-    AGENT_PORT_NAME, Accelerator, BootDisk, DiskFormat, DiskLayer, KernelFiles, NetworkAttachment,
-    QGA_PORT_NAME, VmSpec, qemu_argv,
-};
+pub use argv::{AGENT_PORT_NAME, Accelerator, NetworkAttachment, QGA_PORT_NAME, VmSpec, qemu_argv};
 pub use console::ConsoleUsage;
 pub use launch::{LaunchPlan, SnapshotPlan, prepare_launch, prepare_launch_with_snapshots};
 pub use network::{NetworkError, TAP_DEVICE, TapNetwork};

@@ -841,9 +841,7 @@ fn cli_image_source(text: &str) -> Result<ImageSource, Failure> {
             .display()
             .to_string()
     };
-    ImageSource::parse(&absolute)
-        .map_err(anyhow::Error::msg)
-        .exit_with(EXIT_USAGE)
+    ImageSource::parse(&absolute).exit_with(EXIT_USAGE)
 }
 
 async fn open_cache(settings: CacheSettings) -> Result<ImageCache, Failure> {

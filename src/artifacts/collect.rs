@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::agent_port::AgentClient;
-use super::receive::{Budget, Receiver};
+use super::receive::{Budget, ReceiveError, Receiver};
 use crate::config::ArtifactStoreConfig;
 use crate::error_chain::{DisplayChain, display_chain};
 use crate::job::{ArtifactKind, ArtifactRecord, ArtifactSpec, SkippedRecord};
-use crate::qemu::QgaClient;
+use crate::qemu::{QgaClient, QgaError};
 use crate::schema::Issue;
 
 /// Where the transports are reached on the host.
@@ -95,7 +95,7 @@ pub async fn collect_artifacts(
                 .map_err(|e| (display_chain(&e), !e.in_step())),
             Transport::Qga(qga) => through_qga(qga, spec, &mut receiver)
                 .await
-                .map_err(|message| (message, false)),
+                .map_err(|e| (display_chain(&e), false)),
             Transport::Gone(why) => Err((format!("not collected: {why}"), false)),
         };
         match fetched {
@@ -177,39 +177,45 @@ async fn fall_back(
     }
 }
 
+/// Why a file did not come through qemu-ga.
+#[derive(Debug, thiserror::Error)]
+enum QgaCollectError {
+    #[error("directory artifacts need the guest tools (qemu-ga cannot list a directory)")]
+    Directory,
+    #[error("the file was not started")]
+    NotStarted,
+    #[error("the collection deadline of {collect_seconds} s was spent (artifacts.collectSeconds)")]
+    Deadline { collect_seconds: u64 },
+    #[error(transparent)]
+    Receive(#[from] ReceiveError),
+    #[error(transparent)]
+    Read(#[from] QgaError),
+}
+
 /// One file through qemu-ga (it cannot list a directory).
 async fn through_qga(
     qga: &mut QgaClient,
     spec: &ArtifactSpec,
     receiver: &mut Receiver<'_>,
-) -> Result<(), String> {
+) -> Result<(), QgaCollectError> {
     if spec.kind == ArtifactKind::Directory {
-        return Err(
-            "directory artifacts need the guest tools (qemu-ga cannot list a directory)".into(),
-        );
+        return Err(QgaCollectError::Directory);
     }
     let cap = receiver.budget().bytes_for(spec.kind);
     let wait = receiver.budget().frame_wait();
     let left = receiver.budget().time_left();
-    receiver
-        .begin("", None)
-        .await
-        .map_err(|e| display_chain(&e))?;
+    receiver.begin("", None).await?;
     let Some(file) = receiver.file() else {
-        return Err("the file was not started".into());
+        return Err(QgaCollectError::NotStarted);
     };
     let read = match tokio::time::timeout(left, qga.file_read(&spec.path, file, cap, wait)).await {
-        Ok(Ok(read)) => read,
-        Ok(Err(e)) => return Err(display_chain(&e)),
+        Ok(read) => read?,
         Err(_) => {
-            return Err(format!(
-                "the collection deadline of {} s was spent (artifacts.collectSeconds)",
-                receiver.budget().limits().collect_seconds
-            ));
+            return Err(QgaCollectError::Deadline {
+                collect_seconds: receiver.budget().limits().collect_seconds,
+            });
         }
     };
-    receiver
-        .end_written(read.bytes, &read.sha256)
-        .await
-        .map_err(|e| display_chain(&e))
+    receiver.end_written(read.bytes, &read.sha256).await?;
+    Ok(())
 }

@@ -13,6 +13,17 @@ const UNITS: [(&str, u64); 5] = [
     ("B", 1),
 ];
 
+/// Why a size written as text is not a size.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ByteSizeError {
+    #[error("`{text}` does not start with a whole number")]
+    NotANumber { text: String },
+    #[error("`{text}` has unit `{unit}`; use B, KiB, MiB, GiB or TiB")]
+    Unit { text: String, unit: String },
+    #[error("`{text}` is too large")]
+    TooLarge { text: String },
+}
+
 /// A size in bytes, written in worker.yml as a number of bytes or as `"20 GiB"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ByteSize(pub u64);
@@ -30,25 +41,30 @@ impl ByteSize {
         self.0
     }
 
-    fn parse(text: &str) -> Result<Self, String> {
+    fn parse(text: &str) -> Result<Self, ByteSizeError> {
         let text = text.trim();
         let split = text
             .find(|c: char| !c.is_ascii_digit())
             .unwrap_or(text.len());
         let (digits, unit) = text.split_at(split);
-        let number: u64 = digits
-            .parse()
-            .map_err(|_| format!("`{text}` does not start with a whole number"))?;
+        let number: u64 = digits.parse().map_err(|_| ByteSizeError::NotANumber {
+            text: text.to_owned(),
+        })?;
         let unit = unit.trim();
         let factor = UNITS
             .iter()
             .find(|(name, _)| *name == unit)
             .map(|(_, factor)| *factor)
-            .ok_or_else(|| format!("`{text}` has unit `{unit}`; use B, KiB, MiB, GiB or TiB"))?;
+            .ok_or_else(|| ByteSizeError::Unit {
+                text: text.to_owned(),
+                unit: unit.to_owned(),
+            })?;
         number
             .checked_mul(factor)
             .map(Self)
-            .ok_or_else(|| format!("`{text}` is too large"))
+            .ok_or_else(|| ByteSizeError::TooLarge {
+                text: text.to_owned(),
+            })
     }
 }
 

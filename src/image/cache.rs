@@ -16,7 +16,7 @@ use super::fetch::{
 };
 use super::member::Member;
 use super::qemu_img::{self, QemuImgError};
-use crate::job::{ExceptionReason, ImageReference, ImageSource};
+use crate::job::{ExceptionReason, ImageLocationError, ImageReference, ImageSource};
 use crate::schema::Issue;
 
 const INDEX_VERSION: u32 = 1;
@@ -120,7 +120,7 @@ pub struct ImageRequest {
 }
 
 impl ImageRequest {
-    pub fn from_reference(reference: &ImageReference) -> Result<Self, String> {
+    pub fn from_reference(reference: &ImageReference) -> Result<Self, ImageLocationError> {
         Ok(Self {
             source: ImageSource::parse(reference.location())?,
             sha256: reference.sha256().map(str::to_owned),

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::disk::{DiskFormat, DiskLayer, KernelFiles};
 use super::member::{ImageProblem, Member};
 use super::qemu_img::{self, QemuImgError};
+use crate::error_chain::display_chain;
 use crate::job::{MachineDefinition, load_machine_json};
 
 /// The largest machine.json an image may carry.
@@ -154,7 +155,9 @@ pub fn check_image_dir(
         if has(member) {
             match check_disk(&dir.join(member.name()), member, limits) {
                 Ok(summary) => disks.push(summary),
-                Err(message) => problems.push(ImageProblem::entry(member.name(), message)),
+                Err(error) => {
+                    problems.push(ImageProblem::entry(member.name(), display_chain(&error)));
+                }
             }
         }
     }
@@ -203,18 +206,57 @@ fn read_machine(dir: &Path, problems: &mut Vec<ImageProblem>) -> Option<MachineD
     }
 }
 
+/// Why one disk member of an image is refused.
+#[derive(Debug, thiserror::Error)]
+enum DiskCheckError {
+    #[error("cannot be read")]
+    Unreadable {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{member} is not a qcow2 image (bad magic)")]
+    BadMagic { member: Member },
+    #[error("{member} uses an external data file, which is not allowed")]
+    ExternalDataFile { member: Member },
+    #[error("qemu-img cannot read it as {format}: {stderr}")]
+    Rejected { format: DiskFormat, stderr: String },
+    #[error(transparent)]
+    QemuImg(QemuImgError),
+    #[error("qemu-img reports format {reported}, expected {expected}")]
+    Format {
+        reported: String,
+        expected: DiskFormat,
+    },
+    #[error("virtual size {virtual_size} bytes is over the limit of {limit} bytes")]
+    TooLarge { virtual_size: u64, limit: u64 },
+    #[error("the image is marked dirty (not cleanly closed)")]
+    Dirty,
+    #[error("encrypted images are not supported")]
+    Encrypted,
+    #[error("qemu-img reports the image as corrupt")]
+    Corrupt,
+    #[error("layer.qcow2 must declare its backing file disk.img as raw (found {found})")]
+    LayerBackingFormat { found: String },
+    #[error("layer.qcow2 must have the backing file disk.img, not {found}")]
+    LayerBacking { found: String },
+    #[error("{member} must not have a backing file (it names {backing:?})")]
+    Backing { member: Member, backing: String },
+}
+
 /// Checks one disk: qcow2 header first (no QEMU code has opened the file yet), then
 /// `qemu-img info` with the declared format.
-fn check_disk(path: &Path, member: Member, limits: ImageLimits) -> Result<DiskSummary, String> {
+fn check_disk(
+    path: &Path,
+    member: Member,
+    limits: ImageLimits,
+) -> Result<DiskSummary, DiskCheckError> {
     let format = DiskFormat::of_member(member);
     if format == DiskFormat::Qcow2 {
         let header = qemu_img::read_qcow2_header(path)
-            .map_err(|e| format!("cannot be read: {e}"))?
-            .ok_or_else(|| format!("{member} is not a qcow2 image (bad magic)"))?;
+            .map_err(|source| DiskCheckError::Unreadable { source })?
+            .ok_or(DiskCheckError::BadMagic { member })?;
         if header.external_data_file {
-            return Err(format!(
-                "{member} uses an external data file, which is not allowed"
-            ));
+            return Err(DiskCheckError::ExternalDataFile { member });
         }
         check_backing(
             member,
@@ -224,37 +266,33 @@ fn check_disk(path: &Path, member: Member, limits: ImageLimits) -> Result<DiskSu
         )?;
     }
     let info = qemu_img::info(path, format).map_err(|e| match e {
-        QemuImgError::Failed { stderr, .. } => {
-            format!("qemu-img cannot read it as {format}: {stderr}")
-        }
-        other => other.to_string(),
+        QemuImgError::Failed { stderr, .. } => DiskCheckError::Rejected { format, stderr },
+        other => DiskCheckError::QemuImg(other),
     })?;
     if info.format != format.as_str() {
-        return Err(format!(
-            "qemu-img reports format {}, expected {format}",
-            info.format
-        ));
+        return Err(DiskCheckError::Format {
+            reported: info.format,
+            expected: format,
+        });
     }
     if info.virtual_size > limits.max_image_bytes {
-        return Err(format!(
-            "virtual size {} bytes is over the limit of {} bytes",
-            info.virtual_size, limits.max_image_bytes
-        ));
+        return Err(DiskCheckError::TooLarge {
+            virtual_size: info.virtual_size,
+            limit: limits.max_image_bytes,
+        });
     }
     if info.dirty {
-        return Err("the image is marked dirty (not cleanly closed)".into());
+        return Err(DiskCheckError::Dirty);
     }
     if info.encrypted {
-        return Err("encrypted images are not supported".into());
+        return Err(DiskCheckError::Encrypted);
     }
     if let Some(data) = info.format_specific.as_ref().and_then(|f| f.get("data")) {
         if data.get("corrupt").and_then(serde_json::Value::as_bool) == Some(true) {
-            return Err("qemu-img reports the image as corrupt".into());
+            return Err(DiskCheckError::Corrupt);
         }
         if data.get("data-file").is_some() {
-            return Err(format!(
-                "{member} uses an external data file, which is not allowed"
-            ));
+            return Err(DiskCheckError::ExternalDataFile { member });
         }
     }
     if format == DiskFormat::Qcow2 {
@@ -279,24 +317,23 @@ fn check_backing(
     backing: Option<&str>,
     backing_format: Option<&str>,
     check_format: bool,
-) -> Result<(), String> {
+) -> Result<(), DiskCheckError> {
     match (member, backing) {
         (Member::LayerQcow2, Some("disk.img")) => {
             if check_format && backing_format != Some(DiskFormat::Raw.as_str()) {
-                return Err(format!(
-                    "layer.qcow2 must declare its backing file disk.img as raw (found {})",
-                    backing_format.unwrap_or("no format")
-                ));
+                return Err(DiskCheckError::LayerBackingFormat {
+                    found: backing_format.unwrap_or("no format").to_owned(),
+                });
             }
             Ok(())
         }
-        (Member::LayerQcow2, other) => Err(format!(
-            "layer.qcow2 must have the backing file disk.img, not {}",
-            other.map_or_else(|| "none".to_owned(), |b| format!("{b:?}"))
-        )),
-        (_, Some(other)) => Err(format!(
-            "{member} must not have a backing file (it names {other:?})"
-        )),
+        (Member::LayerQcow2, other) => Err(DiskCheckError::LayerBacking {
+            found: other.map_or_else(|| "none".to_owned(), |b| format!("{b:?}")),
+        }),
+        (_, Some(other)) => Err(DiskCheckError::Backing {
+            member,
+            backing: other.to_owned(),
+        }),
         (_, None) => Ok(()),
     }
 }

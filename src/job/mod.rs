@@ -20,7 +20,8 @@ pub use machine::{
 };
 pub(crate) use machine::{DISK_SERIAL_PATTERN, MAC_PATTERN, UUID_PATTERN};
 pub use payload::{
-    ArtifactKind, ArtifactSpec, ImageReference, ImageSource, JobPayload, PinnedImage,
+    ArtifactKind, ArtifactSpec, ImageLocationError, ImageReference, ImageSource, JobPayload,
+    PinnedImage,
 };
 pub(crate) use payload::{SHA256_PATTERN, artifact_name_problem};
 pub use report::{

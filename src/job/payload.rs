@@ -92,6 +92,26 @@ impl ImageReference {
     }
 }
 
+/// Why an image location has none of the accepted forms.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ImageLocationError {
+    #[error("image location contains control characters")]
+    ControlCharacters,
+    #[error("image URL `{location}` has no valid host")]
+    NoHost { location: String },
+    #[error(
+        "file: URLs are not accepted (`{location}`); give an absolute path inside a \
+         directory that worker.yml `images.allowedLocalDirs` allows"
+    )]
+    FileUrl { location: String },
+    #[error("image URL `{location}` must use http or https")]
+    Scheme { location: String },
+    #[error("image `{location}` is neither an http(s) URL nor an absolute path")]
+    NotAbsolute { location: String },
+    #[error("image path `{location}` must not contain `.` or `..`")]
+    DotComponent { location: String },
+}
+
 /// An image location after its form has been checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageSource {
@@ -101,9 +121,10 @@ pub enum ImageSource {
 
 impl ImageSource {
     /// Classifies a location; the error says what forms are accepted.
-    pub fn parse(location: &str) -> Result<Self, String> {
+    pub fn parse(location: &str) -> Result<Self, ImageLocationError> {
+        let owned = || location.to_owned();
         if location.chars().any(char::is_control) {
-            return Err("image location contains control characters".into());
+            return Err(ImageLocationError::ControlCharacters);
         }
         let lower = location.to_ascii_lowercase();
         if let Some(rest) = lower
@@ -113,32 +134,25 @@ impl ImageSource {
             let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
             let host = authority.rsplit('@').next().unwrap_or("");
             if host.is_empty() || host.starts_with(':') || location.contains(char::is_whitespace) {
-                return Err(format!("image URL `{location}` has no valid host"));
+                return Err(ImageLocationError::NoHost { location: owned() });
             }
             return Ok(Self::Http(location.to_owned()));
         }
         if lower.starts_with("file:") {
-            return Err(format!(
-                "file: URLs are not accepted (`{location}`); give an absolute path inside a \
-                 directory that worker.yml `images.allowedLocalDirs` allows"
-            ));
+            return Err(ImageLocationError::FileUrl { location: owned() });
         }
         if lower.contains("://") {
-            return Err(format!("image URL `{location}` must use http or https"));
+            return Err(ImageLocationError::Scheme { location: owned() });
         }
         let path = Path::new(location);
         if !path.is_absolute() {
-            return Err(format!(
-                "image `{location}` is neither an http(s) URL nor an absolute path"
-            ));
+            return Err(ImageLocationError::NotAbsolute { location: owned() });
         }
         if path
             .components()
             .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
         {
-            return Err(format!(
-                "image path `{location}` must not contain `.` or `..`"
-            ));
+            return Err(ImageLocationError::DotComponent { location: owned() });
         }
         Ok(Self::Local(path.to_path_buf()))
     }
@@ -226,7 +240,7 @@ mod tests {
             assert!(ImageSource::parse(bad).is_err(), "{bad} should be rejected");
         }
         let err = ImageSource::parse("file:///etc/shadow").expect_err("file url");
-        assert!(err.contains("allowedLocalDirs"), "{err}");
+        assert!(err.to_string().contains("allowedLocalDirs"), "{err}");
     }
 
     #[test]

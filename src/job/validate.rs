@@ -159,7 +159,7 @@ fn check_image(image: &ImageReference, context: &PayloadContext, issues: &mut Ve
         ImageReference::Pinned(_) => "/image/url".to_owned(),
     };
     match ImageSource::parse(image.location()) {
-        Err(message) => issues.push(Issue::new(path, message)),
+        Err(error) => issues.push(Issue::new(path, error.to_string())),
         Ok(ImageSource::Http(_)) => {}
         Ok(ImageSource::Local(local)) => {
             if context.allowed_image_dirs.is_empty() {

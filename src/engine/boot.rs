@@ -11,8 +11,8 @@ use crate::metadata::{
     MetadataHandle, MetadataLimits, Task, start_metadata_service, start_metadata_service_tcp,
 };
 use crate::vm::{
-    LaunchPlan, NetworkAttachment, RunDir, Snapshot, SnapshotPlan, SnapshotStore, TAP_DEVICE,
-    TapNetwork, Vm, VmError, VmTimeouts, finish_resume, prepare_launch_with_snapshots,
+    LaunchPlan, NetworkAttachment, ResumeError, RunDir, Snapshot, SnapshotPlan, SnapshotStore,
+    TAP_DEVICE, TapNetwork, Vm, VmError, VmTimeouts, finish_resume, prepare_launch_with_snapshots,
 };
 
 /// A running VM with what it needs until teardown. Field order is drop order: the VM
@@ -32,7 +32,7 @@ enum Started {
     /// The boot snapshot did not load; the VM is gone.
     ResumeFailed {
         snapshot: Snapshot,
-        why: String,
+        why: ResumeError,
     },
 }
 
@@ -57,8 +57,9 @@ impl Engine {
                         store.discard(&snapshot);
                     }
                     ctx.note(&format!(
-                        "the boot snapshot {} did not load ({why}); booting instead",
-                        snapshot.key
+                        "the boot snapshot {} did not load ({}); booting instead",
+                        snapshot.key,
+                        display_chain(&why)
                     ))
                     .await;
                     // The transition resume → boot: no snapshot is looked up again.
@@ -123,7 +124,7 @@ impl Engine {
             }
             (Ok(vm), SnapshotPlan::Boot) => (vm, None),
             (Err(e @ VmError::QemuFailed { .. }), SnapshotPlan::Resume(snapshot)) => {
-                let why = display_chain(&e);
+                let why = ResumeError::Exited(e);
                 return Ok(Started::ResumeFailed { snapshot, why });
             }
             (Err(e), _) => return Err(JobError::Start(e)),

@@ -5,6 +5,7 @@ use super::boot::Running;
 use super::context::JobContext;
 use super::resolve::Ending;
 use super::run::Engine;
+use crate::error_chain::display_chain;
 use crate::job::ExceptionReason;
 use crate::metadata::Park;
 use crate::vm::{SnapshotStore, Vm};
@@ -104,8 +105,11 @@ async fn save_snapshot(
                     .await;
                 }
                 Err(why) => {
-                    ctx.note(&format!("no boot snapshot of this machine: {why}"))
-                        .await;
+                    ctx.note(&format!(
+                        "no boot snapshot of this machine: {}",
+                        display_chain(&why)
+                    ))
+                    .await;
                 }
             }
         }

@@ -4,7 +4,8 @@ use super::argv::{Accelerator, NetworkAttachment, VmSpec, qemu_argv};
 use super::run_dir::RunDir;
 use super::snapshot::{Lookup, Snapshot, SnapshotStore, Volatile};
 use super::supervisor::{VmError, VmLaunch, create_run_dir};
-use crate::image::{BootDisk, ImageLease, KernelFiles};
+use crate::error_chain::DisplayChain;
+use crate::image::{BootDisk, ImageLease, KernelFiles, QemuImgError};
 use crate::job::Machine;
 
 /// Everything needed to start a VM from a cached image.
@@ -86,7 +87,11 @@ pub fn prepare_launch_with_snapshots(
             // Incomplete, or removed meanwhile by a job that found it broken: drop it
             // (the next job saves a new one) and boot.
             Err(why) => {
-                tracing::warn!(key = %saved.key, why, "cannot resume the boot snapshot; booting");
+                tracing::warn!(
+                    key = %saved.key,
+                    why = %DisplayChain(&why),
+                    "cannot resume the boot snapshot; booting"
+                );
                 if let Some(store) = snapshots {
                     store.discard(saved);
                 }
@@ -128,20 +133,35 @@ pub fn prepare_launch_with_snapshots(
     ))
 }
 
+/// Why a boot snapshot's disk and console cannot be set up for a job.
+#[derive(Debug, thiserror::Error)]
+enum ResumeDiskError {
+    #[error(transparent)]
+    Overlay(#[from] QemuImgError),
+    #[error("cannot copy the saved console {path:?}")]
+    Console {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// The job's overlay over the snapshot's saved disk (over the image's disk), and the
 /// console so far in the run dir's serial log.
 fn resume_disk(
     plan: &LaunchPlan<'_>,
     saved: &Snapshot,
     overlay: &Path,
-) -> Result<BootDisk, String> {
-    let disk = plan
-        .image
-        .create_resume_overlay(overlay, &saved.disk())
-        .map_err(|e| e.to_string())?;
+) -> Result<BootDisk, ResumeDiskError> {
+    let disk = plan.image.create_resume_overlay(overlay, &saved.disk())?;
     // The console goes on from the boot it was saved in.
-    std::fs::copy(saved.console(), plan.run_dir.serial_log())
-        .map_err(|e| format!("{}: {e}", saved.console().display()))?;
+    let console = saved.console();
+    std::fs::copy(&console, plan.run_dir.serial_log()).map_err(|source| {
+        ResumeDiskError::Console {
+            path: console,
+            source,
+        }
+    })?;
     Ok(disk)
 }
 

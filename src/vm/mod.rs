@@ -22,7 +22,10 @@ pub use launch::{LaunchPlan, SnapshotPlan, prepare_launch, prepare_launch_with_s
 pub use network::{NetworkError, TAP_DEVICE, TapNetwork};
 pub use run_dir::{RunDir, RunDirError};
 pub use screenshot::{Screenshot, ScreenshotError, take_screenshot, take_screenshot_ppm};
-pub use snapshot::{Lookup, Snapshot, SnapshotStore, Volatile, finish_resume};
+pub use snapshot::{
+    Lookup, MigrationError, ResumeError, SaveError, Snapshot, SnapshotStore, Volatile,
+    finish_resume,
+};
 pub use strays::kill_strays;
 pub use supervisor::{
     StopStep, Vm, VmError, VmExit, VmLaunch, VmTimeouts, create_run_dir, read_tail,

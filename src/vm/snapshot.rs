@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use super::supervisor::VmError;
+use crate::error_chain::DisplayChain;
 use crate::qemu::{QmpClient, QmpError};
 
 use qemu_worker_protocol::snapshot::{PARKED_LINE, PARKING_LINE};
@@ -34,6 +36,60 @@ pub const MAX_PER_IMAGE: usize = 4;
 const MIN_FREE_AFTER_SAVE: u64 = 1 << 30;
 /// How long saving or loading the VM state may take.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Why a migration (the save into a file, or the load from one) did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error("the migration {status}: {reason}")]
+    Failed { status: String, reason: String },
+    #[error("the migration did not complete within {timeout:?}")]
+    Timeout { timeout: Duration },
+}
+
+/// Why no boot snapshot was saved (the VM goes on with its job unless `Release`).
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error("the guest did not print '{line}' on its serial console within {timeout:?}")]
+    NotParked {
+        line: &'static str,
+        timeout: Duration,
+    },
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error(transparent)]
+    Migration(#[from] MigrationError),
+    #[error("{}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("copying {}", from.display())]
+    Copy {
+        from: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VM did not go on after the save")]
+    Release {
+        #[source]
+        source: QmpError,
+    },
+}
+
+/// Why a VM started from a boot snapshot is not running it.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    /// QEMU exited at once: it does as soon as the saved state fails to load.
+    #[error(transparent)]
+    Exited(VmError),
+    #[error(transparent)]
+    Load(#[from] MigrationError),
+    #[error(transparent)]
+    Link(QmpError),
+}
 
 /// The snapshots of one cached image: `<cache dir>/snapshots/<image sha256>/<key>/`,
 /// removed with the image.
@@ -184,7 +240,7 @@ impl SnapshotStore {
         qmp: &QmpClient,
         serial_log: &Path,
         overlay: &Path,
-    ) -> Result<Snapshot, String> {
+    ) -> Result<Snapshot, SaveError> {
         let started = Instant::now();
         let taken = self.save(key, qmp, serial_log, overlay).await;
         let released = async {
@@ -193,14 +249,14 @@ impl SnapshotStore {
         }
         .await;
         match (&taken, released) {
-            (_, Err(e)) => return Err(format!("the VM did not go on after the save: {e}")),
+            (_, Err(source)) => return Err(SaveError::Release { source }),
             (Ok(snapshot), Ok(())) => tracing::info!(
                 key,
                 dir = %snapshot.dir.display(),
                 millis = started.elapsed().as_millis() as u64,
                 "boot snapshot saved"
             ),
-            (Err(why), Ok(())) => tracing::warn!(key, why, "no boot snapshot"),
+            (Err(why), Ok(())) => tracing::warn!(key, why = %DisplayChain(why), "no boot snapshot"),
         }
         taken
     }
@@ -211,28 +267,31 @@ impl SnapshotStore {
         qmp: &QmpClient,
         serial_log: &Path,
         overlay: &Path,
-    ) -> Result<Snapshot, String> {
+    ) -> Result<Snapshot, SaveError> {
         // The park answer must reach the guest before the link goes down.
         let mut console = ConsoleFollower::new(serial_log);
         for (line, link_down) in [(PARKING_LINE, true), (PARKED_LINE, false)] {
             if !console.wait_for(line, PARK_TIMEOUT).await {
                 // Not marked unsupported: a guest this slow may be a loaded host's.
-                return Err(format!(
-                    "the guest did not print '{line}' on its serial console within {PARK_TIMEOUT:?}"
-                ));
+                return Err(SaveError::NotParked {
+                    line,
+                    timeout: PARK_TIMEOUT,
+                });
             }
             if link_down {
-                set_link(qmp, false).await.map_err(|e| e.to_string())?;
+                set_link(qmp, false).await?;
             }
         }
-        qmp.execute("stop", None, QMP_TIMEOUT)
-            .await
-            .map_err(|e| e.to_string())?;
-        std::fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        qmp.execute("stop", None, QMP_TIMEOUT).await?;
+        let in_dir = |source: std::io::Error| SaveError::Io {
+            path: self.dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&self.dir).map_err(in_dir)?;
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".{key}."))
             .tempdir_in(&self.dir)
-            .map_err(|e| format!("{}: {e}", self.dir.display()))?;
+            .map_err(in_dir)?;
         let vmstate = tmp.path().join("vmstate");
         let uri = format!(
             "exec:cat > {}",
@@ -243,31 +302,39 @@ impl SnapshotStore {
             .await
         {
             // QEMU refuses at once when a device cannot be migrated (NVMe, for one).
-            let why = e.to_string();
             if let QmpError::Command { .. } = e {
-                self.mark_unsupported(key, &why);
+                self.mark_unsupported(key, &e.to_string());
             }
-            return Err(why);
+            return Err(e.into());
         }
         wait_for_migration(qmp).await?;
         // The migration flushed the disk and handed it over: the overlay is consistent.
         for (from, to) in [(overlay, "disk.qcow2"), (serial_log, "console.log")] {
-            std::fs::copy(from, tmp.path().join(to))
-                .map_err(|e| format!("copying {}: {e}", from.display()))?;
+            std::fs::copy(from, tmp.path().join(to)).map_err(|source| SaveError::Copy {
+                from: from.to_path_buf(),
+                source,
+            })?;
         }
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let about = json!({"format": FORMAT, "key": key, "createdUnixSeconds": created, "qemu": qmp.qemu_version()});
-        std::fs::write(tmp.path().join("snapshot.json"), about.to_string())
-            .map_err(|e| format!("snapshot.json: {e}"))?;
+        std::fs::write(tmp.path().join("snapshot.json"), about.to_string()).map_err(|source| {
+            SaveError::Io {
+                path: "snapshot.json".into(),
+                source,
+            }
+        })?;
         let dir = self.dir.join(key);
         let tmp = tmp.keep();
         if let Err(e) = std::fs::rename(&tmp, &dir) {
             let _ = std::fs::remove_dir_all(&tmp);
             // Another job saved the same snapshot first: use theirs.
             if !dir.join("snapshot.json").is_file() {
-                return Err(format!("{}: {e}", dir.display()));
+                return Err(SaveError::Io {
+                    path: dir,
+                    source: e,
+                });
             }
         }
         Ok(Snapshot {
@@ -280,9 +347,9 @@ impl SnapshotStore {
 /// Completes a resume: waits until QEMU has loaded the snapshot (it was started with
 /// `-incoming`), then brings the NIC's link up so that the parked guest tools go on.
 /// The caller then `cont`s.
-pub async fn finish_resume(qmp: &QmpClient) -> Result<(), String> {
+pub async fn finish_resume(qmp: &QmpClient) -> Result<(), ResumeError> {
     wait_for_migration(qmp).await?;
-    set_link(qmp, true).await.map_err(|e| e.to_string())
+    set_link(qmp, true).await.map_err(ResumeError::Link)
 }
 
 async fn set_link(qmp: &QmpClient, up: bool) -> Result<(), QmpError> {
@@ -296,26 +363,25 @@ async fn set_link(qmp: &QmpClient, up: bool) -> Result<(), QmpError> {
 }
 
 /// Polls `query-migrate` until the migration (either way) completed.
-async fn wait_for_migration(qmp: &QmpClient) -> Result<(), String> {
+async fn wait_for_migration(qmp: &QmpClient) -> Result<(), MigrationError> {
     let start = Instant::now();
     loop {
-        let state = qmp
-            .execute("query-migrate", None, QMP_TIMEOUT)
-            .await
-            .map_err(|e| e.to_string())?;
+        let state = qmp.execute("query-migrate", None, QMP_TIMEOUT).await?;
         match state["status"].as_str() {
             Some("completed") => return Ok(()),
             Some("failed" | "cancelled") => {
-                return Err(format!(
-                    "the migration {}: {}",
-                    state["status"].as_str().unwrap_or("failed"),
-                    state["error-desc"].as_str().unwrap_or("no reason given")
-                ));
+                return Err(MigrationError::Failed {
+                    status: state["status"].as_str().unwrap_or("failed").to_owned(),
+                    reason: state["error-desc"]
+                        .as_str()
+                        .unwrap_or("no reason given")
+                        .to_owned(),
+                });
             }
             _ if start.elapsed() > MIGRATION_TIMEOUT => {
-                return Err(format!(
-                    "the migration did not complete within {MIGRATION_TIMEOUT:?}"
-                ));
+                return Err(MigrationError::Timeout {
+                    timeout: MIGRATION_TIMEOUT,
+                });
             }
             _ => tokio::time::sleep(Duration::from_millis(5)).await,
         }

@@ -53,7 +53,8 @@ async fn start(
         scratch,
         name,
         common::metadata_network(&socket),
-    );
+    )
+    .await;
     launch.argv.extend_from_slice(extra);
     std::fs::create_dir_all(&launch.log_dir).expect("log dir");
     let log = launch.log_dir.join("job.log");

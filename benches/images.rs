@@ -217,7 +217,7 @@ fn cache_hit_preparation(data: &Path, images: &[(&str, &Path)]) {
             for _ in 0..ROUNDS {
                 let start = Instant::now();
                 let lease = cache.acquire(&request, None).await.expect("hit");
-                let disk = lease.create_overlay(&overlay).expect("overlay");
+                let disk = lease.create_overlay(&overlay).await.expect("overlay");
                 samples.push(start.elapsed().as_secs_f64() * 1000.0);
                 assert_eq!(disk.layers.len(), 2);
                 drop(lease);

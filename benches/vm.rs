@@ -58,11 +58,11 @@ struct Bench {
 }
 
 impl Bench {
-    fn launch(&self, name: &str) -> qemu_worker::vm::VmLaunch {
+    async fn launch(&self, name: &str) -> qemu_worker::vm::VmLaunch {
         let network = NetworkAttachment::User {
             guestfwd_command: vec!["/bin/false".into()],
         };
-        common::test_launch(&self.lease, &self.machine, &self.scratch, name, network)
+        common::test_launch(&self.lease, &self.machine, &self.scratch, name, network).await
     }
 }
 
@@ -94,7 +94,7 @@ async fn start_overhead(bench: &Bench) {
         // Supervisor: overlay + start paused + QMP + cont, to init's first line.
         let name = format!("sup{round}");
         let start = Instant::now();
-        let launch = bench.launch(&name);
+        let launch = bench.launch(&name).await;
         let serial = PathBuf::from(launch.run_dir.serial_log());
         let vm = Vm::start(launch, VmTimeouts::default())
             .await
@@ -110,7 +110,7 @@ async fn start_overhead(bench: &Bench) {
 
         // By hand: the same argv without -S, started directly.
         let name = format!("hand{round}");
-        let launch = bench.launch(&name);
+        let launch = bench.launch(&name).await;
         let argv: Vec<String> = launch.argv.iter().filter(|a| *a != "-S").cloned().collect();
         let serial = PathBuf::from(launch.run_dir.serial_log());
         let start = Instant::now();
@@ -155,7 +155,7 @@ async fn start_overhead(bench: &Bench) {
 
 async fn screenshots_and_qga(bench: &Bench) {
     const SHOTS: usize = 20;
-    let launch = bench.launch("main");
+    let launch = bench.launch("main").await;
     let vm = Vm::start(launch, VmTimeouts::default())
         .await
         .expect("start");

@@ -628,6 +628,7 @@ async fn vm(loaded: &LoadedConfig, command: VmCommand) -> Result<ExitCode, Failu
         accelerator,
         max_console: config.logs.max_console_size.bytes(),
     })
+    .await
     .exit_with(EXIT_OTHER)?;
     let timeouts = VmTimeouts::default();
     let mut vm = Vm::start(launch, timeouts).await.exit_with(EXIT_OTHER)?;

@@ -605,7 +605,7 @@ async fn overlays_are_created_over_the_cached_base() {
         .await
         .expect("a");
     let overlay = fx.path("overlay.qcow2");
-    let disk = lease.create_overlay(&overlay).expect("overlay");
+    let disk = lease.create_overlay(&overlay).await.expect("overlay");
     assert_eq!(disk.layers.len(), 2);
     assert_eq!(disk.layers[1].path, overlay.display().to_string());
     let info = Command::new("qemu-img")

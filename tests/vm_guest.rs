@@ -65,7 +65,8 @@ impl Guest {
             self.scratch.path(),
             name,
             metadata_network(&socket),
-        );
+        )
+        .await;
         std::fs::create_dir_all(&launch.log_dir).expect("log dir");
         let log_path = launch.log_dir.join("job.log");
         let log = LogSink::create(&log_path, 1 << 20).await.expect("log");
@@ -96,7 +97,7 @@ impl Guest {
         let network = NetworkAttachment::User {
             guestfwd_command: vec!["/bin/false".into()],
         };
-        let launch = test_launch(&self.lease, &machine, self.scratch.path(), name, network);
+        let launch = test_launch(&self.lease, &machine, self.scratch.path(), name, network).await;
         let timeouts = VmTimeouts {
             powerdown,
             powerdown_resend: Duration::from_secs(1),
@@ -610,7 +611,7 @@ async fn tap_networking_isolates_the_guest_too() {
         ifname: TAP_DEVICE.into(),
         netns: netns.clone(),
     };
-    let launch = test_launch(&guest.lease, &machine, guest.scratch.path(), name, network);
+    let launch = test_launch(&guest.lease, &machine, guest.scratch.path(), name, network).await;
     std::fs::create_dir_all(&launch.log_dir).expect("log dir");
     let log = launch.log_dir.join("job.log");
     let sink = LogSink::create(&log, 1 << 20).await.expect("log");

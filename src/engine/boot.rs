@@ -54,7 +54,7 @@ impl Engine {
                 }
                 Started::ResumeFailed { snapshot, why } => {
                     if let Some(store) = snapshots {
-                        store.discard(&snapshot);
+                        store.discard(&snapshot).await;
                     }
                     ctx.note(&format!(
                         "the boot snapshot {} did not load ({}); booting instead",
@@ -96,6 +96,7 @@ impl Engine {
             },
             snapshots,
         )
+        .await
         .map_err(JobError::Launch)?;
         let timeouts = VmTimeouts {
             powerdown: Duration::from_secs(self.config.timeouts.shutdown_seconds),

@@ -181,24 +181,24 @@ impl ImageLease {
 
     /// Creates the job's writable qcow2 overlay at `path` over the cached base and
     /// returns the whole chain for QEMU. Its cost does not depend on the image size.
-    pub fn create_overlay(&self, path: &Path) -> Result<BootDisk, QemuImgError> {
+    pub async fn create_overlay(&self, path: &Path) -> Result<BootDisk, QemuImgError> {
         let base = self.contents.base_layers();
         let top = base
             .last()
             .unwrap_or_else(|| unreachable!("an image always has a boot disk"));
-        qemu_img::create_overlay(path, Path::new(&top.path), top.format)?;
+        qemu_img::create_overlay(path, Path::new(&top.path), top.format).await?;
         Ok(BootDisk::stacked(base, &[path]))
     }
 
     /// Creates the job's writable overlay at `path` over a boot snapshot's saved disk
     /// (a qcow2 overlay of this image's base) and returns the resume chain for QEMU:
     /// the base, the saved disk, the job's overlay.
-    pub fn create_resume_overlay(
+    pub async fn create_resume_overlay(
         &self,
         path: &Path,
         saved_disk: &Path,
     ) -> Result<BootDisk, QemuImgError> {
-        qemu_img::create_overlay(path, saved_disk, DiskFormat::Qcow2)?;
+        qemu_img::create_overlay(path, saved_disk, DiskFormat::Qcow2).await?;
         Ok(BootDisk::stacked(
             self.contents.base_layers(),
             &[saved_disk, path],

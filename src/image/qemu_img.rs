@@ -54,7 +54,8 @@ pub struct QemuImgInfo {
 }
 
 /// Runs `qemu-img info -f FORMAT --output json PATH`: the format is given, never probed,
-/// and qemu-img does not open backing files for `info`.
+/// and qemu-img does not open backing files for `info`. Blocking: images are checked on
+/// the unpacking thread.
 pub fn info(path: &Path, format: DiskFormat) -> Result<QemuImgInfo, QemuImgError> {
     let mut command = Command::new("qemu-img");
     command
@@ -64,19 +65,32 @@ pub fn info(path: &Path, format: DiskFormat) -> Result<QemuImgInfo, QemuImgError
     serde_json::from_slice(&output.stdout).map_err(|source| QemuImgError::BadOutput { source })
 }
 
-/// Creates a qcow2 overlay whose backing file is `backing` (of `backing_format`).
-pub fn create_overlay(
+/// Creates a qcow2 overlay whose backing file is `backing` (of `backing_format`). Runs
+/// in a job's async path, so qemu-img is awaited rather than polled.
+pub async fn create_overlay(
     overlay: &Path,
     backing: &Path,
     backing_format: DiskFormat,
 ) -> Result<(), QemuImgError> {
-    let mut command = Command::new("qemu-img");
-    command
+    let child = tokio::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", DiskFormat::Qcow2.as_str()])
         .args(["-F", backing_format.as_str(), "-b"])
         .arg(backing)
-        .arg(overlay);
-    run(command, "create", overlay).map(drop)
+        .arg(overlay)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Killed if it outlives the timeout below.
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| QemuImgError::Spawn { source })?;
+    let output = tokio::time::timeout(QEMU_IMG_TIMEOUT, child.wait_with_output())
+        .await
+        .map_err(|_| QemuImgError::Timeout {
+            timeout: QEMU_IMG_TIMEOUT,
+        })?
+        .map_err(|source| QemuImgError::Spawn { source })?;
+    succeeded(output, "create", overlay).map(drop)
 }
 
 fn run(mut command: Command, action: &'static str, path: &Path) -> Result<Output, QemuImgError> {
@@ -105,6 +119,10 @@ fn run(mut command: Command, action: &'static str, path: &Path) -> Result<Output
     let output = child
         .wait_with_output()
         .map_err(|source| QemuImgError::Spawn { source })?;
+    succeeded(output, action, path)
+}
+
+fn succeeded(output: Output, action: &'static str, path: &Path) -> Result<Output, QemuImgError> {
     if output.status.success() {
         Ok(output)
     } else {

@@ -36,14 +36,16 @@ pub enum SnapshotPlan {
 
 /// Creates the run dir (0700) with the job's overlay in it, and builds QEMU's command
 /// line. The overlay goes away with the run dir when the VM is torn down.
-pub fn prepare_launch(plan: LaunchPlan<'_>) -> Result<VmLaunch, VmError> {
-    prepare_launch_with_snapshots(plan, None).map(|(launch, _)| launch)
+pub async fn prepare_launch(plan: LaunchPlan<'_>) -> Result<VmLaunch, VmError> {
+    prepare_launch_with_snapshots(plan, None)
+        .await
+        .map(|(launch, _)| launch)
 }
 
 /// `prepare_launch`, resuming from the image's boot snapshot for this machine when
 /// `snapshots` has one (the overlay then sits on the snapshot's disk), or planning to
 /// save one.
-pub fn prepare_launch_with_snapshots(
+pub async fn prepare_launch_with_snapshots(
     plan: LaunchPlan<'_>,
     snapshots: Option<&SnapshotStore>,
 ) -> Result<(VmLaunch, SnapshotPlan), VmError> {
@@ -82,7 +84,7 @@ pub fn prepare_launch_with_snapshots(
     });
     let mut snapshot = snapshot.unwrap_or(SnapshotPlan::Boot);
     let resumed = match &snapshot {
-        SnapshotPlan::Resume(saved) => match resume_disk(&plan, saved, &overlay) {
+        SnapshotPlan::Resume(saved) => match resume_disk(&plan, saved, &overlay).await {
             Ok(disk) => Some((disk, saved.vmstate().display().to_string())),
             // Incomplete, or removed meanwhile by a job that found it broken: drop it
             // (the next job saves a new one) and boot.
@@ -93,10 +95,10 @@ pub fn prepare_launch_with_snapshots(
                     "cannot resume the boot snapshot; booting"
                 );
                 if let Some(store) = snapshots {
-                    store.discard(saved);
+                    store.discard(saved).await;
                 }
-                let _ = std::fs::remove_file(&overlay);
-                let _ = std::fs::remove_file(plan.run_dir.serial_log());
+                let _ = tokio::fs::remove_file(&overlay).await;
+                let _ = tokio::fs::remove_file(plan.run_dir.serial_log()).await;
                 snapshot = SnapshotPlan::Boot;
                 None
             }
@@ -106,13 +108,16 @@ pub fn prepare_launch_with_snapshots(
     let (disk, vmstate) = match resumed {
         Some((disk, vmstate)) => (disk, Some(vmstate)),
         None => {
-            let disk = plan.image.create_overlay(&overlay).map_err(|e| {
-                let _ = std::fs::remove_dir_all(plan.run_dir.path());
-                VmError::Prepare {
-                    path: overlay.clone(),
-                    source: std::io::Error::other(e.to_string()),
+            let disk = match plan.image.create_overlay(&overlay).await {
+                Ok(disk) => disk,
+                Err(e) => {
+                    let _ = tokio::fs::remove_dir_all(plan.run_dir.path()).await;
+                    return Err(VmError::Prepare {
+                        path: overlay.clone(),
+                        source: std::io::Error::other(e.to_string()),
+                    });
                 }
-            })?;
+            };
             (disk, None)
         }
     };
@@ -148,20 +153,23 @@ enum ResumeDiskError {
 
 /// The job's overlay over the snapshot's saved disk (over the image's disk), and the
 /// console so far in the run dir's serial log.
-fn resume_disk(
+async fn resume_disk(
     plan: &LaunchPlan<'_>,
     saved: &Snapshot,
     overlay: &Path,
 ) -> Result<BootDisk, ResumeDiskError> {
-    let disk = plan.image.create_resume_overlay(overlay, &saved.disk())?;
+    let disk = plan
+        .image
+        .create_resume_overlay(overlay, &saved.disk())
+        .await?;
     // The console goes on from the boot it was saved in.
     let console = saved.console();
-    std::fs::copy(&console, plan.run_dir.serial_log()).map_err(|source| {
-        ResumeDiskError::Console {
+    tokio::fs::copy(&console, plan.run_dir.serial_log())
+        .await
+        .map_err(|source| ResumeDiskError::Console {
             path: console,
             source,
-        }
-    })?;
+        })?;
     Ok(disk)
 }
 

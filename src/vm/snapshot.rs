@@ -72,6 +72,11 @@ pub enum SaveError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the snapshot's files were not written")]
+    Interrupted {
+        #[source]
+        source: tokio::task::JoinError,
+    },
     #[error("the VM did not go on after the save")]
     Release {
         #[source]
@@ -208,8 +213,13 @@ impl SnapshotStore {
     }
 
     /// Removes a snapshot that failed to load, so that the next job saves a new one.
-    pub fn discard(&self, snapshot: &Snapshot) {
-        if let Err(error) = std::fs::remove_dir_all(&snapshot.dir) {
+    pub async fn discard(&self, snapshot: &Snapshot) {
+        let dir = snapshot.dir.clone();
+        // A saved disk and vmstate are large: removed on the blocking pool.
+        let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        if let Err(error) = removed {
             tracing::warn!(dir = %snapshot.dir.display(), %error, "cannot remove a broken boot snapshot");
         }
     }
@@ -292,7 +302,33 @@ impl SnapshotStore {
             .prefix(&format!(".{key}."))
             .tempdir_in(&self.dir)
             .map_err(in_dir)?;
-        let vmstate = tmp.path().join("vmstate");
+        let migrated = self
+            .migrate_into(key, qmp, &tmp.path().join("vmstate"))
+            .await;
+        let files = SnapshotFiles {
+            key: key.to_owned(),
+            dir: self.dir.join(key),
+            overlay: overlay.to_path_buf(),
+            serial_log: serial_log.to_path_buf(),
+            qemu: qmp.qemu_version().to_owned(),
+        };
+        // Copying the overlay, or removing a part-written vmstate with `tmp`, is large
+        // file I/O.
+        tokio::task::spawn_blocking(move || {
+            migrated?;
+            files.persist(tmp)
+        })
+        .await
+        .map_err(|source| SaveError::Interrupted { source })?
+    }
+
+    /// Migrates the stopped VM into `vmstate`.
+    async fn migrate_into(
+        &self,
+        key: &str,
+        qmp: &QmpClient,
+        vmstate: &Path,
+    ) -> Result<(), SaveError> {
         let uri = format!(
             "exec:cat > {}",
             super::argv::shell_quote(&vmstate.display().to_string())
@@ -308,24 +344,44 @@ impl SnapshotStore {
             return Err(e.into());
         }
         wait_for_migration(qmp).await?;
+        Ok(())
+    }
+}
+
+/// What goes into a snapshot besides its vmstate, and where it goes.
+struct SnapshotFiles {
+    key: String,
+    dir: PathBuf,
+    overlay: PathBuf,
+    serial_log: PathBuf,
+    qemu: String,
+}
+
+impl SnapshotFiles {
+    /// Copies the VM's overlay and console next to the vmstate in `tmp`, describes the
+    /// snapshot, and moves it into place (blocking).
+    fn persist(self, tmp: tempfile::TempDir) -> Result<Snapshot, SaveError> {
         // The migration flushed the disk and handed it over: the overlay is consistent.
-        for (from, to) in [(overlay, "disk.qcow2"), (serial_log, "console.log")] {
+        for (from, to) in [
+            (&self.overlay, "disk.qcow2"),
+            (&self.serial_log, "console.log"),
+        ] {
             std::fs::copy(from, tmp.path().join(to)).map_err(|source| SaveError::Copy {
-                from: from.to_path_buf(),
+                from: from.clone(),
                 source,
             })?;
         }
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let about = json!({"format": FORMAT, "key": key, "createdUnixSeconds": created, "qemu": qmp.qemu_version()});
+        let about = json!({"format": FORMAT, "key": self.key, "createdUnixSeconds": created, "qemu": self.qemu});
         std::fs::write(tmp.path().join("snapshot.json"), about.to_string()).map_err(|source| {
             SaveError::Io {
                 path: "snapshot.json".into(),
                 source,
             }
         })?;
-        let dir = self.dir.join(key);
+        let dir = self.dir;
         let tmp = tmp.keep();
         if let Err(e) = std::fs::rename(&tmp, &dir) {
             let _ = std::fs::remove_dir_all(&tmp);
@@ -337,10 +393,7 @@ impl SnapshotStore {
                 });
             }
         }
-        Ok(Snapshot {
-            key: key.to_owned(),
-            dir,
-        })
+        Ok(Snapshot { key: self.key, dir })
     }
 }
 

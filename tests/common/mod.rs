@@ -158,7 +158,7 @@ pub fn test_machine(
 }
 
 /// Prepares a TCG VM of the test image: run dir `dir/<name>`, logs in `dir/<name>-logs`.
-pub fn test_launch(
+pub async fn test_launch(
     lease: &qemu_worker::image::ImageLease,
     machine: &qemu_worker::job::Machine,
     dir: &Path,
@@ -176,6 +176,7 @@ pub fn test_launch(
         accelerator: Accelerator::Tcg,
         max_console: 16 << 20,
     })
+    .await
     .expect("launch")
 }
 

@@ -361,11 +361,12 @@ async fn resolve(request: &ImageRequest, allowed: &[PathBuf]) -> Result<Resolved
         }),
         ImageSource::Local(path) => {
             let resolved = resolve_local(path, allowed)?;
-            let meta =
-                std::fs::metadata(&resolved).map_err(|source| FetchError::LocalUnreadable {
+            let meta = tokio::fs::metadata(&resolved).await.map_err(|source| {
+                FetchError::LocalUnreadable {
                     path: path.clone(),
                     source,
-                })?;
+                }
+            })?;
             Ok(Resolved::Local {
                 path: resolved,
                 stat: LocalStat {
@@ -616,7 +617,7 @@ impl State {
 
     /// Evicts least recently used, unpinned images (never `keep`) until the cache is
     /// within its limits. Returns the bytes freed.
-    fn evict(&mut self, settings: &CacheSettings, keep: Option<&str>) -> u64 {
+    async fn evict(&mut self, settings: &CacheSettings, keep: Option<&str>) -> u64 {
         let mut freed = 0;
         while self.used() > settings.max_size || self.free_space() < settings.min_free {
             let victim = self
@@ -627,18 +628,17 @@ impl State {
                 .min_by_key(|(_, e)| e.last_used)
                 .map(|(sha, _)| sha.clone());
             let Some(sha) = victim else { break };
-            freed += self.remove(&sha);
+            freed += self.remove(&sha).await;
         }
         freed
     }
 
-    fn remove(&mut self, sha: &str) -> u64 {
+    async fn remove(&mut self, sha: &str) -> u64 {
         let Some(entry) = self.index.images.remove(sha) else {
             return 0;
         };
         tracing::info!(sha256 = %sha, bytes = entry.size_bytes, "evicting image");
-        remove_object(&self.object(sha));
-        remove_object(&self.snapshots().join(sha));
+        remove_objects(vec![self.object(sha), self.snapshots().join(sha)]).await;
         self.index.urls.retain(|_, u| u.sha256 != sha);
         self.index.locals.retain(|_, l| l.sha256 != sha);
         entry.size_bytes
@@ -700,16 +700,16 @@ impl Actor {
                     key,
                     request,
                     result,
-                } => self.fetched(&key, &request, result),
-                Msg::Release { sha256 } => self.release(&sha256),
+                } => self.fetched(&key, &request, result).await,
+                Msg::Release { sha256 } => self.release(&sha256).await,
                 Msg::EnsureRoom { reply } => {
-                    let _ = reply.send(self.ensure_room());
+                    let _ = reply.send(self.ensure_room().await);
                 }
                 Msg::List { reply } => {
                     let _ = reply.send(self.list());
                 }
                 Msg::Prune { reply } => {
-                    let _ = reply.send(self.prune());
+                    let _ = reply.send(self.prune().await);
                 }
                 Msg::Close { reply } => {
                     let Self {
@@ -751,7 +751,7 @@ impl Actor {
         tokio::spawn(async move {
             let result = download(&fetcher, &settings, &request, &validators, &tmp, progress).await;
             if result.is_err() {
-                remove_object(&tmp);
+                remove_objects(vec![tmp]).await;
             }
             let _ = tx.send(Msg::Fetched {
                 key,
@@ -761,9 +761,17 @@ impl Actor {
         });
     }
 
-    fn fetched(&mut self, key: &str, request: &Resolved, result: Result<Arrival, ImageError>) {
+    async fn fetched(
+        &mut self,
+        key: &str,
+        request: &Resolved,
+        result: Result<Arrival, ImageError>,
+    ) {
         let waiters = self.inflight.remove(key).unwrap_or_default();
-        let outcome = result.and_then(|arrival| self.store(request, arrival));
+        let outcome = match result {
+            Ok(arrival) => self.store(request, arrival).await,
+            Err(error) => Err(error),
+        };
         for waiter in waiters {
             match &outcome {
                 Ok(sha) => self.grant(sha, waiter),
@@ -773,13 +781,13 @@ impl Actor {
             }
         }
         if let Ok(sha) = &outcome {
-            self.state.evict(&self.settings, Some(sha));
+            self.state.evict(&self.settings, Some(sha)).await;
             self.save_logged();
         }
     }
 
     /// Moves a finished download into place (or finds it already there) and indexes it.
-    fn store(&mut self, request: &Resolved, arrival: Arrival) -> Result<String, ImageError> {
+    async fn store(&mut self, request: &Resolved, arrival: Arrival) -> Result<String, ImageError> {
         let (sha, validators) = match arrival {
             Arrival::NotModified => {
                 let Resolved::Http { url, .. } = request else {
@@ -807,7 +815,7 @@ impl Actor {
             } => {
                 let object = self.state.object(&sha256);
                 if self.state.index.images.contains_key(&sha256) {
-                    remove_object(&tmp);
+                    remove_objects(vec![tmp]).await;
                 } else {
                     seal(&tmp);
                     std::fs::rename(&tmp, &object)
@@ -882,7 +890,7 @@ impl Actor {
         }
     }
 
-    fn release(&mut self, sha: &str) {
+    async fn release(&mut self, sha: &str) {
         if let Some(count) = self.state.pins.get_mut(sha) {
             *count -= 1;
             if *count == 0 {
@@ -892,12 +900,12 @@ impl Actor {
         if let Some(entry) = self.state.index.images.get_mut(sha) {
             entry.last_used = now();
         }
-        self.state.evict(&self.settings, None);
+        self.state.evict(&self.settings, None).await;
         self.save_logged();
     }
 
-    fn ensure_room(&mut self) -> Result<(), CacheError> {
-        self.state.evict(&self.settings, None);
+    async fn ensure_room(&mut self) -> Result<(), CacheError> {
+        self.state.evict(&self.settings, None).await;
         self.save_logged();
         let (used, free) = (self.state.used(), self.state.free_space());
         if used > self.settings.max_size || free < self.settings.min_free {
@@ -929,7 +937,7 @@ impl Actor {
         images
     }
 
-    fn prune(&mut self) -> Result<u64, CacheError> {
+    async fn prune(&mut self) -> Result<u64, CacheError> {
         let unused: Vec<String> = self
             .state
             .index
@@ -938,7 +946,10 @@ impl Actor {
             .filter(|sha| !self.state.pins.contains_key(*sha))
             .cloned()
             .collect();
-        let freed = unused.iter().map(|sha| self.state.remove(sha)).sum();
+        let mut freed = 0;
+        for sha in &unused {
+            freed += self.state.remove(sha).await;
+        }
         self.state.save()?;
         Ok(freed)
     }
@@ -958,7 +969,9 @@ async fn download(
     tmp: &Path,
     progress: Option<Progress>,
 ) -> Result<Arrival, ImageError> {
-    std::fs::create_dir_all(tmp).map_err(|source| FetchError::Write { source })?;
+    tokio::fs::create_dir_all(tmp)
+        .await
+        .map_err(|source| FetchError::Write { source })?;
     let limits = settings.limits;
     let (unpacked, validators) = match request {
         Resolved::Http { url, sha256 } => {
@@ -967,7 +980,7 @@ async fn download(
                 .await?
             {
                 HttpOutcome::NotModified => {
-                    remove_object(tmp);
+                    remove_objects(vec![tmp.to_path_buf()]).await;
                     return Ok(Arrival::NotModified);
                 }
                 HttpOutcome::Fetched {
@@ -1003,6 +1016,15 @@ fn seal(dir: &Path) {
         for item in listing.flatten() {
             let _ = std::fs::set_permissions(item.path(), std::fs::Permissions::from_mode(0o444));
         }
+    }
+}
+
+/// Removes directories on the blocking pool (an image holds gigabytes), and waits: the
+/// cache's free space is measured right after.
+async fn remove_objects(paths: Vec<PathBuf>) {
+    let removed = tokio::task::spawn_blocking(move || paths.iter().for_each(|p| remove_object(p)));
+    if let Err(error) = removed.await {
+        tracing::warn!(%error, "failed to remove cache directories");
     }
 }
 

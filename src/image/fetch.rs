@@ -174,7 +174,12 @@ impl Fetcher {
                 let backoff = self.policy.first_backoff * 2u32.saturating_pow(attempt - 2);
                 tracing::info!(url, attempt, ?backoff, error = %last, "retrying image download");
                 tokio::time::sleep(backoff).await;
-                reset_dir(dest).map_err(|source| FetchError::Write { source })?;
+                // A failed attempt may have unpacked gigabytes: emptied on the blocking pool.
+                let dir = dest.to_path_buf();
+                tokio::task::spawn_blocking(move || reset_dir(&dir))
+                    .await
+                    .unwrap_or_else(|e| Err(io::Error::other(e)))
+                    .map_err(|source| FetchError::Write { source })?;
             }
             match self
                 .attempt(url, validators, dest, limits, progress.clone())

@@ -641,7 +641,7 @@ async fn vm(loaded: &LoadedConfig, command: VmCommand) -> Result<ExitCode, Failu
     let mut found = false;
     let mut ended = None;
     while std::time::Instant::now() < deadline {
-        let text = std::fs::read(&serial).unwrap_or_default();
+        let text = tokio::fs::read(&serial).await.unwrap_or_default();
         if text.len() > shown {
             let _ = std::io::stdout().write_all(&text[shown..]);
             shown = text.len();
@@ -660,7 +660,9 @@ async fn vm(loaded: &LoadedConfig, command: VmCommand) -> Result<ExitCode, Failu
         let path = screenshot.unwrap_or_else(|| log_dir.join("screenshot.png"));
         match take_screenshot(vm.qmp(), vm.run_dir().path(), timeouts.qmp).await {
             Ok(shot) => {
-                std::fs::write(&path, &shot.png).exit_with(EXIT_OTHER)?;
+                tokio::fs::write(&path, &shot.png)
+                    .await
+                    .exit_with(EXIT_OTHER)?;
                 summary.push_str(&format!(
                     "screenshot: {} ({}x{})\n",
                     path.display(),
@@ -757,7 +759,13 @@ async fn image(loaded: &LoadedConfig, command: ImageCommand) -> Result<ExitCode,
     let settings = CacheSettings::from_config(&loaded.config);
     match command {
         ImageCommand::Pack { dir, out } => {
-            let contents = pack_image(&dir, &out, settings.limits).exit_with(EXIT_USAGE)?;
+            // Packing reads and compresses the whole disk: on the blocking pool.
+            let limits = settings.limits;
+            let (from, to) = (dir.clone(), out.clone());
+            let contents = tokio::task::spawn_blocking(move || pack_image(&from, &to, limits))
+                .await
+                .exit_with(EXIT_OTHER)?
+                .exit_with(EXIT_USAGE)?;
             let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
             print(&format!(
                 "{}: {size} bytes, disk {:?}, {} member(s) checked\n",

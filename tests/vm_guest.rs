@@ -601,7 +601,9 @@ async fn tap_networking_isolates_the_guest_too() {
         "169.254.169.254:8080".to_owned(),
     ];
     let name = "tap";
-    let tap = TapNetwork::create(name, false).expect("namespace and tap");
+    let tap = TapNetwork::create(name, false)
+        .await
+        .expect("namespace and tap");
     let netns = tap.netns().to_owned();
     let listener = tap
         .bind_metadata()

@@ -184,7 +184,9 @@ impl Engine {
                 Ok((attachment, service, None))
             }
             NetworkBackend::Tap => {
-                let tap = TapNetwork::create(&ctx.name, outbound).map_err(JobError::Network)?;
+                let tap = TapNetwork::create(&ctx.name, outbound)
+                    .await
+                    .map_err(JobError::Network)?;
                 let listener = tap.bind_metadata().map_err(JobError::Network)?;
                 let service =
                     start_metadata_service_tcp(listener, task, ctx.log(), self.metadata_limits())

@@ -2,6 +2,8 @@ use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use tokio::runtime::RuntimeFlavor;
+
 /// Commands that set up a VM's network must not hang a job.
 const COMMAND_TIMEOUT_SECS: &str = "10";
 
@@ -101,6 +103,11 @@ pub enum NetworkError {
         #[source]
         source: std::io::Error,
     },
+    #[error("setting up the VM's network was interrupted")]
+    Interrupted {
+        #[source]
+        source: tokio::task::JoinError,
+    },
     #[error("failed to bind the metadata service inside network namespace {netns}")]
     Bind {
         netns: String,
@@ -120,7 +127,17 @@ pub struct TapNetwork {
 }
 
 impl TapNetwork {
-    pub fn create(name: &str, outbound: bool) -> Result<Self, NetworkError> {
+    /// Creates the namespace, its tap and its rules; `ip` and `nft` run on the blocking
+    /// pool. A caller that stops waiting leaves nothing: the namespace made meanwhile is
+    /// dropped, and deleted, with the task's result.
+    pub async fn create(name: &str, outbound: bool) -> Result<Self, NetworkError> {
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || Self::create_blocking(&name, outbound))
+            .await
+            .map_err(|source| NetworkError::Interrupted { source })?
+    }
+
+    fn create_blocking(name: &str, outbound: bool) -> Result<Self, NetworkError> {
         let uid = rustix::process::geteuid().as_raw();
         if uid != 0 {
             return Err(NetworkError::NotRoot { uid });
@@ -282,7 +299,17 @@ fn enable_host_forwarding() -> Result<(), NetworkError> {
 
 impl Drop for TapNetwork {
     fn drop(&mut self) {
-        if let Err(error) = run(&["ip", "netns", "del", &self.netns]) {
+        let delete = || run(&["ip", "netns", "del", &self.netns]);
+        // Dropped at the end of a job, on the executor: a multi-threaded runtime moves
+        // this thread's other tasks elsewhere while `ip` runs (a current-thread runtime,
+        // as in tests, cannot, and just waits).
+        let deleted = match tokio::runtime::Handle::try_current() {
+            Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(delete)
+            }
+            _ => delete(),
+        };
+        if let Err(error) = deleted {
             tracing::warn!(netns = %self.netns, %error, "failed to delete a VM network namespace");
         }
     }

@@ -475,7 +475,10 @@ impl Vm {
         if let Some(task) = self.console_task.take() {
             let _ = tokio::time::timeout(self.timeouts.exit, task).await;
         }
-        self.resources.release();
+        // Dropping the resources releases them: stray helpers are waited for and the
+        // run dir holds the job's overlay, so that happens on the blocking pool.
+        let resources = self.resources;
+        let _ = tokio::task::spawn_blocking(move || drop(resources)).await;
         exit
     }
 

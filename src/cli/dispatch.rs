@@ -1,0 +1,112 @@
+//! The CLI's entry: parses the command line and runs the command.
+
+use std::future::Future;
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::Parser;
+use qemu_worker::config::load_config;
+use qemu_worker::schema::write_schemas;
+
+use super::exit::{EXIT_OTHER, EXIT_USAGE, ExitWith, Failure};
+use super::job::read_payload;
+use super::model::{Cli, Command};
+use super::{image, job, queue, serve, vm};
+
+pub(crate) fn main() -> ExitCode {
+    // The guestfwd helper runs once per guest connection: skip everything else.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let [_, command, socket] = args.as_slice()
+        && command == "metadata-splice"
+    {
+        return match qemu_worker::metadata::splice_stdio_to_socket(Path::new(socket)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("qemu-worker metadata-splice: {error}");
+                ExitCode::from(EXIT_OTHER)
+            }
+        };
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return if error.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("QEMU_WORKER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(failure) => {
+            eprintln!("qemu-worker: error: {:#}", failure.error);
+            ExitCode::from(failure.exit_code)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, Failure> {
+    let config = cli.config.as_deref();
+    let load = || load_config(config).exit_with(EXIT_OTHER);
+    match cli.command {
+        Command::Validate { payload, json } => job::validate(&load()?, &payload, json),
+        Command::Run { payload, json } => {
+            let loaded = load()?;
+            let text = read_payload(&payload).exit_with(EXIT_USAGE)?;
+            block_on(job::run_job(&loaded, text, json))
+        }
+        Command::Serve => {
+            let loaded = load()?;
+            block_on(serve::serve(&loaded))
+        }
+        Command::Submit {
+            payload,
+            priority,
+            max_runs,
+            deadline,
+        } => queue::submit(&load()?, &payload, priority, max_runs, deadline),
+        Command::Status { job, json } => queue::status(&load()?, &job, json),
+        Command::Jobs { state } => queue::jobs(&load()?, state),
+        Command::Logs { job, follow } => queue::logs(&load()?, &job, follow),
+        Command::Artifacts { job, out } => queue::artifacts(&load()?, &job, &out),
+        Command::Cancel { job } => queue::cancel(&load()?, &job),
+        Command::Schema { out } => {
+            let written = write_schemas(&out).exit_with(EXIT_OTHER)?;
+            for path in written {
+                println!("{}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Image { command } => {
+            let loaded = load()?;
+            block_on(image::image(&loaded, command))
+        }
+        Command::MetadataSplice { socket } => {
+            qemu_worker::metadata::splice_stdio_to_socket(&socket)
+                .map(|()| ExitCode::SUCCESS)
+                .exit_with(EXIT_OTHER)
+        }
+        Command::Vm { command } => {
+            let loaded = load()?;
+            block_on(vm::vm(&loaded, command))
+        }
+    }
+}
+
+/// Runs an async command on a multi-threaded runtime of its own.
+fn block_on(command: impl Future<Output = Result<ExitCode, Failure>>) -> Result<ExitCode, Failure> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .exit_with(EXIT_OTHER)?;
+    runtime.block_on(command)
+}

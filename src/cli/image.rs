@@ -1,0 +1,268 @@
+//! `image`: build, check and manage VM images.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use qemu_worker::config::LoadedConfig;
+use qemu_worker::image::{
+    CacheSettings, FetchError, FetchPolicy, Fetcher, ImageCache, ImageLimits, ImageProblem,
+    ImageRequest, Progress, Unpacked, Validators, pack_image,
+};
+use qemu_worker::job::ImageSource;
+
+use super::exit::{EXIT_OTHER, EXIT_USAGE, ExitWith, Failure, print};
+use super::model::ImageCommand;
+
+pub(super) async fn image(
+    loaded: &LoadedConfig,
+    command: ImageCommand,
+) -> Result<ExitCode, Failure> {
+    let settings = CacheSettings::from_config(&loaded.config);
+    match command {
+        ImageCommand::Pack { dir, out } => {
+            // Packing reads and compresses the whole disk: on the blocking pool.
+            let limits = settings.limits;
+            let (from, to) = (dir.clone(), out.clone());
+            let contents = tokio::task::spawn_blocking(move || pack_image(&from, &to, limits))
+                .await
+                .exit_with(EXIT_OTHER)?
+                .exit_with(EXIT_USAGE)?;
+            let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+            print(&format!(
+                "{}: {size} bytes, disk {:?}, {} member(s) checked\n",
+                out.display(),
+                contents.disk,
+                contents.disks.len()
+                    + 1
+                    + usize::from(contents.kernel)
+                    + usize::from(contents.initrd)
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        ImageCommand::Inspect { archive, json } => inspect(&settings, &archive, json).await,
+        ImageCommand::Pull { reference, sha256 } => {
+            let source = cli_image_source(&reference)?;
+            let cache = open_cache(settings).await?;
+            let request = ImageRequest { source, sha256 };
+            let (progress, bar) = progress_bar();
+            let result = cache.acquire(&request, progress).await;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            let lease = result.map_err(|e| {
+                let code = if e.reason() == qemu_worker::job::ExceptionReason::MalformedPayload {
+                    EXIT_USAGE
+                } else {
+                    EXIT_OTHER
+                };
+                Failure {
+                    error: e.into(),
+                    exit_code: code,
+                }
+            })?;
+            print(&format!(
+                "{} {}\n",
+                lease.sha256(),
+                lease.contents().dir.display()
+            ))?;
+            drop(lease);
+            cache.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        ImageCommand::List { json } => {
+            let cache = open_cache(settings).await?;
+            let images = cache.list().await.exit_with(EXIT_OTHER)?;
+            cache.close().await;
+            if json {
+                print(&(serde_json::to_string_pretty(&images).exit_with(EXIT_OTHER)? + "\n"))?;
+            } else {
+                let mut out = String::new();
+                for image in &images {
+                    out.push_str(&format!(
+                        "{}  {:>12} bytes  {}\n",
+                        image.sha256,
+                        image.size_bytes,
+                        image.sources.join(", ")
+                    ));
+                }
+                print(&out)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ImageCommand::Prune => {
+            let cache = open_cache(settings).await?;
+            let freed = cache.prune().await.exit_with(EXIT_OTHER)?;
+            cache.close().await;
+            print(&format!("freed {freed} bytes\n"))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// An image named on the command line: a URL, or a path (relative to the current
+/// directory, unlike in payloads).
+pub(super) fn cli_image_source(text: &str) -> Result<ImageSource, Failure> {
+    let absolute = if text.contains("://") || Path::new(text).is_absolute() {
+        text.to_owned()
+    } else {
+        std::env::current_dir()
+            .exit_with(EXIT_OTHER)?
+            .join(text)
+            .display()
+            .to_string()
+    };
+    ImageSource::parse(&absolute).exit_with(EXIT_USAGE)
+}
+
+pub(super) async fn open_cache(settings: CacheSettings) -> Result<ImageCache, Failure> {
+    let fetcher = Fetcher::new(FetchPolicy::default());
+    ImageCache::open(settings, fetcher)
+        .await
+        .exit_with(EXIT_OTHER)
+}
+
+/// A progress bar on a terminal; nothing otherwise.
+pub(super) fn progress_bar() -> (Option<Progress>, Option<indicatif::ProgressBar>) {
+    if !std::io::stderr().is_terminal() {
+        return (None, None);
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {bytes}/{total_bytes} {bytes_per_sec} {wide_bar} {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let handle = bar.clone();
+    let progress: Progress = Arc::new(move |done, total| {
+        if let Some(total) = total {
+            handle.set_length(total);
+        }
+        handle.set_position(done);
+    });
+    (Some(progress), Some(bar))
+}
+
+/// The `image inspect` report.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct InspectReport {
+    archive: String,
+    valid: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    archive_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    contents: Option<qemu_worker::image::ImageContents>,
+    problems: Vec<ImageProblem>,
+}
+
+async fn inspect(settings: &CacheSettings, archive: &str, json: bool) -> Result<ExitCode, Failure> {
+    let scratch = tempfile::tempdir().exit_with(EXIT_OTHER)?;
+    let dest = scratch.path().join("image");
+    std::fs::create_dir(&dest).exit_with(EXIT_OTHER)?;
+    let limits: ImageLimits = settings.limits;
+    let outcome: Result<Unpacked, FetchError> =
+        if archive.starts_with("http://") || archive.starts_with("https://") {
+            let fetcher = Fetcher::new(FetchPolicy::default());
+            match fetcher
+                .fetch_http(archive, None, &Validators::default(), &dest, limits, None)
+                .await
+            {
+                Ok(qemu_worker::image::HttpOutcome::Fetched { unpacked, .. }) => Ok(*unpacked),
+                Ok(qemu_worker::image::HttpOutcome::NotModified) => Err(FetchError::Internal(
+                    "unexpected 304 without validators".into(),
+                )),
+                Err(e) => Err(e),
+            }
+        } else {
+            // The same path a worker takes, with the archive's own directory allowed
+            // (canonical, so a symlinked archive is inspected where it really is).
+            let path = std::fs::canonicalize(archive)
+                .with_context(|| format!("cannot read {archive:?}"))
+                .exit_with(EXIT_USAGE)?;
+            let allowed: Vec<PathBuf> = path.parent().map(Path::to_path_buf).into_iter().collect();
+            let fetcher = Fetcher::new(FetchPolicy::default());
+            fetcher
+                .fetch_local(&path, &allowed, None, &dest, limits)
+                .await
+        };
+    let report = match outcome {
+        Ok(unpacked) => InspectReport {
+            archive: archive.to_owned(),
+            valid: true,
+            sha256: Some(unpacked.sha256),
+            archive_bytes: Some(unpacked.archive_bytes),
+            contents: Some(unpacked.contents),
+            problems: Vec::new(),
+        },
+        Err(FetchError::Rejected(problems)) => InspectReport {
+            archive: archive.to_owned(),
+            valid: false,
+            sha256: None,
+            archive_bytes: None,
+            contents: None,
+            problems,
+        },
+        Err(other) => return Err(other).exit_with(EXIT_OTHER),
+    };
+    if json {
+        print(&(serde_json::to_string_pretty(&report).exit_with(EXIT_OTHER)? + "\n"))?;
+    } else {
+        print(&human_inspect(&report))?;
+    }
+    Ok(if report.valid {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_USAGE)
+    })
+}
+
+fn human_inspect(report: &InspectReport) -> String {
+    let mut out = String::new();
+    match (&report.contents, &report.sha256) {
+        (Some(contents), Some(sha)) => {
+            out.push_str(&format!(
+                "{}: valid image\n  sha256: {sha}\n",
+                report.archive
+            ));
+            out.push_str(&format!(
+                "  archive: {} bytes\n  disk layout: {:?}\n",
+                report.archive_bytes.unwrap_or(0),
+                contents.disk
+            ));
+            for disk in &contents.disks {
+                out.push_str(&format!(
+                    "  {}: {}, virtual size {} bytes, {} bytes allocated\n",
+                    disk.member,
+                    disk.format,
+                    disk.virtual_size,
+                    disk.allocated_size.unwrap_or(0)
+                ));
+            }
+            out.push_str(&format!(
+                "  direct kernel boot: {}{}\n",
+                if contents.kernel { "kernel" } else { "no" },
+                if contents.initrd { " + initrd" } else { "" }
+            ));
+            let machine = serde_json::to_string(&contents.machine).unwrap_or_default();
+            out.push_str(&format!("  machine.json: {machine}\n"));
+        }
+        _ => {
+            let count = report.problems.len();
+            out.push_str(&format!(
+                "{}: invalid image, {count} problem{}\n",
+                report.archive,
+                if count == 1 { "" } else { "s" }
+            ));
+            for problem in &report.problems {
+                out.push_str(&format!("  {problem}\n"));
+            }
+        }
+    }
+    out
+}

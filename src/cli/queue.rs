@@ -1,0 +1,198 @@
+//! Commands on the job queue: submit, status, jobs, logs, artifacts, cancel.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use qemu_worker::config::LoadedConfig;
+
+use super::exit::{EXIT_OTHER, EXIT_USAGE, ExitWith, Failure, print};
+use super::job::read_payload;
+
+pub(super) fn submit(
+    loaded: &LoadedConfig,
+    payload: &Path,
+    priority: i32,
+    max_runs: u32,
+    deadline: Option<u64>,
+) -> Result<ExitCode, Failure> {
+    let text = read_payload(payload).exit_with(EXIT_USAGE)?;
+    let queue = open_queue(loaded)?;
+    let job = qemu_worker::queue::NewJob {
+        payload: text,
+        priority,
+        max_runs: max_runs.max(1),
+        deadline_ms: deadline.map(|s| now_ms().saturating_add(s.saturating_mul(1000))),
+    };
+    let id = queue.enqueue(&job, now_ms()).exit_with(EXIT_OTHER)?;
+    print(&format!("{id}\n"))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) fn status(loaded: &LoadedConfig, job: &str, json: bool) -> Result<ExitCode, Failure> {
+    let status = open_queue(loaded)?.status(job).exit_with(EXIT_USAGE)?;
+    if json {
+        print(&(serde_json::to_string_pretty(&status).exit_with(EXIT_OTHER)? + "\n"))?;
+    } else {
+        let mut out = format!(
+            "{} {} (run {} of {})\n",
+            status.job_id, status.state, status.run_id, status.runs
+        );
+        if let Some(report) = &status.report {
+            if let Some(code) = report.exit_code {
+                out.push_str(&format!("  exit code {code}\n"));
+            }
+            if let Some(reason) = report.reason {
+                out.push_str(&format!("  reason {reason}\n"));
+            }
+            for issue in &report.errors {
+                out.push_str(&format!("  {issue}\n"));
+            }
+        }
+        print(&out)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) fn jobs(loaded: &LoadedConfig, state: Option<String>) -> Result<ExitCode, Failure> {
+    let state = match state {
+        Some(text) => Some(
+            qemu_worker::queue::JobState::parse(&text)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "unknown state {text:?}: pending, running, completed, failed or exception"
+                    )
+                })
+                .exit_with(EXIT_USAGE)?,
+        ),
+        None => None,
+    };
+    let jobs = open_queue(loaded)?.list(state).exit_with(EXIT_OTHER)?;
+    let out: String = jobs
+        .iter()
+        .map(|j| format!("{}  {:<9}  run {}\n", j.job_id, j.state.as_str(), j.run_id))
+        .collect();
+    print(&out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) fn artifacts(loaded: &LoadedConfig, job: &str, out: &Path) -> Result<ExitCode, Failure> {
+    let status = open_queue(loaded)?.status(job).exit_with(EXIT_USAGE)?;
+    let Some(report) = &status.report else {
+        return Err(anyhow::anyhow!(
+            "{job} is {} and has no result yet: its artifacts are collected when it ends",
+            status.state.as_str()
+        ))
+        .exit_with(EXIT_USAGE);
+    };
+    let dir = run_dir_of(loaded, job)?.join("artifacts");
+    // Only what the report lists is complete; nothing else is handed out.
+    let copied = copy_listed(&dir, &report.artifacts, out).exit_with(EXIT_OTHER)?;
+    print(&format!("{copied} file(s) copied into {}\n", out.display()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) fn cancel(loaded: &LoadedConfig, job: &str) -> Result<ExitCode, Failure> {
+    let state = open_queue(loaded)?.cancel(job).exit_with(EXIT_USAGE)?;
+    print(&format!(
+        "{job}: {}\n",
+        match state {
+            qemu_worker::queue::JobState::Running =>
+                "cancel requested; its worker stops it at the next heartbeat",
+            qemu_worker::queue::JobState::Exception => "canceled",
+            _ => "already finished",
+        }
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn open_queue(loaded: &LoadedConfig) -> Result<Arc<dyn qemu_worker::queue::Queue>, Failure> {
+    qemu_worker::queue::open(&loaded.config).exit_with(EXIT_OTHER)
+}
+
+/// The directory of a job's latest run.
+fn run_dir_of(loaded: &LoadedConfig, job: &str) -> Result<PathBuf, Failure> {
+    let status = open_queue(loaded)?.status(job).exit_with(EXIT_USAGE)?;
+    Ok(loaded
+        .config
+        .state_dir
+        .join("jobs")
+        .join(&status.job_id)
+        .join(format!("run-{}", status.run_id)))
+}
+
+pub(super) fn logs(loaded: &LoadedConfig, job: &str, follow: bool) -> Result<ExitCode, Failure> {
+    let queue = open_queue(loaded)?;
+    let mut shown = 0usize;
+    let mut run = 0;
+    loop {
+        let status = queue.status(job).exit_with(EXIT_USAGE)?;
+        if status.run_id != run {
+            run = status.run_id;
+            shown = 0;
+        }
+        let path = loaded
+            .config
+            .state_dir
+            .join("jobs")
+            .join(job)
+            .join(format!("run-{run}"))
+            .join("job.log");
+        let bytes = std::fs::read(&path).unwrap_or_default();
+        if bytes.len() > shown {
+            std::io::stdout()
+                .write_all(&bytes[shown..])
+                .exit_with(EXIT_OTHER)?;
+            let _ = std::io::stdout().flush();
+            shown = bytes.len();
+        }
+        let finished = !matches!(
+            status.state,
+            qemu_worker::queue::JobState::Pending | qemu_worker::queue::JobState::Running
+        );
+        if !follow || finished {
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// Copies the artifacts a report lists from `from` into `to`, checking each one's size.
+fn copy_listed(
+    from: &Path,
+    artifacts: &[qemu_worker::job::ArtifactRecord],
+    to: &Path,
+) -> anyhow::Result<usize> {
+    use anyhow::Context;
+    std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
+    for artifact in artifacts {
+        let name = Path::new(&artifact.name);
+        anyhow::ensure!(
+            name.components()
+                .all(|c| matches!(c, std::path::Component::Normal(_))),
+            "the report lists an unsafe artifact name {:?}",
+            artifact.name
+        );
+        let target = to.join(name);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        let copied = std::fs::copy(from.join(name), &target)
+            .with_context(|| format!("cannot copy the artifact {}", artifact.name))?;
+        anyhow::ensure!(
+            copied == artifact.size,
+            "the stored artifact {} has {copied} bytes, the report says {}",
+            artifact.name,
+            artifact.size
+        );
+    }
+    Ok(artifacts.len())
+}

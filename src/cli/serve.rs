@@ -1,0 +1,53 @@
+//! `serve`: run jobs from the queue until SIGTERM or Ctrl-C.
+
+use std::process::ExitCode;
+
+use qemu_worker::config::LoadedConfig;
+use qemu_worker::image::CacheSettings;
+
+use super::exit::{EXIT_OTHER, ExitWith, Failure};
+use super::image::open_cache;
+
+pub(super) async fn serve(loaded: &LoadedConfig) -> Result<ExitCode, Failure> {
+    use qemu_worker::engine::{Engine, Worker};
+    let config = loaded.config.clone();
+    // Off the executor: connecting to PostgreSQL blocks.
+    let queue = tokio::task::spawn_blocking(move || qemu_worker::queue::open(&config))
+        .await
+        .exit_with(EXIT_OTHER)?
+        .exit_with(EXIT_OTHER)?;
+    let cache = open_cache(CacheSettings::from_config(&loaded.config)).await?;
+    let worker = Worker {
+        engine: Engine {
+            config: loaded.config.clone(),
+            cache: cache.clone(),
+            helper: std::env::current_exe().exit_with(EXIT_OTHER)?,
+        },
+        queue,
+        worker_id: format!("{}-{}", hostname(), std::process::id()),
+        grace: std::time::Duration::from_secs(loaded.config.timeouts.grace_seconds),
+    };
+    let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            let _ = shutdown.send(true);
+        }
+    });
+    worker.serve(shutdown_rx).await;
+    drop(worker);
+    cache.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "worker".to_owned(), |h| h.trim().to_owned())
+}

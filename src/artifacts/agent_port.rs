@@ -14,7 +14,8 @@ use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::UnixStream;
 
-use super::receive::{Budget, ReceiveError, Received, Receiver};
+use super::budget::Budget;
+use super::receive::{ReceiveError, Received, Receiver};
 use crate::config::ArtifactStoreConfig;
 use crate::job::ArtifactKind;
 

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::agent_port::AgentClient;
-use super::receive::{Budget, ReceiveError, Receiver};
+use super::budget::Budget;
+use super::receive::{ReceiveError, Receiver};
 use crate::config::ArtifactStoreConfig;
 use crate::error_chain::{DisplayChain, display_chain};
 use crate::job::{ArtifactKind, ArtifactRecord, ArtifactSpec, SkippedRecord};

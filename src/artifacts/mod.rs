@@ -4,9 +4,13 @@
 //! when complete (docs/guest-agent.md, docs/security.md).
 
 mod agent_port;
+mod budget;
 mod collect;
+mod names;
 mod receive;
+mod store;
 
 pub use agent_port::{AgentClient, AgentError};
+pub use budget::Budget;
 pub use collect::{ArtifactSources, Collection, collect_artifacts};
-pub use receive::{Budget, ReceiveError, Received, Receiver};
+pub use receive::{ReceiveError, Received, Receiver};

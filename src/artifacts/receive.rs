@@ -3,15 +3,15 @@
 //! to its name only when complete. A failed artifact leaves nothing behind and gives its
 //! share of the budget back.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use crate::config::ArtifactStoreConfig;
-use crate::job::{ArtifactKind, ArtifactRecord, SkippedRecord, artifact_name_problem};
+use super::budget::Budget;
+use super::names::ArtifactNames;
+use super::store::StoredFiles;
+use crate::job::{ArtifactKind, ArtifactRecord, SkippedRecord};
 
 /// Skipped entries named in the report and the log; the rest are only counted.
 pub const SKIPPED_NAMED: usize = 20;
@@ -60,66 +60,13 @@ pub enum ReceiveError {
     },
 }
 
-/// What one job may still store: bytes, files and skipped entries, counted on the host
-/// across every artifact and transport, and the collection's deadline.
-#[derive(Debug)]
-pub struct Budget {
-    limits: ArtifactStoreConfig,
-    bytes_left: u64,
-    entries_left: u64,
-    skipped: u64,
-    deadline: Instant,
-    /// Names files in progress: one sequence per job, so no two ever meet.
-    next_temp: u64,
-}
-
-impl Budget {
-    /// A full budget; the collection deadline starts now.
-    pub fn new(limits: &ArtifactStoreConfig) -> Self {
-        Self {
-            limits: *limits,
-            bytes_left: limits.max_total_size.bytes(),
-            entries_left: limits.max_entries,
-            skipped: 0,
-            deadline: Instant::now() + Duration::from_secs(limits.collect_seconds),
-            next_temp: 0,
+impl ReceiveError {
+    pub(super) fn write(name: &str, path: &Path, source: std::io::Error) -> Self {
+        Self::Write {
+            name: name.to_owned(),
+            path: path.to_path_buf(),
+            source,
         }
-    }
-
-    pub fn limits(&self) -> &ArtifactStoreConfig {
-        &self.limits
-    }
-
-    /// Bytes the next artifact may take (for a single file also capped per file).
-    pub fn bytes_for(&self, kind: ArtifactKind) -> u64 {
-        match kind {
-            ArtifactKind::File => self.bytes_left.min(self.limits.max_file_size.bytes()),
-            ArtifactKind::Directory => self.bytes_left,
-        }
-    }
-
-    /// The worker.yml key that sets `bytes_for(kind)`.
-    pub fn limit_name(&self, kind: ArtifactKind) -> &'static str {
-        if kind == ArtifactKind::File && self.bytes_left >= self.limits.max_file_size.bytes() {
-            "artifacts.maxFileSize"
-        } else {
-            "what is left of artifacts.maxTotalSize"
-        }
-    }
-
-    /// Time left before the collection's deadline.
-    pub fn time_left(&self) -> Duration {
-        self.deadline.saturating_duration_since(Instant::now())
-    }
-
-    /// How long to wait for the next frame: the stall limit, or less near the deadline.
-    pub fn frame_wait(&self) -> Duration {
-        Duration::from_secs(self.limits.stall_seconds).min(self.time_left())
-    }
-
-    /// Whether the deadline (rather than the stall limit) ended a wait.
-    pub fn deadline_passed(&self) -> bool {
-        self.time_left().is_zero()
     }
 }
 
@@ -140,21 +87,17 @@ struct Pending {
 #[derive(Debug)]
 pub struct Receiver<'a> {
     budget: &'a mut Budget,
-    /// The artifact's name (e.g. `public/logs`) and where it is stored.
-    label: String,
+    /// Where the artifact is stored.
     target: PathBuf,
     kind: ArtifactKind,
     /// Where files are written until they are complete (outside the artifacts dir).
     partial_dir: PathBuf,
     current: Option<Pending>,
-    stored: Vec<(PathBuf, ArtifactRecord)>,
-    names: HashSet<String>,
-    created_dirs: Vec<PathBuf>,
+    stored: StoredFiles,
+    names: ArtifactNames,
     skipped: Vec<SkippedRecord>,
     skipped_count: u64,
     bytes: u64,
-    /// Folders above the files received, to tell a name used as both.
-    folders: HashSet<String>,
 }
 
 /// What one artifact brought, once complete.
@@ -178,18 +121,15 @@ impl<'a> Receiver<'a> {
     ) -> Self {
         Self {
             budget,
-            label: label.to_owned(),
             target: store.join(label),
             kind,
             partial_dir: partial_dir.to_path_buf(),
             current: None,
-            stored: Vec::new(),
-            names: HashSet::new(),
-            created_dirs: Vec::new(),
+            stored: StoredFiles::default(),
+            names: ArtifactNames::new(label, kind),
             skipped: Vec::new(),
             skipped_count: 0,
             bytes: 0,
-            folders: HashSet::new(),
         }
     }
 
@@ -205,23 +145,13 @@ impl<'a> Receiver<'a> {
                 "a new file before the last one ended".into(),
             ));
         }
-        let full = self.check_name(name)?;
+        let full = self.names.check(name, &self.budget.limits)?;
         if self.budget.entries_left == 0 {
             return Err(ReceiveError::TooManyEntries {
                 limit: self.budget.limits.max_entries,
             });
         }
-        if self.names.contains(name) {
-            return Err(ReceiveError::Duplicate { name: full });
-        }
-        let mut ancestors = name.match_indices('/').map(|(at, _)| &name[..at]);
-        if self.folders.contains(name) || ancestors.any(|a| self.names.contains(a)) {
-            return Err(ReceiveError::FileAndFolder { name: full });
-        }
-        self.names.insert(name.to_owned());
-        for (at, _) in name.match_indices('/') {
-            self.folders.insert(name[..at].to_owned());
-        }
+        let full = self.names.claim(name, full)?;
         self.budget.entries_left -= 1;
         let target = match self.kind {
             ArtifactKind::File => self.target.clone(),
@@ -229,7 +159,7 @@ impl<'a> Receiver<'a> {
         };
         tokio::fs::create_dir_all(&self.partial_dir)
             .await
-            .map_err(|source| self.write_error(&full, &self.partial_dir, source))?;
+            .map_err(|source| ReceiveError::write(&full, &self.partial_dir, source))?;
         let temp = self
             .partial_dir
             .join(format!("{}.partial", self.budget.next_temp));
@@ -239,7 +169,7 @@ impl<'a> Receiver<'a> {
             .create_new(true)
             .open(&temp)
             .await
-            .map_err(|source| self.write_error(&full, &temp, source))?;
+            .map_err(|source| ReceiveError::write(&full, &temp, source))?;
         self.current = Some(Pending {
             file,
             temp,
@@ -283,7 +213,7 @@ impl<'a> Receiver<'a> {
         pending.size += n;
         if let Err(source) = pending.file.write_all(bytes).await {
             let (name, temp) = (pending.name.clone(), pending.temp.clone());
-            return Err(self.write_error(&name, &temp, source));
+            return Err(ReceiveError::write(&name, &temp, source));
         }
         self.budget.bytes_left -= n;
         self.bytes += n;
@@ -367,66 +297,17 @@ impl<'a> Receiver<'a> {
     /// Flushes the file and moves it to its name, never over an existing file.
     async fn store(&mut self, pending: &mut Pending, sha256: String) -> Result<(), ReceiveError> {
         if let Err(source) = pending.file.flush().await {
-            return Err(self.write_error(&pending.name, &pending.temp, source));
+            return Err(ReceiveError::write(&pending.name, &pending.temp, source));
         }
-        if let Some(parent) = pending.target.parent() {
-            self.create_dirs(parent, &pending.name).await?;
-        }
-        let (temp, target) = (pending.temp.clone(), pending.target.clone());
-        let moved = tokio::task::spawn_blocking(move || {
-            rustix::fs::renameat_with(
-                rustix::fs::CWD,
-                &temp,
-                rustix::fs::CWD,
-                &target,
-                rustix::fs::RenameFlags::NOREPLACE,
-            )
-        })
-        .await
-        .unwrap_or(Err(rustix::io::Errno::IO));
-        match moved {
-            Ok(()) => {}
-            Err(rustix::io::Errno::EXIST) => {
-                return Err(ReceiveError::Exists {
-                    name: pending.name.clone(),
-                });
-            }
-            Err(errno) => {
-                return Err(self.write_error(&pending.name, &pending.target, errno.into()));
-            }
-        }
-        self.stored.push((
-            pending.target.clone(),
-            ArtifactRecord {
-                content_type: content_type(&pending.name).into(),
-                name: pending.name.clone(),
-                size: pending.size,
+        self.stored
+            .place(
+                &pending.temp,
+                &pending.target,
+                &pending.name,
+                pending.size,
                 sha256,
-            },
-        ));
-        Ok(())
-    }
-
-    /// Creates the folders above a stored file, remembering the new ones so that a
-    /// failed artifact removes them again.
-    async fn create_dirs(&mut self, dir: &Path, name: &str) -> Result<(), ReceiveError> {
-        let mut missing = Vec::new();
-        let mut at = Some(dir);
-        while let Some(d) = at {
-            if tokio::fs::try_exists(d).await.unwrap_or(false) {
-                break;
-            }
-            missing.push(d.to_path_buf());
-            at = d.parent();
-        }
-        for d in missing.into_iter().rev() {
-            match tokio::fs::create_dir(&d).await {
-                Ok(()) => self.created_dirs.push(d),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(source) => return Err(self.write_error(name, &d, source)),
-            }
-        }
-        Ok(())
+            )
+            .await
     }
 
     /// Records an entry the guest did not send (a link, a device, an unreadable file).
@@ -443,9 +324,9 @@ impl<'a> Receiver<'a> {
             let printable: String = name.chars().take(256).collect();
             self.skipped.push(SkippedRecord {
                 name: if printable.is_empty() {
-                    self.label.clone()
+                    self.names.label().to_owned()
                 } else {
-                    format!("{}/{printable}", self.label)
+                    format!("{}/{printable}", self.names.label())
                 },
                 reason: reason.chars().take(256).collect(),
             });
@@ -468,7 +349,7 @@ impl<'a> Receiver<'a> {
                 |s| format!("the guest skipped it: {}", s.reason),
             );
             return Err(ReceiveError::NotSent {
-                name: self.label.clone(),
+                name: self.names.label().to_owned(),
                 why,
             });
         }
@@ -478,7 +359,7 @@ impl<'a> Receiver<'a> {
     /// The artifact is complete (after `check_complete`).
     pub fn finish(self) -> Received {
         Received {
-            files: self.stored.into_iter().map(|(_, record)| record).collect(),
+            files: self.stored.into_records(),
             skipped: self.skipped,
             skipped_count: self.skipped_count,
         }
@@ -491,93 +372,20 @@ impl<'a> Receiver<'a> {
             drop(pending.file);
             let _ = tokio::fs::remove_file(&pending.temp).await;
         }
-        for (path, _) in &self.stored {
-            let _ = tokio::fs::remove_file(path).await;
-        }
-        for dir in self.created_dirs.iter().rev() {
-            // Only empty folders: one may hold another artifact's files.
-            let _ = tokio::fs::remove_dir(dir).await;
-        }
+        self.stored.remove().await;
         if self.kind == ArtifactKind::Directory {
             let _ = tokio::fs::remove_dir(&self.target).await;
         }
-        self.budget.entries_left += self.names.len() as u64;
+        self.budget.entries_left += self.names.count();
         self.budget.bytes_left += self.bytes;
         self.budget.skipped -= self.skipped_count.min(self.budget.skipped);
-    }
-
-    /// The name checks of a folder's files: the artifact name rules, the length and
-    /// depth caps. Returns the stored name (`label/name`).
-    fn check_name(&self, name: &str) -> Result<String, ReceiveError> {
-        let unsafe_name = |problem: String| ReceiveError::UnsafeName {
-            name: name.chars().take(256).collect(),
-            problem,
-        };
-        match self.kind {
-            ArtifactKind::File if name.is_empty() => return Ok(self.label.clone()),
-            ArtifactKind::File => {
-                return Err(ReceiveError::Protocol(
-                    "a named file in a single-file answer".into(),
-                ));
-            }
-            ArtifactKind::Directory => {}
-        }
-        let limits = &self.budget.limits;
-        if name.len() as u64 > limits.max_name_length {
-            return Err(unsafe_name(format!(
-                "{} bytes long, over the limit of {} (artifacts.maxNameLength)",
-                name.len(),
-                limits.max_name_length
-            )));
-        }
-        let depth = name.split('/').count() as u64;
-        if depth > limits.max_depth {
-            return Err(unsafe_name(format!(
-                "{depth} levels deep, over the limit of {} (artifacts.maxDepth)",
-                limits.max_depth
-            )));
-        }
-        if let Some(problem) = artifact_name_problem(name) {
-            return Err(unsafe_name(problem));
-        }
-        Ok(format!("{}/{name}", self.label))
-    }
-
-    fn write_error(&self, name: &str, path: &Path, source: std::io::Error) -> ReceiveError {
-        ReceiveError::Write {
-            name: name.to_owned(),
-            path: path.to_path_buf(),
-            source,
-        }
-    }
-}
-
-/// A content type from the file name; enough for browsers to show common CI outputs.
-pub fn content_type(name: &str) -> &'static str {
-    let ext = name
-        .rsplit_once('.')
-        .map_or("", |(_, ext)| ext)
-        .to_ascii_lowercase();
-    match ext.as_str() {
-        "txt" | "log" => "text/plain; charset=utf-8",
-        "json" => "application/json",
-        "xml" => "application/xml",
-        "html" | "htm" => "text/html; charset=utf-8",
-        "png" => "image/png",
-        "jpg" | "jpeg" => "image/jpeg",
-        "svg" => "image/svg+xml",
-        "gz" | "tgz" => "application/gzip",
-        "zst" => "application/zstd",
-        "tar" => "application/x-tar",
-        "zip" => "application/zip",
-        _ => "application/octet-stream",
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ByteSize;
+    use crate::config::{ArtifactStoreConfig, ByteSize};
 
     fn limits() -> ArtifactStoreConfig {
         ArtifactStoreConfig {
@@ -620,33 +428,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn hostile_names_are_refused_before_anything_is_written() {
+    async fn a_refused_name_writes_nothing() {
         let d = dirs();
         let mut budget = Budget::new(&limits());
-        for bad in [
-            "../x",
-            "/etc/passwd",
-            "a/../../x",
-            "",
-            "a//b",
-            ".",
-            "a/./b",
-            "a\\b",
-        ] {
-            let mut receiver = Receiver::new(
-                &mut budget,
-                &d.store,
-                &d.partial,
-                "dir",
-                ArtifactKind::Directory,
-            );
-            let error = receiver.begin(bad, None).await.expect_err(bad);
-            assert!(
-                matches!(error, ReceiveError::UnsafeName { .. }),
-                "{bad:?}: {error}"
-            );
-            receiver.abandon().await;
-        }
         let mut receiver = Receiver::new(
             &mut budget,
             &d.store,
@@ -654,18 +438,11 @@ mod tests {
             "dir",
             ArtifactKind::Directory,
         );
-        let long = receiver
-            .begin("abcdefghijklm", None)
-            .await
-            .expect_err("13 bytes");
-        assert!(
-            long.to_string().contains("artifacts.maxNameLength"),
-            "{long}"
-        );
-        let deep = receiver.begin("a/b/c", None).await.expect_err("depth 3");
-        assert!(deep.to_string().contains("artifacts.maxDepth"), "{deep}");
+        let error = receiver.begin("../x", None).await.expect_err("unsafe");
+        assert!(matches!(error, ReceiveError::UnsafeName { .. }), "{error}");
         receiver.abandon().await;
         assert_eq!(std::fs::read_dir(&d.store).expect("store").count(), 0);
+        assert!(!d.partial.exists(), "no file was started");
     }
 
     #[tokio::test]
@@ -845,7 +622,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_answer_must_be_whole_and_a_name_is_a_file_or_a_folder() {
+    async fn an_answer_must_be_whole() {
         let d = dirs();
         let mut budget = Budget::new(&limits());
         let mut receiver =
@@ -875,28 +652,6 @@ mod tests {
         );
         receiver.abandon().await;
 
-        let mut receiver = Receiver::new(
-            &mut budget,
-            &d.store,
-            &d.partial,
-            "d",
-            ArtifactKind::Directory,
-        );
-        file(&mut receiver, "a", b"1").await.expect("a file");
-        let under = receiver
-            .begin("a/b", None)
-            .await
-            .expect_err("a as a folder");
-        assert!(
-            matches!(under, ReceiveError::FileAndFolder { .. }),
-            "{under}"
-        );
-        file(&mut receiver, "x/y", b"1")
-            .await
-            .expect("x as a folder");
-        let over = receiver.begin("x", None).await.expect_err("x as a file");
-        assert!(matches!(over, ReceiveError::FileAndFolder { .. }), "{over}");
-        receiver.abandon().await;
         assert_eq!(std::fs::read_dir(&d.partial).expect("partial").count(), 0);
     }
 }

@@ -7,6 +7,7 @@ mod limits;
 mod machine;
 mod payload;
 mod report;
+mod resolve;
 pub(crate) mod string_enum;
 mod validate;
 
@@ -14,9 +15,9 @@ pub use dir::{FINAL_SCREENSHOT, JobDir};
 pub use identity::Identity;
 pub use limits::{CpuTopology, LimitViolation, MachineLimits, RequestedResources};
 pub use machine::{
-    Chipset, CpuModel, DEFAULT_KERNEL_CMDLINE, GraphicsDevice, InitrdMember, KernelBoot,
-    KernelMember, KeyboardDevice, KeyboardLayout, Machine, MachineDefinition, MachineLayers,
-    MouseDevice, NetworkDevice, SoundDevice, StorageDevice, TabletDevice, UsbController,
+    Chipset, CpuModel, DEFAULT_KERNEL_CMDLINE, GraphicsDevice, InitrdMember, KernelMember,
+    KeyboardDevice, KeyboardLayout, MachineDefinition, MouseDevice, NetworkDevice, SoundDevice,
+    StorageDevice, TabletDevice, UsbController,
 };
 pub(crate) use machine::{DISK_SERIAL_PATTERN, MAC_PATTERN, UUID_PATTERN};
 pub use payload::{
@@ -28,6 +29,7 @@ pub use report::{
     ArtifactRecord, ExceptionReason, PhaseTiming, Resolution, ResultReport, ResultState,
     SkippedRecord, ValidationReport,
 };
+pub use resolve::{KernelBoot, Machine, MachineLayers};
 pub use validate::{
     MAX_DOCUMENT_BYTES, PayloadCheck, PayloadContext, load_machine_json, validate_payload,
 };

@@ -1,7 +1,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::machine::Machine;
+use super::resolve::Machine;
 use super::string_enum::string_enum;
 use crate::schema::Issue;
 

@@ -7,11 +7,12 @@ use serde_json::{Value, json};
 
 use super::identity::Identity;
 use super::limits::MachineLimits;
-use super::machine::{Machine, MachineDefinition, MachineLayers};
+use super::machine::MachineDefinition;
 use super::payload::{
     ArtifactSpec, ImageReference, ImageSource, JobPayload, artifact_name_problem,
 };
 use super::report::ValidationReport;
+use super::resolve::{Machine, MachineLayers};
 use crate::config::WorkerConfig;
 use crate::schema::{Document, Issue, SchemaKind, pointer_push, validate_against};
 

@@ -26,8 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIG: u64 = 256 << 20;
 
-#[path = "support/figure.rs"]
-mod figure;
+use test_support::figure;
 const LOG_BYTES: u64 = 64 << 20;
 
 struct Started {

@@ -18,8 +18,7 @@ use qemu_worker::image::{
 };
 use qemu_worker::job::ImageSource;
 
-#[path = "support/figure.rs"]
-mod figure;
+use test_support::figure;
 
 const MIB: u64 = 1 << 20;
 const LIMITS: ImageLimits = ImageLimits {

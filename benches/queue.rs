@@ -5,17 +5,13 @@
 //!
 //! `cargo bench --bench queue`. Prints one `RESULT {json}` line per figure for bench/run.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-#[path = "support/figure.rs"]
-mod figure;
-
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use qemu_worker::job::{Resolution, ResultReport};
 use qemu_worker::queue::{NewJob, PostgresQueue, Queue, SqliteQueue};
+use test_support::figure;
 
 const JOBS: usize = 4000;
 const REPETITIONS: usize = 3;
@@ -111,7 +107,7 @@ fn main() {
         (Box::new(dir), Box::new(queue))
     });
     measure("PostgreSQL 15 (SKIP LOCKED, unix socket)", 1000.0, &|| {
-        let server = common::postgres::TestPostgres::start();
+        let server = test_support::postgres::TestPostgres::start();
         let queue = PostgresQueue::open(&server.url()).expect("open");
         (Box::new(server), Box::new(queue))
     });

@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use qemu_worker::config::load_config;
 use qemu_worker::job::{Identity, JobPayload, PayloadContext, validate_payload};
 
-#[path = "support/figure.rs"]
-mod figure;
+use test_support::figure;
 
 const ROUNDS: usize = 2000;
 

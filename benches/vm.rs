@@ -23,8 +23,7 @@ use qemu_worker::vm::{NetworkAttachment, Vm, VmTimeouts, take_screenshot, take_s
 
 const T: Duration = Duration::from_secs(60);
 
-#[path = "support/figure.rs"]
-mod figure;
+use test_support::figure;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

@@ -20,8 +20,7 @@ use std::time::{Duration, Instant};
 
 const MARKER: &str = "FIRST-OUTPUT";
 
-#[path = "support/figure.rs"]
-mod figure;
+use test_support::figure;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -253,7 +252,7 @@ fn worker_rss(dir: &Path) {
     };
     let mut worker = serve();
     std::thread::sleep(Duration::from_secs(3));
-    let idle = common::rss_kib(worker.id());
+    let idle = test_support::rss_kib(worker.id());
     let payload = dir.join("sleep.yml");
     std::fs::write(
         &payload,
@@ -297,7 +296,7 @@ fn worker_rss(dir: &Path) {
     let busy = (0..10)
         .map(|_| {
             std::thread::sleep(Duration::from_millis(300));
-            common::rss_kib(worker.id())
+            test_support::rss_kib(worker.id())
         })
         .max()
         .unwrap_or(0);

@@ -10,6 +10,7 @@ use qemu_worker::image::{
     unpack_archive,
 };
 use tar::EntryType;
+use test_support::archive::RawTar;
 
 const LIMITS: ImageLimits = ImageLimits {
     max_image_bytes: 64 << 20,
@@ -64,10 +65,6 @@ impl Scratch {
         assert_eq!(names, ["dest", "work"]);
     }
 }
-
-#[path = "../engine-tests/src/archive.rs"]
-mod archive;
-use archive::RawTar;
 
 const MACHINE: &[u8] = br#"{"version": 1, "memory": 128}"#;
 

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::{TestQmp, require};
+use common::TestQmp;
 
 use qemu_worker::image::{BootDisk, DiskFormat, DiskLayer, KernelFiles};
 use qemu_worker::job::{
@@ -18,6 +18,7 @@ use qemu_worker::job::{
     NetworkDevice, SoundDevice, StorageDevice, TabletDevice, UsbController, load_machine_json,
 };
 use qemu_worker::vm::{Accelerator, NetworkAttachment, RunDir, VmSpec, qemu_argv};
+use test_support::require;
 
 const LIMITS: MachineLimits = MachineLimits {
     max_memory: 256,

@@ -1,15 +1,13 @@
 //! Queue conformance: the semantics every backend must have, each case run against the
 //! embedded SQLite queue and against a real PostgreSQL server started for the test.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::postgres::TestPostgres;
 use qemu_worker::job::{ExceptionReason, Resolution, ResultReport, ResultState};
 use qemu_worker::queue::{JobState, NewJob, PostgresQueue, Queue, QueueError, SqliteQueue};
+use test_support::postgres::TestPostgres;
 
 const LEASE: Duration = Duration::from_secs(60);
 

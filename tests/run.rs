@@ -5,7 +5,8 @@ mod common;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use common::{KillOnDrop, processes_under, require, test_image};
+use common::{KillOnDrop, test_image};
+use test_support::{processes_under, require};
 
 struct Fixture {
     dir: tempfile::TempDir,

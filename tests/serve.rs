@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{KillOnDrop, processes_under, require, test_image};
+use common::{KillOnDrop, test_image};
 use qemu_worker::queue::{JobState, Queue, SqliteQueue};
+use test_support::{processes_under, require};
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -285,7 +286,7 @@ fn runs_on(state: &Path, job: &str) -> Vec<String> {
 #[test]
 fn two_workers_share_a_postgres_queue_and_take_over_a_killed_workers_job() {
     require("qemu-system-x86_64", "qemu-system-x86");
-    let server = common::postgres::TestPostgres::start();
+    let server = test_support::postgres::TestPostgres::start();
     let dir = tempfile::Builder::new()
         .prefix("qw-pg")
         .tempdir_in("/tmp")

@@ -6,9 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{
-    cached_test_image, metadata_network, processes_under, require, test_launch, test_machine,
-};
+use common::{cached_test_image, metadata_network, test_launch, test_machine};
 use qemu_worker::artifacts::{AgentClient, AgentError};
 use qemu_worker::config::{ArtifactStoreConfig, ByteSize};
 use qemu_worker::image::{ImageCache, ImageLease};
@@ -23,6 +21,7 @@ use qemu_worker::vm::{
     NetworkAttachment, RunDir, StopStep, TAP_DEVICE, TapNetwork, Vm, VmExit, VmTimeouts,
     take_screenshot, take_screenshot_ppm,
 };
+use test_support::{processes_under, require};
 
 const READY: &str = "QEMU-WORKER-READY";
 

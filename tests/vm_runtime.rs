@@ -2,19 +2,17 @@
 //! answers QMP and screendump under the supervisor; the host's own qemu-ga answers QGA;
 //! the accelerator probe runs real QEMU.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{processes_under, require};
 use qemu_worker::config::AcceleratorChoice;
 use qemu_worker::qemu::{QgaClient, QgaError};
 use qemu_worker::vm::{
     Accelerator, PROBE_DEADLINE, RunDir, StopStep, Vm, VmError, VmExit, VmLaunch, VmTimeouts,
     choose_accelerator, probe, take_screenshot,
 };
+use test_support::{processes_under, require};
 
 fn scratch() -> tempfile::TempDir {
     // Short paths: unix socket names are limited to 108 bytes.

@@ -7,10 +7,8 @@
 //! `cargo bench -p engine-tests --bench hostile` (bench/run runs it with the release
 //! worker through QEMU_WORKER_BIN).
 
-#[path = "../../benches/support/figure.rs"]
-mod figure;
-
 use engine_tests::{Job, Watched, Worker, assets, base_config};
+use test_support::figure;
 
 const ROUNDS: usize = 3;
 /// The shipped default of metadata.maxConnections.

@@ -11,17 +11,14 @@
 //! - [`assets`]: the test image and generated hostile archives, pinned by hash in
 //!   `engine-tests/assets.json`.
 
-#[path = "../../tests/common/host.rs"]
-mod host;
-pub use host::{processes_under, require, rss_kib};
-
-pub mod archive;
 pub mod assets;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use test_support::{processes_under, require, rss_kib};
 
 /// The `qemu-worker` binary under test: `QEMU_WORKER_BIN`, or the workspace's build
 /// (checked once per process: every CLI call goes through here).

@@ -6,7 +6,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use engine_tests::assets::test_image;
-use engine_tests::{Job, Worker, config_with_images, processes_under, wait_until};
+use engine_tests::{Job, Worker, config_with_images, wait_until};
+use test_support::processes_under;
 
 #[test]
 fn a_guest_that_powers_off_before_reporting_fails_the_job_with_the_console_tail() {

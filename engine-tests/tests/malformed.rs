@@ -3,10 +3,10 @@
 
 use std::path::Path;
 
-use engine_tests::archive::RawTar;
 use engine_tests::assets::{pinned, sha256_hex, test_image};
 use engine_tests::{Job, Worker, config_with_images};
 use tar::EntryType;
+use test_support::archive::RawTar;
 
 const MACHINE: &[u8] = br#"{"version": 1, "memory": 128}"#;
 

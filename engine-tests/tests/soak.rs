@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use engine_tests::{Job, Worker, rss_kib, wait_until};
+use engine_tests::{Job, Worker, wait_until};
+use test_support::rss_kib;
 
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)

@@ -9,9 +9,6 @@
     reason = "each test binary uses a different subset"
 )]
 
-mod host;
-pub use host::{processes_under, require, rss_kib};
-
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -190,8 +187,6 @@ pub fn metadata_network(socket: &str) -> qemu_worker::vm::NetworkAttachment {
         ],
     }
 }
-pub mod postgres;
-
 /// A child process that is killed (and reaped) if it still runs when dropped, so that a
 /// failing test leaves nothing behind.
 pub struct KillOnDrop(Option<Child>);

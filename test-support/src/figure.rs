@@ -2,8 +2,6 @@
 //! and, per figure, one `RESULT {json}` line with the samples' min/median/max, the
 //! baseline measured in the same run, the goal from DESIGN §8 and whether it is met.
 
-#![allow(dead_code, reason = "each bench uses a different subset")]
-
 pub fn median(samples: &[f64]) -> f64 {
     let mut v = samples.to_vec();
     v.sort_by(f64::total_cmp);

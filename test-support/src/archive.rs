@@ -1,7 +1,6 @@
 //! Hand-made image archives, including ones `tar` itself would refuse to write: raw
 //! entry names and types (links, devices, `..`, absolute paths), for the hostile-image
-//! cases. Shared with the root crate's `tests/image_archive.rs` (included by path, so
-//! it uses only `tar` and `zstd`).
+//! cases of the component tests (`image_archive`) and of engine-tests (`malformed.rs`).
 
 use tar::{EntryType, Header};
 

@@ -1,5 +1,4 @@
-//! Host checks shared by the component tests, the benchmarks and the engine-tests crate
-//! (which includes this file by path): std only.
+//! Checks of the test host: std only.
 
 use std::path::Path;
 use std::process::{Command, Stdio};

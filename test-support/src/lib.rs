@@ -1,0 +1,15 @@
+//! What the root crate's component tests and benchmarks share with the engine-tests
+//! suite, none of it specific to qemu-worker (so both crates can depend on it):
+//!
+//! - [`host`]: checks of the test host (a program is installed, processes left under a
+//!   directory, a process's resident memory);
+//! - [`postgres`]: a real PostgreSQL server per test;
+//! - [`archive`]: hand-made tar archives, including ones `tar` refuses to write;
+//! - [`figure`]: one benchmark figure as `bench/run` collects it.
+
+pub mod archive;
+pub mod figure;
+pub mod host;
+pub mod postgres;
+
+pub use host::{processes_under, require, rss_kib};

@@ -8,6 +8,7 @@
 //! worker through QEMU_WORKER_BIN).
 
 use engine_tests::{Job, Watched, Worker, assets, base_config};
+use qemu_worker::job::ResultState;
 use test_support::figure;
 
 const ROUNDS: usize = 3;
@@ -34,20 +35,20 @@ fn main() {
          wait; echo all closed";
     for round in 0..ROUNDS {
         let (outcome, watched) = Job::script("echo idle").run_watched(&worker);
-        assert_eq!(outcome.state(), "completed", "{}", outcome.report);
+        assert_eq!(outcome.state(), ResultState::Completed, "{outcome}");
         idle.push(watched);
         let (outcome, watched) =
             Job::script("printf '/h skipped-flood\\n' > /tmp/qw-hostile && mkdir -p /h")
                 .image(&assets::hostile_image().display().to_string())
                 .directory_artifact("/h", "flood")
                 .run_watched(&worker);
-        assert_eq!(outcome.state(), "failed", "{}", outcome.report);
+        assert_eq!(outcome.state(), ResultState::Failed, "{outcome}");
         skipped.push(watched);
         if round == 0 {
             let (outcome, watched) = Job::script(flood_script)
                 .max_run_time(300)
                 .run_watched(&worker);
-            assert_eq!(outcome.state(), "completed", "{}", outcome.report);
+            assert_eq!(outcome.state(), ResultState::Completed, "{outcome}");
             flood.push(watched);
         }
     }

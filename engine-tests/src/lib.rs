@@ -5,8 +5,9 @@
 //! - [`Worker`]: a per-test state dir and worker.yml; on drop it kills anything the test
 //!   started (the registry of spawned children, then any process whose command line
 //!   names the test's directory) so a failed test leaks nothing into the next one.
-//! - [`Job`]: a payload builder; [`Job::run`] returns an [`Outcome`] with the report,
-//!   the log and the job's files.
+//! - [`Job`]: a payload builder; [`Job::run`] returns an [`Outcome`] with the typed
+//!   result report, the log and the job's files; [`Job::start`] returns while the job
+//!   runs (to cancel or kill it mid-way).
 //! - [`wait_until`]: tests wait for a state, never for a fixed time.
 //! - [`assets`]: the test image and generated hostile archives, pinned by hash in
 //!   `engine-tests/assets.json`.
@@ -18,6 +19,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use qemu_worker::job::{ExceptionReason, ResultReport, ResultState};
 use test_support::{processes_under, require, rss_kib};
 
 /// The `qemu-worker` binary under test: `QEMU_WORKER_BIN`, or the workspace's build
@@ -457,14 +459,12 @@ impl Job {
 
     /// `qemu-worker run --json` on `worker`: the whole job, no queue.
     pub fn run(&self, worker: &Worker) -> Outcome {
-        let path = self.write(worker.dir());
-        let output = worker.cli(&["run", "--json", path.to_str().expect("utf-8")]);
-        Outcome::of(worker, output)
+        self.start(worker).finish()
     }
 
-    /// [`Job::run`], watching the worker while it runs: its peak resident memory and the
-    /// most guestfwd helper processes alive at once, sampled every 20 ms.
-    pub fn run_watched(&self, worker: &Worker) -> (Outcome, Watched) {
+    /// Starts `qemu-worker run --json` on `worker` and returns while it runs (to cancel
+    /// it, kill it or something under it mid-way).
+    pub fn start<'w>(&self, worker: &'w Worker) -> RunningJob<'w> {
         let path = self.write(worker.dir());
         let mut child = worker
             .command(&["run", "--json", path.to_str().expect("utf-8")])
@@ -472,26 +472,30 @@ impl Job {
             .stderr(Stdio::piped())
             .spawn()
             .expect("run starts");
-        let pid = child.id();
-        let mut watched = Watched::default();
         // Read the pipes on threads: a full pipe would stop the worker.
-        let mut stdout = child.stdout.take().expect("stdout");
-        let mut stderr = child.stderr.take().expect("stderr");
-        let out = std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            let _ = std::io::Read::read_to_end(&mut stdout, &mut bytes);
-            bytes
-        });
-        let err = std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            let _ = std::io::Read::read_to_end(&mut stderr, &mut bytes);
-            bytes
-        });
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                break status;
-            }
-            watched.peak_rss_kib = watched.peak_rss_kib.max(rss_kib(pid));
+        let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                let _ = pipe.read_to_end(&mut bytes);
+                bytes
+            })
+        };
+        let stdout = drain(Box::new(child.stdout.take().expect("stdout")));
+        let stderr = drain(Box::new(child.stderr.take().expect("stderr")));
+        RunningJob {
+            worker,
+            child,
+            output: Some((stdout, stderr)),
+        }
+    }
+
+    /// [`Job::run`], watching the worker while it runs: its peak resident memory and the
+    /// most guestfwd helper processes alive at once, sampled every 20 ms.
+    pub fn run_watched(&self, worker: &Worker) -> (Outcome, Watched) {
+        let mut run = self.start(worker);
+        let mut watched = Watched::default();
+        while run.child.try_wait().expect("wait").is_none() {
+            watched.peak_rss_kib = watched.peak_rss_kib.max(rss_kib(run.pid()));
             // QEMU's own command line names the helper in its guestfwd rule.
             let helpers = processes_under(worker.dir())
                 .iter()
@@ -499,13 +503,8 @@ impl Job {
                 .count();
             watched.peak_helpers = watched.peak_helpers.max(helpers);
             std::thread::sleep(Duration::from_millis(20));
-        };
-        let output = Output {
-            status,
-            stdout: out.join().expect("stdout thread"),
-            stderr: err.join().expect("stderr thread"),
-        };
-        (Outcome::of(worker, output), watched)
+        }
+        (run.finish(), watched)
     }
 }
 
@@ -516,69 +515,145 @@ pub struct Watched {
     pub peak_helpers: usize,
 }
 
-impl Outcome {
-    fn of(worker: &Worker, output: Output) -> Self {
-        let report: serde_json::Value =
-            serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-                panic!(
-                    "no JSON report ({e}); stderr:\n{}",
-                    String::from_utf8_lossy(&output.stderr)
-                )
-            });
-        let job_dir = latest_job_dir(&worker.state());
-        Outcome {
-            exit_code: output.status.code(),
-            report,
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-            job_dir,
+type Pipe = std::thread::JoinHandle<Vec<u8>>;
+
+/// A `qemu-worker run --json` under way ([`Job::start`]); killed if dropped unfinished.
+#[derive(Debug)]
+pub struct RunningJob<'w> {
+    worker: &'w Worker,
+    child: Child,
+    /// The threads reading stdout and stderr, until [`RunningJob::finish`] joins them.
+    output: Option<(Pipe, Pipe)>,
+}
+
+impl RunningJob<'_> {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until the job log shows `text` (a run that ends first fails the test).
+    pub fn wait_for_log(&mut self, text: &str) {
+        let pid = self.pid();
+        let state = self.worker.state();
+        let child = &mut self.child;
+        wait_until(
+            &format!("the job log of run {pid} to show {text:?}"),
+            Duration::from_secs(120),
+            Duration::from_millis(100),
+            || {
+                if let Some(status) = child.try_wait().expect("try_wait") {
+                    panic!("the run ended ({status}) before its log showed {text:?}");
+                }
+                let log = run_job_dir(&state, pid)?.join("job.log");
+                std::fs::read_to_string(log)
+                    .ok()
+                    .filter(|l| l.contains(text))
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        kill(self.pid() as i32, signal);
+    }
+
+    /// SIGKILL, reaped: none of the worker's own cleanup runs.
+    pub fn kill(mut self) -> std::process::ExitStatus {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped")
+    }
+
+    /// Waits for the run to end; what it left.
+    pub fn finish(mut self) -> Outcome {
+        let status = self.child.wait().expect("wait");
+        let (stdout, stderr) = self.output.take().expect("finished once");
+        let output = Output {
+            status,
+            stdout: stdout.join().expect("stdout thread"),
+            stderr: stderr.join().expect("stderr thread"),
+        };
+        Outcome::of(self.worker, self.pid(), output)
+    }
+}
+
+impl Drop for RunningJob<'_> {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }
 
-/// The most recently created job directory under `<state>/jobs`.
-fn latest_job_dir(state: &Path) -> PathBuf {
+/// The directory of the job that the `qemu-worker run` with process id `pid` runs:
+/// `run` names its job `run-<unix millis>-<its pid>` (src/cli.rs, `run_job`), and a
+/// job's files are in `<state>/jobs/<job id>`.
+fn run_job_dir(state: &Path, pid: u32) -> Option<PathBuf> {
+    let pid = pid.to_string();
     std::fs::read_dir(state.join("jobs"))
-        .into_iter()
+        .ok()?
         .flatten()
-        .flatten()
-        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
-        .map(|e| e.path())
-        .unwrap_or_default()
+        .find(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.strip_prefix("run-")?.split_once('-'))
+                .is_some_and(|(millis, id)| id == pid && millis.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(|entry| entry.path())
 }
 
 /// What a finished `run` left: its exit code, report, stderr and job directory.
 #[derive(Debug)]
 pub struct Outcome {
     pub exit_code: Option<i32>,
-    pub report: serde_json::Value,
+    pub report: ResultReport,
     pub stderr: String,
+    /// `<state>/jobs/<job id>` (empty if the worker made none).
     pub job_dir: PathBuf,
 }
 
 impl Outcome {
-    pub fn state(&self) -> &str {
-        self.report["state"].as_str().unwrap_or("")
+    fn of(worker: &Worker, pid: u32, output: Output) -> Self {
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        let report = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+            panic!(
+                "no result report ({e}): {}\nstderr:\n{stderr}",
+                String::from_utf8_lossy(&output.stdout)
+            )
+        });
+        Outcome {
+            exit_code: output.status.code(),
+            report,
+            stderr,
+            job_dir: run_job_dir(&worker.state(), pid).unwrap_or_default(),
+        }
     }
 
-    pub fn reason(&self) -> &str {
-        self.report["reason"].as_str().unwrap_or("")
+    pub fn state(&self) -> ResultState {
+        self.report.state
+    }
+
+    pub fn reason(&self) -> Option<ExceptionReason> {
+        self.report.reason
+    }
+
+    /// The first error's message ("" without errors).
+    pub fn first_error(&self) -> &str {
+        self.report
+            .errors
+            .first()
+            .map_or("", |e| e.message.as_str())
     }
 
     /// The error paths, in order.
-    pub fn error_paths(&self) -> Vec<String> {
-        self.report["errors"]
-            .as_array()
-            .map(|errors| {
-                errors
-                    .iter()
-                    .map(|e| e["path"].as_str().unwrap_or("").to_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
+    pub fn error_paths(&self) -> Vec<&str> {
+        self.report.errors.iter().map(|e| e.path.as_str()).collect()
     }
 
+    /// Every error, as the report's JSON has them.
     pub fn error_messages(&self) -> String {
-        self.report["errors"].to_string()
+        serde_json::to_string(&self.report.errors).expect("errors serialize")
     }
 
     /// The job log.
@@ -589,9 +664,7 @@ impl Outcome {
     /// Whether a VM was started for the job (QEMU writes its log when it starts).
     pub fn vm_started(&self) -> bool {
         self.job_dir.join("qemu.log").exists()
-            || self.report["timings"]
-                .as_array()
-                .is_some_and(|t| t.iter().any(|p| p["phase"] == "start"))
+            || self.report.timings.iter().any(|t| t.phase == "start")
     }
 
     /// An artifact's stored bytes.
@@ -600,15 +673,20 @@ impl Outcome {
     }
 
     /// The artifact names in the report, in order.
-    pub fn artifact_names(&self) -> Vec<String> {
-        self.report["artifacts"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|a| a["name"].as_str().unwrap_or("").to_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
+    pub fn artifact_names(&self) -> Vec<&str> {
+        self.report
+            .artifacts
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect()
+    }
+}
+
+/// The report as JSON, for failure messages.
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let json = serde_json::to_string(&self.report).map_err(|_| std::fmt::Error)?;
+        f.write_str(&json)
     }
 }
 
@@ -637,6 +715,24 @@ mod tests {
         )
         .expect_err("times out");
         assert!(err.to_string().contains("a state that never comes"));
+    }
+
+    #[test]
+    fn a_run_finds_its_job_dir_by_its_job_id() {
+        let state = tempfile::tempdir().expect("tempdir");
+        for name in [
+            "run-1700000000000-4567",
+            "run-1700000000001-456",
+            "456",
+            "run-x-456",
+        ] {
+            std::fs::create_dir_all(state.path().join("jobs").join(name)).expect("dir");
+        }
+        assert_eq!(
+            run_job_dir(state.path(), 456),
+            Some(state.path().join("jobs/run-1700000000001-456"))
+        );
+        assert_eq!(run_job_dir(state.path(), 45), None);
     }
 
     #[test]

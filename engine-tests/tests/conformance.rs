@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use engine_tests::{Job, Worker, wait_until};
+use qemu_worker::job::{ExceptionReason, ResultState};
 
 // --- environment variables (EnvVarTestCase) ---
 
@@ -14,7 +15,7 @@ fn an_environment_variable_is_visible_to_the_command() {
     let outcome = Job::script("echo \"value=[$HELLO_WORLD]\"")
         .env("HELLO_WORLD", "hello-world")
         .run(&worker);
-    assert_eq!(outcome.state(), "completed", "{}", outcome.report);
+    assert_eq!(outcome.state(), ResultState::Completed, "{outcome}");
     assert!(
         outcome.log().contains("value=[hello-world]"),
         "{}",
@@ -30,16 +31,13 @@ fn invalid_and_duplicate_variable_names_are_malformed_payloads() {
         let outcome = Job::script("true").env(name, "x").run(&worker);
         assert_eq!(
             (outcome.state(), outcome.reason()),
-            ("exception", "malformed-payload"),
-            "{name:?}: {}",
-            outcome.report
+            (
+                ResultState::Exception,
+                Some(ExceptionReason::MalformedPayload)
+            ),
+            "{name:?}: {outcome}"
         );
-        assert_eq!(
-            outcome.error_paths(),
-            [path],
-            "{name:?}: {}",
-            outcome.report
-        );
+        assert_eq!(outcome.error_paths(), [path], "{name:?}: {outcome}");
         assert!(
             !outcome.vm_started(),
             "{name:?}: no VM for a malformed payload"
@@ -51,15 +49,13 @@ fn invalid_and_duplicate_variable_names_are_malformed_payloads() {
         .run(&worker);
     assert_eq!(
         duplicate.reason(),
-        "malformed-payload",
-        "{}",
-        duplicate.report
+        Some(ExceptionReason::MalformedPayload),
+        "{duplicate}"
     );
-    assert_eq!(duplicate.error_paths(), ["/env/CI"], "{}", duplicate.report);
+    assert_eq!(duplicate.error_paths(), ["/env/CI"], "{duplicate}");
     assert!(
         duplicate.error_messages().contains("duplicate"),
-        "{}",
-        duplicate.report
+        "{duplicate}"
     );
     assert!(!duplicate.vm_started());
     worker.assert_clean();
@@ -72,18 +68,18 @@ fn the_target_text_is_logged_on_success_and_on_failure_and_absent_when_silent() 
     let worker = Worker::new();
     let target = "Hello World, this is the target text";
     let ok = Job::script(&format!("echo '{target}'")).run(&worker);
-    assert_eq!(ok.state(), "completed");
+    assert_eq!(ok.state(), ResultState::Completed);
     assert!(ok.log().contains(target), "{}", ok.log());
 
     let failing = Job::script(&format!("echo '{target}' >&2; exit 3")).run(&worker);
     assert_eq!(
-        (failing.state(), failing.report["exitCode"].as_i64()),
-        ("failed", Some(3))
+        (failing.state(), failing.report.exit_code),
+        (ResultState::Failed, Some(3))
     );
     assert!(failing.log().contains(target), "{}", failing.log());
 
     let silent = Job::script("true").run(&worker);
-    assert_eq!(silent.state(), "completed");
+    assert_eq!(silent.state(), ResultState::Completed);
     assert!(!silent.log().contains(target), "{}", silent.log());
     worker.assert_clean();
 }
@@ -122,7 +118,7 @@ fn file_and_nested_folder_artifacts_come_back_with_their_contents_and_names() {
     .file_artifact("/out/top.txt", "public/top.txt")
     .directory_artifact("/out/sub", "public/sub")
     .run(&worker);
-    assert_eq!(outcome.state(), "completed", "{}", outcome.report);
+    assert_eq!(outcome.state(), ResultState::Completed, "{outcome}");
     assert_eq!(
         outcome.artifact("public/top.txt").as_deref(),
         Some(&b"top\n"[..])
@@ -146,12 +142,8 @@ fn file_and_nested_folder_artifacts_come_back_with_their_contents_and_names() {
         outcome.artifact("public/sub/escape").is_none(),
         "a symlink to /etc/passwd must not be followed"
     );
-    for record in outcome.report["artifacts"].as_array().expect("artifacts") {
-        assert_eq!(
-            record["sha256"].as_str().map(str::len),
-            Some(64),
-            "{record}"
-        );
+    for record in &outcome.report.artifacts {
+        assert_eq!(record.sha256.len(), 64, "{outcome}");
     }
     worker.assert_clean();
 }
@@ -164,7 +156,7 @@ fn a_missing_file_or_folder_is_not_found_and_fails_the_job() {
         .directory_artifact("/no/such/folder", "public/folder")
         .directory_artifact("/there", "public/there")
         .run(&worker);
-    assert_eq!(outcome.state(), "failed", "{}", outcome.report);
+    assert_eq!(outcome.state(), ResultState::Failed, "{outcome}");
     assert_eq!(outcome.exit_code, Some(1));
     assert_eq!(outcome.error_paths(), ["/artifacts/0", "/artifacts/1"]);
     let messages = outcome.error_messages();
@@ -186,8 +178,8 @@ fn max_run_time_exceeded_fails_the_job_and_ends_the_vm() {
     let outcome = Job::script("echo started; sleep 600")
         .max_run_time(5)
         .run(&worker);
-    assert_eq!(outcome.state(), "failed", "{}", outcome.report);
-    assert!(outcome.report.get("exitCode").is_none());
+    assert_eq!(outcome.state(), ResultState::Failed, "{outcome}");
+    assert!(outcome.report.exit_code.is_none());
     assert!(
         outcome.log().contains("maxRunTime of 5 seconds exceeded"),
         "{}",
@@ -232,8 +224,11 @@ fn cancel_while_running_ends_the_vm_and_resolves_canceled() {
 fn the_final_screenshot_is_a_png_of_the_guest_display() {
     let worker = Worker::new();
     let outcome = Job::script("echo on-screen > /dev/tty0").run(&worker);
-    assert_eq!(outcome.state(), "completed");
-    assert_eq!(outcome.report["screenshot"], "screenshots/final.png");
+    assert_eq!(outcome.state(), ResultState::Completed);
+    assert_eq!(
+        outcome.report.screenshot.as_deref(),
+        Some("screenshots/final.png")
+    );
     let png = std::fs::read(outcome.job_dir.join("screenshots/final.png")).expect("screenshot");
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     let width = u32::from_be_bytes([png[16], png[17], png[18], png[19]]);

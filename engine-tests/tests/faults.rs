@@ -2,23 +2,19 @@
 //! worker is killed and restarted, and the disk fills up while an image downloads or an
 //! artifact arrives.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use engine_tests::assets::test_image;
 use engine_tests::{Job, Worker, config_with_images, wait_until};
+use qemu_worker::job::{ExceptionReason, ResultState};
 use test_support::processes_under;
 
 #[test]
 fn a_guest_that_powers_off_before_reporting_fails_the_job_with_the_console_tail() {
     let worker = Worker::new();
     let outcome = Job::script("echo going down; poweroff -f").run(&worker);
-    assert_eq!(outcome.state(), "failed", "{}", outcome.report);
-    assert!(
-        outcome.report.get("exitCode").is_none(),
-        "{}",
-        outcome.report
-    );
+    assert_eq!(outcome.state(), ResultState::Failed, "{outcome}");
+    assert!(outcome.report.exit_code.is_none(), "{outcome}");
     let log = outcome.log();
     assert!(log.contains("going down"), "{log}");
     assert!(
@@ -33,24 +29,8 @@ fn a_guest_that_powers_off_before_reporting_fails_the_job_with_the_console_tail(
 #[test]
 fn qemu_killed_from_outside_fails_the_job_and_leaves_nothing() {
     let worker = Worker::new();
-    let payload = worker.dir().join("long.yml");
-    std::fs::write(&payload, Job::script("echo running; sleep 600").yaml()).expect("payload");
-    let mut command = worker.command(&["run", "--json", payload.to_str().expect("utf-8")]);
-    command.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let run = command.spawn().expect("run");
-    let jobs = worker.state().join("jobs");
-    wait_until(
-        "the command to run",
-        Duration::from_secs(120),
-        Duration::from_millis(100),
-        || {
-            let dir = std::fs::read_dir(&jobs).ok()?.flatten().next()?.path();
-            std::fs::read_to_string(dir.join("job.log"))
-                .ok()
-                .filter(|l| l.contains("running"))
-        },
-    )
-    .expect("running");
+    let mut run = Job::script("echo running; sleep 600").start(&worker);
+    run.wait_for_log("running");
     let qemu: Vec<i32> = processes_under(worker.dir())
         .iter()
         .filter(|p| p.contains("qemu-system"))
@@ -59,29 +39,14 @@ fn qemu_killed_from_outside_fails_the_job_and_leaves_nothing() {
     assert_eq!(qemu.len(), 1, "one QEMU: {qemu:?}");
     let pid = rustix::process::Pid::from_raw(qemu[0]).expect("pid");
     rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("kill QEMU");
-    let output = run.wait_with_output().expect("run ends");
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("report");
-    assert_eq!(output.status.code(), Some(1), "{report}");
-    assert_eq!(report["state"], "failed", "{report}");
-    let log = std::fs::read_to_string(
-        std::fs::read_dir(&jobs)
-            .expect("jobs")
-            .flatten()
-            .next()
-            .expect("job dir")
-            .path()
-            .join("job.log"),
-    )
-    .expect("log");
+    let outcome = run.finish();
+    assert_eq!(outcome.exit_code, Some(1), "{outcome}");
+    assert_eq!(outcome.state(), ResultState::Failed, "{outcome}");
+    let log = std::fs::read_to_string(outcome.job_dir.join("job.log")).expect("log");
     // In words, with the signal, in the report and the log; never Rust's debug text.
     let sentence =
         "the VM ended before the guest reported a result: QEMU was killed by signal 9 (SIGKILL)";
-    assert!(
-        report["errors"][0]["message"]
-            .as_str()
-            .is_some_and(|m| m.starts_with(sentence)),
-        "{report}"
-    );
+    assert!(outcome.first_error().starts_with(sentence), "{outcome}");
     assert!(
         log.contains(sentence),
         "the log says QEMU was killed: {log}"
@@ -214,9 +179,11 @@ fn a_full_disk_while_downloading_is_a_resource_error_and_the_cache_stays_consist
         .run(&worker);
     assert_eq!(
         (outcome.state(), outcome.reason()),
-        ("exception", "resource-unavailable"),
-        "{}",
-        outcome.report
+        (
+            ResultState::Exception,
+            Some(ExceptionReason::ResourceUnavailable)
+        ),
+        "{outcome}"
     );
     assert_eq!(outcome.exit_code, Some(3));
     assert_eq!(outcome.error_paths(), ["/image"]);
@@ -251,16 +218,12 @@ fn a_full_disk_while_an_artifact_arrives_names_enospc_and_keeps_nothing_of_it() 
         .file_artifact("/tmp/big.bin", "public/big.bin")
         .file_artifact("/etc/passwd", "later/passwd")
         .run(&worker);
-    assert_eq!(outcome.state(), "failed", "{}", outcome.report);
-    let message = outcome.report["errors"][0]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    assert_eq!(outcome.state(), ResultState::Failed, "{outcome}");
+    let message = outcome.first_error();
     assert!(
         message.starts_with("artifact public/big.bin: cannot write public/big.bin")
             && message.contains("No space left on device (os error 28)"),
-        "{}",
-        outcome.report
+        "{outcome}"
     );
     assert_eq!(outcome.error_paths(), ["/artifacts/0"]);
     assert!(

@@ -5,6 +5,7 @@
 //! still collected.
 
 use engine_tests::{Job, Outcome, Watched, Worker, assets, base_config};
+use qemu_worker::job::ResultState;
 
 /// The worker's own memory may grow this much during an attack: far above what it
 /// needs (~30 MiB), far below what an unbounded list or buffer reaches (the skipped
@@ -33,25 +34,24 @@ fn hostile_job(modes: &[(&str, &str)]) -> Job {
 }
 
 fn error_for(outcome: &Outcome, index: usize) -> String {
-    outcome.report["errors"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|e| e["path"] == format!("/artifacts/{index}"))
-        .map(|e| e["message"].as_str().unwrap_or("").to_owned())
-        .unwrap_or_else(|| panic!("no error for /artifacts/{index}: {}", outcome.report))
+    outcome
+        .report
+        .errors
+        .iter()
+        .find(|e| e.path == format!("/artifacts/{index}"))
+        .map(|e| e.message.clone())
+        .unwrap_or_else(|| panic!("no error for /artifacts/{index}: {outcome}"))
 }
 
 /// What every attack must leave: the job failed, memory within budget, no file in
 /// progress, nothing of the failed artifacts, each error in the job log.
 fn assert_contained(outcome: &Outcome, watched: Watched, failed: &[&str]) {
     eprintln!(
-        "worker peak RSS {} KiB; report: {}\njob log:\n{}",
+        "worker peak RSS {} KiB; report: {outcome}\njob log:\n{}",
         watched.peak_rss_kib,
-        outcome.report,
         outcome.log()
     );
-    assert_eq!(outcome.state(), "failed", "{}", outcome.report);
+    assert_eq!(outcome.state(), ResultState::Failed, "{outcome}");
     assert_eq!(outcome.exit_code, Some(1));
     assert!(
         watched.peak_rss_kib > 0 && watched.peak_rss_kib < RSS_BUDGET_KIB,
@@ -74,13 +74,10 @@ fn assert_contained(outcome: &Outcome, watched: Watched, failed: &[&str]) {
         );
     }
     let log = outcome.log();
-    for error in outcome.report["errors"].as_array().into_iter().flatten() {
-        let message = error["message"].as_str().unwrap_or("");
+    for error in &outcome.report.errors {
+        let message = error.message.as_str();
         assert!(
-            log.contains(&format!(
-                "[qemu-worker:error] {}",
-                error["path"].as_str().unwrap_or("")
-            )) && log.contains(message),
+            log.contains(&format!("[qemu-worker:error] {}", error.path)) && log.contains(message),
             "the job log has the error {message:?}: {log}"
         );
     }
@@ -269,7 +266,7 @@ fn a_console_flood_stays_within_its_cap() {
         "yes 'flooding the serial console' | head -c 2000000 > /dev/ttyS0; echo flooded",
     )
     .run_watched(&worker);
-    assert_eq!(outcome.state(), "completed", "{}", outcome.report);
+    assert_eq!(outcome.state(), ResultState::Completed, "{outcome}");
     assert!(watched.peak_rss_kib < RSS_BUDGET_KIB);
     let console = std::fs::metadata(outcome.job_dir.join("console.log"))
         .expect("console.log")
@@ -282,8 +279,7 @@ fn a_console_flood_stays_within_its_cap() {
     let error = outcome.error_messages();
     assert!(
         error.contains("the serial console reached its cap of 262144 bytes (logs.maxConsoleSize)"),
-        "{}",
-        outcome.report
+        "{outcome}"
     );
     assert!(
         outcome
@@ -310,8 +306,8 @@ fn a_thousand_metadata_connections_cost_at_most_the_cap_in_helpers() {
     )
     .max_run_time(300)
     .run_watched(&worker);
-    eprintln!("{watched:?}; report: {}", outcome.report);
-    assert_eq!(outcome.state(), "completed", "{}", outcome.report);
+    eprintln!("{watched:?}; report: {outcome}");
+    assert_eq!(outcome.state(), ResultState::Completed, "{outcome}");
     assert!(outcome.log().contains("all closed"), "{}", outcome.log());
     // A refused connection's helper lives only until the service closes it (a few ms):
     // the 20 ms samples see those few at most, on top of the ones held open.
@@ -325,8 +321,7 @@ fn a_thousand_metadata_connections_cost_at_most_the_cap_in_helpers() {
         outcome.error_messages().contains(
             "the guest opened more than 8 connections to the metadata service at once (metadata.maxConnections)"
         ),
-        "{}",
-        outcome.report
+        "{outcome}"
     );
     worker.assert_clean();
 }
@@ -345,19 +340,14 @@ fn skipped_entries_are_named_in_the_report_and_the_log_and_bad_names_never_merge
     )
     .directory_artifact("/out", "public/out")
     .run(&worker);
-    assert_eq!(outcome.state(), "completed", "{}", outcome.report);
+    assert_eq!(outcome.state(), ResultState::Completed, "{outcome}");
     assert_eq!(outcome.artifact_names(), ["public/out/kept.txt"]);
-    assert_eq!(outcome.report["skippedCount"], 4, "{}", outcome.report);
-    let skipped: Vec<(String, String)> = outcome.report["skipped"]
-        .as_array()
-        .expect("skipped")
+    assert_eq!(outcome.report.skipped_count, 4, "{outcome}");
+    let skipped: Vec<(String, String)> = outcome
+        .report
+        .skipped
         .iter()
-        .map(|s| {
-            (
-                s["name"].as_str().unwrap_or("").to_owned(),
-                s["reason"].as_str().unwrap_or("").to_owned(),
-            )
-        })
+        .map(|s| (s.name.clone(), s.reason.clone()))
         .collect();
     let names: Vec<&str> = skipped.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(

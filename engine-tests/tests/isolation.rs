@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use engine_tests::{Job, Worker, base_config, wait_until};
+use qemu_worker::job::ResultState;
 
 /// Accepts (and counts) connections on `listener` for the rest of the test.
 fn count_connections(listener: TcpListener) -> Arc<AtomicUsize> {
@@ -302,7 +303,7 @@ fn outbound_jobs_reach_public_addresses_through_nat_and_nothing_else() {
         .extra("network: {outbound: true}")
         .run(&worker);
     let log = outbound.log();
-    assert_eq!(outbound.state(), "completed", "{log}");
+    assert_eq!(outbound.state(), ResultState::Completed, "{log}");
     assert!(
         log.contains(r#"{"status":"ok"}"#),
         "metadata still works: {log}"
@@ -325,7 +326,7 @@ fn outbound_jobs_reach_public_addresses_through_nat_and_nothing_else() {
         "nc -w 3 {PUBLIC} {port} </dev/null || echo NO-INTERNET"
     ))
     .run(&worker);
-    assert_eq!(closed.state(), "completed", "{}", closed.log());
+    assert_eq!(closed.state(), ResultState::Completed, "{}", closed.log());
     assert!(
         closed.log().lines().any(|l| l == "NO-INTERNET"),
         "{}",

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use engine_tests::assets::{pinned, sha256_hex, test_image};
 use engine_tests::{Job, Worker, config_with_images};
+use qemu_worker::job::{ExceptionReason, ResultState};
 use tar::EntryType;
 use test_support::archive::RawTar;
 
@@ -292,8 +293,8 @@ fn malformed_payloads_and_images_are_resolved_without_a_vm() {
         let outcome = job.run(&worker);
         let paths = outcome.error_paths();
         let ok = outcome.exit_code == Some(2)
-            && outcome.state() == "exception"
-            && outcome.reason() == "malformed-payload"
+            && outcome.state() == ResultState::Exception
+            && outcome.reason() == Some(ExceptionReason::MalformedPayload)
             && !paths.is_empty()
             && paths.iter().all(|p| p == path)
             && outcome.error_messages().contains(needle)
@@ -304,7 +305,7 @@ fn malformed_payloads_and_images_are_resolved_without_a_vm() {
                  {}/{}, paths {paths:?}, VM started: {}\n  {}",
                 outcome.exit_code,
                 outcome.state(),
-                outcome.reason(),
+                outcome.reason().map_or("no reason", ExceptionReason::as_str),
                 outcome.vm_started(),
                 outcome.error_messages()
             ));

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use engine_tests::{Job, Worker, base_config};
+use qemu_worker::job::ResultState;
 
 fn worker() -> Worker {
     Worker::with_config(&format!("{}snapshots: {{enabled: true}}\n", base_config()))
@@ -53,7 +54,7 @@ const PROBE: &str =
 fn the_first_job_saves_a_boot_snapshot_and_later_jobs_resume_it() {
     let worker = worker();
     let first = Job::script(PROBE).run(&worker);
-    assert_eq!(first.state(), "completed", "{}", first.report);
+    assert_eq!(first.state(), ResultState::Completed, "{first}");
     assert!(
         first.log().contains("saved boot snapshot"),
         "{}",
@@ -77,7 +78,7 @@ fn the_first_job_saves_a_boot_snapshot_and_later_jobs_resume_it() {
         .file_artifact("/root/note", "note.txt")
         .directory_artifact("/root/out", "out")
         .run(&worker);
-        assert_eq!(outcome.state(), "completed", "{}", outcome.report);
+        assert_eq!(outcome.state(), ResultState::Completed, "{outcome}");
         let log = outcome.log();
         assert!(log.contains("resumed from boot snapshot"), "{log}");
         assert!(!log.contains("saved boot snapshot"), "{log}");
@@ -94,8 +95,7 @@ fn the_first_job_saves_a_boot_snapshot_and_later_jobs_resume_it() {
         assert_eq!(outcome.artifact("out/sub/note"), Some(expected));
         assert!(
             outcome.job_dir.join("screenshots/final.png").is_file(),
-            "{}",
-            outcome.report
+            "{outcome}"
         );
         // The console goes on from the saved boot.
         let console =
@@ -121,20 +121,20 @@ fn the_first_job_saves_a_boot_snapshot_and_later_jobs_resume_it() {
 fn a_snapshot_that_does_not_load_is_replaced_and_the_job_boots() {
     let worker = worker();
     let first = Job::script("echo one").run(&worker);
-    assert_eq!(first.state(), "completed", "{}", first.report);
+    assert_eq!(first.state(), ResultState::Completed, "{first}");
     let saved = snapshots(&worker);
     assert_eq!(saved.len(), 1, "{}", first.log());
     truncate(&saved[0].join("vmstate"), 4096);
 
     let second = Job::script("echo two").run(&worker);
-    assert_eq!(second.state(), "completed", "{}", second.report);
+    assert_eq!(second.state(), ResultState::Completed, "{second}");
     let log = second.log();
     assert!(log.contains("did not load"), "{log}");
     assert!(log.contains("two"), "{log}");
     assert!(snapshots(&worker).is_empty(), "the broken snapshot is gone");
 
     let third = Job::script("echo three").run(&worker);
-    assert_eq!(third.state(), "completed", "{}", third.report);
+    assert_eq!(third.state(), ResultState::Completed, "{third}");
     assert!(
         third.log().contains("saved boot snapshot"),
         "{}",
@@ -148,13 +148,13 @@ fn a_snapshot_that_does_not_load_is_replaced_and_the_job_boots() {
 fn an_incomplete_snapshot_is_replaced_and_the_job_boots() {
     let worker = worker();
     let first = Job::script("echo one").run(&worker);
-    assert_eq!(first.state(), "completed", "{}", first.report);
+    assert_eq!(first.state(), ResultState::Completed, "{first}");
     let saved = snapshots(&worker);
     assert_eq!(saved.len(), 1, "{}", first.log());
     std::fs::remove_file(saved[0].join("disk.qcow2")).expect("remove the saved disk");
 
     let second = Job::script("echo two").run(&worker);
-    assert_eq!(second.state(), "completed", "{}", second.report);
+    assert_eq!(second.state(), ResultState::Completed, "{second}");
     assert!(!second.log().contains("resumed"), "{}", second.log());
     assert!(
         snapshots(&worker).is_empty(),
@@ -176,7 +176,7 @@ fn a_machine_qemu_cannot_migrate_boots_every_time() {
     // QEMU cannot migrate an NVMe controller.
     let nvme = "machine: {storage: nvme, kernel: kernel, initrd: initrd, cmdline: 'root=/dev/nvme0n1 rw init=/init console=tty0 console=ttyS0 quiet cryptomgr.notests no_timer_check'}";
     let first = Job::script("echo one").extra(nvme).run(&worker);
-    assert_eq!(first.state(), "completed", "{}", first.report);
+    assert_eq!(first.state(), ResultState::Completed, "{first}");
     let log = first.log();
     assert!(log.contains("no boot snapshot of this machine"), "{log}");
     assert!(log.contains("non-migratable"), "{log}");
@@ -184,7 +184,7 @@ fn a_machine_qemu_cannot_migrate_boots_every_time() {
     assert!(snapshots(&worker).is_empty());
 
     let second = Job::script("echo two").extra(nvme).run(&worker);
-    assert_eq!(second.state(), "completed", "{}", second.report);
+    assert_eq!(second.state(), ResultState::Completed, "{second}");
     let log = second.log();
     assert!(
         !log.contains("boot snapshot"),

@@ -11,8 +11,11 @@
 //! - [`wait_until`]: tests wait for a state, never for a fixed time.
 //! - [`assets`]: the test image and generated hostile archives, pinned by hash in
 //!   `engine-tests/assets.json`.
+//! - [`vm`]: the VM runtime in process on the test image, for the cases and benchmarks
+//!   that drive the library rather than the binary.
 
 pub mod assets;
+pub mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -148,20 +151,28 @@ pub fn base_config() -> String {
 /// [`base_config`] with its `images:` line replaced by `images: {IMAGES}` (the test
 /// image's directory stays allowed: `{allowed}` in `images` stands for it).
 pub fn config_with_images(images: &str) -> String {
-    let mut config: String = base_config()
-        .lines()
-        .filter(|l| !l.starts_with("images:"))
-        .map(|l| format!("{l}\n"))
-        .collect();
     let allowed = assets::test_image()
         .parent()
         .expect("the test image has a directory")
         .display()
         .to_string();
-    config.push_str(&format!(
-        "images: {}\n",
-        images.replace("{allowed}", &allowed)
-    ));
+    with_setting(
+        &base_config(),
+        "images",
+        &images.replace("{allowed}", &allowed),
+    )
+}
+
+/// `config` with its top-level `key:` line replaced by `key: value` (appended if it
+/// has none).
+pub fn with_setting(config: &str, key: &str, value: &str) -> String {
+    let prefix = format!("{key}:");
+    let mut config: String = config
+        .lines()
+        .filter(|l| !l.starts_with(&prefix))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    config.push_str(&format!("{key}: {value}\n"));
     config
 }
 
@@ -715,6 +726,19 @@ mod tests {
         )
         .expect_err("times out");
         assert!(err.to_string().contains("a state that never comes"));
+    }
+
+    #[test]
+    fn a_setting_replaces_its_line_or_is_appended() {
+        let config = "stateDir: state\ncapacity: 2\ncapacityNote: x\n";
+        assert_eq!(
+            with_setting(config, "capacity", "1"),
+            "stateDir: state\ncapacityNote: x\ncapacity: 1\n"
+        );
+        assert_eq!(
+            with_setting(config, "queue", "{backend: sqlite}"),
+            format!("{config}queue: {{backend: sqlite}}\n")
+        );
     }
 
     #[test]

@@ -1,12 +1,10 @@
 //! The VM runtime with real guests: the test image (images/build-test-image) booted
 //! under TCG through the cache, a job overlay, the argv builder and the supervisor.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{cached_test_image, metadata_network, test_launch, test_machine};
+use engine_tests::vm::{cached_test_image, metadata_network, test_launch, test_machine};
 use qemu_worker::artifacts::{AgentClient, AgentError};
 use qemu_worker::config::{ArtifactStoreConfig, ByteSize};
 use qemu_worker::image::{ImageCache, ImageLease};

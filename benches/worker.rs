@@ -10,17 +10,24 @@
 //!
 //! `cargo bench --bench worker` (needs images/build-test-image).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use test_support::figure;
+
 const MARKER: &str = "FIRST-OUTPUT";
 
-use test_support::figure;
+/// The test image built by `images/build-test-image`.
+fn test_image() -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/out/qemu-worker-test.tar.zst");
+    assert!(
+        path.is_file(),
+        "the test image is missing: run images/build-test-image"
+    );
+    path
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -43,7 +50,7 @@ fn write_config(dir: &Path, capacity: u32, snapshots: bool) -> std::path::PathBu
              limits: {{maxMemory: 256, maxCPUs: 1, defaultThreads: 1}}\n\
              timeouts: {{shutdownSeconds: 5, graceSeconds: 1}}\nimages: {{allowedLocalDirs: [{}]}}\n\
              snapshots: {{enabled: {snapshots}}}\nstateDir: {}\n",
-            common::test_image().parent().expect("dir").display(),
+            test_image().parent().expect("dir").display(),
             if snapshots { "state" } else { "state-cold" }
         ),
     )
@@ -84,7 +91,7 @@ fn time_to_marker(mut command: Command, stderr: bool, marker: &str) -> f64 {
 
 fn job_overhead(dir: &Path) {
     const ROUNDS: usize = 9;
-    let image = common::test_image();
+    let image = test_image();
     let config = write_config(dir, 1, true);
     let cold_config = write_config(dir, 1, false);
     let payload = dir.join("job.yml");
@@ -258,7 +265,7 @@ fn worker_rss(dir: &Path) {
         &payload,
         format!(
             "image: {}\ncommand: [/bin/sh, -c, 'echo running; sleep 120']\nmaxRunTime: 300\n",
-            common::test_image().display()
+            test_image().display()
         ),
     )
     .expect("payload");

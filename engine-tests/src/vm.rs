@@ -71,7 +71,7 @@ pub fn test_machine(
 }
 
 /// Prepares a TCG VM of the test image: run dir `dir/<name>`, logs in `dir/<name>-logs`.
-pub fn test_launch(
+pub async fn test_launch(
     lease: &ImageLease,
     machine: &Machine,
     dir: &Path,
@@ -88,6 +88,7 @@ pub fn test_launch(
         accelerator: Accelerator::Tcg,
         max_console: 16 << 20,
     })
+    .await
     .expect("launch")
 }
 

@@ -7,23 +7,20 @@
 //! 3. VM start overhead: the supervisor (overlay, start paused, QMP, cont) vs the same
 //!    QEMU argv started by hand, both to init's first serial line.
 //!
-//! `cargo bench --bench vm` (needs images/build-test-image).
-
-#[path = "../tests/common/mod.rs"]
-mod common;
+//! `cargo bench -p engine-tests --bench vm` (needs images/build-test-image).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use engine_tests::vm::{cached_test_image, test_launch, test_machine};
 use qemu_worker::image::ImageLease;
 use qemu_worker::job::Machine;
 use qemu_worker::qemu::QgaClient;
 use qemu_worker::vm::{NetworkAttachment, Vm, VmTimeouts, take_screenshot, take_screenshot_ppm};
+use test_support::figure;
 
 const T: Duration = Duration::from_secs(60);
-
-use test_support::figure;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -61,7 +58,7 @@ impl Bench {
         let network = NetworkAttachment::User {
             guestfwd_command: vec!["/bin/false".into()],
         };
-        common::test_launch(&self.lease, &self.machine, &self.scratch, name, network).await
+        test_launch(&self.lease, &self.machine, &self.scratch, name, network).await
     }
 }
 
@@ -72,8 +69,8 @@ fn main() {
         .expect("tempdir");
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
-        let (cache, lease) = common::cached_test_image(scratch.path()).await;
-        let machine = common::test_machine(&lease, "bench", 256, |_| {});
+        let (cache, lease) = cached_test_image(scratch.path()).await;
+        let machine = test_machine(&lease, "bench", 256, |_| {});
         let bench = Bench {
             scratch: scratch.path().to_path_buf(),
             lease,

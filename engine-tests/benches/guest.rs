@@ -7,26 +7,25 @@
 //! 3. Artifact throughput for a 256 MiB file through the agent port, next to a raw
 //!    `cat` of the same file into a second virtio-serial port. Goal: ≥ 0.5×.
 //!
-//! `cargo bench --bench guest` (needs images/build-test-image).
+//! `cargo bench -p engine-tests --bench guest` (needs images/build-test-image). The
+//! guestfwd helper is the worker binary's (QEMU_WORKER_BIN, which bench/run sets to the
+//! release build; otherwise target/debug's).
 
 use std::collections::BTreeMap;
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use engine_tests::vm::{cached_test_image, metadata_network, test_launch, test_machine};
 use qemu_worker::artifacts::AgentClient;
 use qemu_worker::job::ArtifactKind;
 use qemu_worker::metadata::{
     LogSink, MetadataHandle, MetadataLimits, Task, start_metadata_service,
 };
 use qemu_worker::vm::{RunDir, Vm, VmTimeouts};
+use test_support::figure;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIG: u64 = 256 << 20;
-
-use test_support::figure;
 const LOG_BYTES: u64 = 64 << 20;
 
 struct Started {
@@ -42,18 +41,11 @@ async fn start(
     script: &str,
     extra: &[String],
 ) -> Started {
-    let machine = common::test_machine(lease, name, 1024, |_| {});
+    let machine = test_machine(lease, name, 1024, |_| {});
     let socket = RunDir::new(&scratch.join(name))
         .expect("run dir")
         .metadata_socket();
-    let mut launch = common::test_launch(
-        lease,
-        &machine,
-        scratch,
-        name,
-        common::metadata_network(&socket),
-    )
-    .await;
+    let mut launch = test_launch(lease, &machine, scratch, name, metadata_network(&socket)).await;
     launch.argv.extend_from_slice(extra);
     std::fs::create_dir_all(&launch.log_dir).expect("log dir");
     let log = launch.log_dir.join("job.log");
@@ -96,7 +88,7 @@ fn main() {
         .expect("tempdir");
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
-        let (cache, lease) = common::cached_test_image(scratch.path()).await;
+        let (cache, lease) = cached_test_image(scratch.path()).await;
         metadata_latency(scratch.path(), &lease).await;
         log_throughput(scratch.path(), &lease).await;
         artifact_throughput(scratch.path(), &lease).await;

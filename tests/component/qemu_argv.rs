@@ -1,15 +1,11 @@
 //! The QEMU command line: snapshots of representative machines, and proof that real
 //! `qemu-system-x86_64` accepts every device combination the builder can emit.
 
-mod common;
-
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
-
-use common::TestQmp;
 
 use qemu_worker::image::{BootDisk, DiskFormat, DiskLayer, KernelFiles};
 use qemu_worker::job::{
@@ -19,6 +15,8 @@ use qemu_worker::job::{
 };
 use qemu_worker::vm::{Accelerator, NetworkAttachment, RunDir, VmSpec, qemu_argv};
 use test_support::require;
+
+use crate::qmp::TestQmp;
 
 const LIMITS: MachineLimits = MachineLimits {
     max_memory: 256,

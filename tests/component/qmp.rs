@@ -1,13 +1,6 @@
-//! Helpers shared by the component tests that start real QEMU.
-//!
-//! A deliberately minimal, blocking QMP client: enough to negotiate, resume and query
-//! a test VM. The engine's own client lives in the library.
-
-#![allow(
-    dead_code,
-    unused_imports,
-    reason = "each test binary uses a different subset"
-)]
+//! A deliberately minimal, blocking QMP client for the tests that start real QEMU:
+//! enough to negotiate and query a test VM. The engine's own client lives in the
+//! library.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

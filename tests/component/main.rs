@@ -1,0 +1,14 @@
+//! The component tests: the worker against real programs without a guest (QEMU with no
+//! disk, the host's qemu-ga, PostgreSQL, HTTP servers on loopback). Tests that boot the
+//! test image are in engine-tests. One binary for all of them, as nextest's own
+//! workspace does: one link, one process per test under nextest.
+
+mod cli;
+mod image_archive;
+mod image_cache;
+mod metadata;
+mod qemu_argv;
+mod qmp;
+mod queue;
+mod schemas;
+mod vm_runtime;

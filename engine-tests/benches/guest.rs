@@ -47,8 +47,8 @@ async fn start(
         .metadata_socket();
     let mut launch = test_launch(lease, &machine, scratch, name, metadata_network(&socket)).await;
     launch.argv.extend_from_slice(extra);
-    std::fs::create_dir_all(&launch.log_dir).expect("log dir");
-    let log = launch.log_dir.join("job.log");
+    std::fs::create_dir_all(launch.job_dir.path()).expect("log dir");
+    let log = launch.job_dir.log();
     let sink = LogSink::create(&log, 1 << 30).await.expect("log");
     let task = Task {
         command: vec!["/bin/sh".into(), "-c".into(), script.into()],

@@ -83,7 +83,7 @@ pub async fn test_launch(
         image: lease,
         machine,
         run_dir: RunDir::new(&dir.join(name)).expect("run dir"),
-        log_dir: dir.join(format!("{name}-logs")),
+        job_dir: qemu_worker::job::JobDir::at(dir.join(format!("{name}-logs"))),
         network,
         accelerator: Accelerator::Tcg,
         max_console: 16 << 20,

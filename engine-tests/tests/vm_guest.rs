@@ -64,8 +64,8 @@ impl Guest {
             metadata_network(&socket),
         )
         .await;
-        std::fs::create_dir_all(&launch.log_dir).expect("log dir");
-        let log_path = launch.log_dir.join("job.log");
+        std::fs::create_dir_all(launch.job_dir.path()).expect("log dir");
+        let log_path = launch.job_dir.log();
         let log = LogSink::create(&log_path, 1 << 20).await.expect("log");
         let task = Task {
             command: vec!["/bin/sh".into(), "-c".into(), script.into()],
@@ -611,8 +611,8 @@ async fn tap_networking_isolates_the_guest_too() {
         netns: netns.clone(),
     };
     let launch = test_launch(&guest.lease, &machine, guest.scratch.path(), name, network).await;
-    std::fs::create_dir_all(&launch.log_dir).expect("log dir");
-    let log = launch.log_dir.join("job.log");
+    std::fs::create_dir_all(launch.job_dir.path()).expect("log dir");
+    let log = launch.job_dir.log();
     let sink = LogSink::create(&log, 1 << 20).await.expect("log");
     let task = Task {
         command: vec!["/bin/sh".into(), "-c".into(), isolation_probes(&targets)],

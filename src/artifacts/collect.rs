@@ -2,7 +2,7 @@
 //! when the guest tools do not answer (files only), within one budget and one deadline
 //! for the whole job.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::agent_port::AgentClient;
@@ -10,7 +10,7 @@ use super::budget::Budget;
 use super::receive::{ReceiveError, Receiver};
 use crate::config::ArtifactStoreConfig;
 use crate::error_chain::{DisplayChain, display_chain};
-use crate::job::{ArtifactKind, ArtifactRecord, ArtifactSpec, SkippedRecord};
+use crate::job::{ArtifactKind, ArtifactRecord, ArtifactSpec, JobDir, SkippedRecord};
 use crate::qemu::{QgaClient, QgaError};
 use crate::schema::Issue;
 
@@ -44,12 +44,12 @@ enum Transport {
     Gone(String),
 }
 
-/// Collects `specs` into `<job_dir>/artifacts`. Files in progress are kept in
-/// `<job_dir>/.partial`, which is gone when this returns.
+/// Collects `specs` into the job directory's artifacts. Files in progress are kept in
+/// its `.partial`, which is gone when this returns.
 pub async fn collect_artifacts(
     specs: &[ArtifactSpec],
     sources: &ArtifactSources,
-    job_dir: &Path,
+    job_dir: &JobDir,
     limits: &ArtifactStoreConfig,
 ) -> Collection {
     let mut collection = Collection::default();
@@ -57,8 +57,8 @@ pub async fn collect_artifacts(
         return collection;
     }
     let mut budget = Budget::new(limits);
-    let store = job_dir.join("artifacts");
-    let partial = job_dir.join(".partial");
+    let store = job_dir.artifacts();
+    let partial = job_dir.partial();
     // Idle guest tools answer in milliseconds even under TCG; with qemu-ga to fall back
     // on, do not make every such job wait long for tools the image lacks.
     let wait = Duration::from_secs(if sources.qga.is_some() { 10 } else { 30 });

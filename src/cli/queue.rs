@@ -1,11 +1,12 @@
 //! Commands on the job queue: submit, status, jobs, logs, artifacts, cancel.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use qemu_worker::config::LoadedConfig;
+use qemu_worker::job::JobDir;
 
 use super::exit::{EXIT_OTHER, EXIT_USAGE, ExitWith, Failure, print};
 use super::job::read_payload;
@@ -86,7 +87,7 @@ pub(super) fn artifacts(loaded: &LoadedConfig, job: &str, out: &Path) -> Result<
         ))
         .exit_with(EXIT_USAGE);
     };
-    let dir = run_dir_of(loaded, job)?.join("artifacts");
+    let dir = JobDir::of_run(&loaded.config.state_dir, &status.job_id, status.run_id).artifacts();
     // Only what the report lists is complete; nothing else is handed out.
     let copied = copy_listed(&dir, &report.artifacts, out).exit_with(EXIT_OTHER)?;
     print(&format!("{copied} file(s) copied into {}\n", out.display()))?;
@@ -117,17 +118,6 @@ fn open_queue(loaded: &LoadedConfig) -> Result<Arc<dyn qemu_worker::queue::Queue
     qemu_worker::queue::open(&loaded.config).exit_with(EXIT_OTHER)
 }
 
-/// The directory of a job's latest run.
-fn run_dir_of(loaded: &LoadedConfig, job: &str) -> Result<PathBuf, Failure> {
-    let status = open_queue(loaded)?.status(job).exit_with(EXIT_USAGE)?;
-    Ok(loaded
-        .config
-        .state_dir
-        .join("jobs")
-        .join(&status.job_id)
-        .join(format!("run-{}", status.run_id)))
-}
-
 pub(super) fn logs(loaded: &LoadedConfig, job: &str, follow: bool) -> Result<ExitCode, Failure> {
     let queue = open_queue(loaded)?;
     let mut shown = 0usize;
@@ -138,13 +128,7 @@ pub(super) fn logs(loaded: &LoadedConfig, job: &str, follow: bool) -> Result<Exi
             run = status.run_id;
             shown = 0;
         }
-        let path = loaded
-            .config
-            .state_dir
-            .join("jobs")
-            .join(job)
-            .join(format!("run-{run}"))
-            .join("job.log");
+        let path = JobDir::of_run(&loaded.config.state_dir, &status.job_id, run).log();
         let bytes = std::fs::read(&path).unwrap_or_default();
         if bytes.len() > shown {
             std::io::stdout()

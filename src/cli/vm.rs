@@ -59,14 +59,14 @@ pub(super) async fn vm(loaded: &LoadedConfig, command: VmCommand) -> Result<Exit
             )
         })
         .exit_with(EXIT_USAGE)?;
-    let log_dir = config.state_dir.join("vm-boot");
+    let job_dir = qemu_worker::job::JobDir::at(config.state_dir.join("vm-boot"));
     let run_dir = RunDir::new(&config.state_dir.join("run").join(&name)).exit_with(EXIT_OTHER)?;
     let launch = prepare_launch(LaunchPlan {
         name: &name,
         image: &lease,
         machine: &machine,
         run_dir,
-        log_dir: log_dir.clone(),
+        job_dir: job_dir.clone(),
         // No metadata service yet: the guest's connections to 169.254.169.254 fail.
         network: NetworkAttachment::User {
             guestfwd_command: vec!["/bin/false".into()],
@@ -103,7 +103,7 @@ pub(super) async fn vm(loaded: &LoadedConfig, command: VmCommand) -> Result<Exit
     }
     let mut summary = String::new();
     if ended.is_none() {
-        let path = screenshot.unwrap_or_else(|| log_dir.join("screenshot.png"));
+        let path = screenshot.unwrap_or_else(|| job_dir.file("screenshot.png"));
         match take_screenshot(vm.qmp(), vm.run_dir().path(), timeouts.qmp).await {
             Ok(shot) => {
                 tokio::fs::write(&path, &shot.png)
@@ -125,7 +125,7 @@ pub(super) async fn vm(loaded: &LoadedConfig, command: VmCommand) -> Result<Exit
     summary.push_str(&format!(
         "accelerator: {accelerator:?}\nconsole {}: {until:?}\nexit: {exit:?}\nlogs: {}\n",
         if found { "reached" } else { "did not reach" },
-        log_dir.display()
+        job_dir.path().display()
     ));
     eprint!("\n{summary}");
     Ok(if found {

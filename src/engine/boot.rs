@@ -89,7 +89,7 @@ impl Engine {
                 image: &prepared.lease,
                 machine: &prepared.machine,
                 run_dir,
-                log_dir: ctx.dir().path().to_path_buf(),
+                job_dir: ctx.dir().clone(),
                 network,
                 accelerator: prepared.accelerator,
                 max_console: self.config.logs.max_console_size.bytes(),

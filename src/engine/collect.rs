@@ -29,7 +29,7 @@ impl Engine {
         let collection = collect_artifacts(
             &prepared.payload.artifacts,
             &sources,
-            ctx.dir().path(),
+            ctx.dir(),
             &self.config.artifacts,
         )
         .await;

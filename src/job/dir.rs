@@ -28,6 +28,11 @@ impl JobDir {
         }
     }
 
+    /// A directory used as a job directory (`vm boot`, tests).
+    pub fn at(root: PathBuf) -> Self {
+        Self { root }
+    }
+
     /// The directory holding every run of `job_id`.
     pub fn of_job(state_dir: &Path, job_id: &str) -> PathBuf {
         state_dir.join("jobs").join(job_id)

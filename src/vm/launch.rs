@@ -6,7 +6,7 @@ use super::snapshot::{Lookup, Snapshot, SnapshotStore, Volatile};
 use super::supervisor::{VmError, VmLaunch, create_run_dir};
 use crate::error_chain::DisplayChain;
 use crate::image::{BootDisk, ImageLease, KernelFiles, QemuImgError};
-use crate::job::Machine;
+use crate::job::{JobDir, Machine};
 
 /// Everything needed to start a VM from a cached image.
 #[derive(Debug)]
@@ -16,7 +16,7 @@ pub struct LaunchPlan<'a> {
     pub image: &'a ImageLease,
     pub machine: &'a Machine,
     pub run_dir: RunDir,
-    pub log_dir: PathBuf,
+    pub job_dir: JobDir,
     pub network: NetworkAttachment,
     pub accelerator: Accelerator,
     /// The serial log's cap (worker.yml `logs.maxConsoleSize`).
@@ -130,7 +130,7 @@ pub async fn prepare_launch_with_snapshots(
         VmLaunch {
             argv,
             run_dir: plan.run_dir,
-            log_dir: plan.log_dir,
+            job_dir: plan.job_dir,
             netns,
             max_console: plan.max_console,
         },

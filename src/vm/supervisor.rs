@@ -12,6 +12,7 @@ use tokio::sync::broadcast;
 
 use super::console::{ConsoleUsage, capture_console};
 use super::run_dir::RunDir;
+use crate::job::JobDir;
 use crate::qemu::{QmpClient, QmpError, QmpEvent};
 
 /// How much of QEMU's output is quoted when it fails.
@@ -52,7 +53,7 @@ pub struct VmLaunch {
     pub run_dir: RunDir,
     /// Where `qemu.log` (QEMU's stdout and stderr) and `console.log` (the serial
     /// console) are kept after the VM is gone.
-    pub log_dir: PathBuf,
+    pub job_dir: JobDir,
     /// The network namespace QEMU runs in (`network: tap`).
     pub netns: Option<String>,
     /// The serial log's cap (worker.yml `logs.maxConsoleSize`), when QEMU serves the
@@ -171,7 +172,7 @@ pub enum StopStep {
 #[derive(Debug)]
 struct VmResources {
     run_dir: PathBuf,
-    log_dir: PathBuf,
+    job_dir: JobDir,
     process_group: Option<Pid>,
 }
 
@@ -186,7 +187,7 @@ impl VmResources {
         // job directory is on another file system).
         let serial = self.run_dir.join("serial.log");
         if serial.exists() {
-            let kept = self.log_dir.join("console.log");
+            let kept = self.job_dir.console();
             if std::fs::rename(&serial, &kept).is_err() {
                 let _ = std::fs::copy(&serial, &kept);
             }
@@ -231,16 +232,16 @@ impl Vm {
         let run_path = launch.run_dir.path().to_path_buf();
         let mut resources = VmResources {
             run_dir: run_path.clone(),
-            log_dir: launch.log_dir.clone(),
+            job_dir: launch.job_dir.clone(),
             process_group: None,
         };
         create_run_dir(&run_path)?;
-        std::fs::create_dir_all(&launch.log_dir).map_err(|source| VmError::Prepare {
-            path: launch.log_dir.clone(),
+        std::fs::create_dir_all(launch.job_dir.path()).map_err(|source| VmError::Prepare {
+            path: launch.job_dir.path().to_path_buf(),
             source,
         })?;
 
-        let log_path = launch.log_dir.join("qemu.log");
+        let log_path = launch.job_dir.qemu_log();
         let log = File::create(&log_path).map_err(|source| VmError::Prepare {
             path: log_path.clone(),
             source,
@@ -459,7 +460,7 @@ impl Vm {
         VmExit::QemuFailed {
             code: status.and_then(|s| s.code()),
             signal: status.and_then(|s| s.signal()),
-            stderr_tail: read_tail(&self.resources.log_dir.join("qemu.log"), STDERR_TAIL),
+            stderr_tail: read_tail(&self.resources.job_dir.qemu_log(), STDERR_TAIL),
         }
     }
 
@@ -492,8 +493,8 @@ impl Vm {
         &self.seen
     }
 
-    pub fn log_dir(&self) -> &Path {
-        &self.resources.log_dir
+    pub fn job_dir(&self) -> &JobDir {
+        &self.resources.job_dir
     }
 }
 

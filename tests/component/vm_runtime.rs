@@ -66,7 +66,7 @@ fn diskless(dir: &Path, name: &str, extra: &[&str]) -> VmLaunch {
     VmLaunch {
         argv,
         run_dir,
-        log_dir: dir.join(format!("{name}-logs")),
+        job_dir: qemu_worker::job::JobDir::at(dir.join(format!("{name}-logs"))),
         netns: None,
         max_console: 1 << 20,
     }
@@ -77,7 +77,7 @@ async fn the_supervisor_starts_paused_resumes_screenshots_and_stops() {
     require("qemu-system-x86_64", "qemu-system-x86");
     let dir = scratch();
     let launch = diskless(dir.path(), "vm", &[]);
-    let log_dir = launch.log_dir.clone();
+    let log_dir = launch.job_dir.path().to_path_buf();
     let vm = Vm::start(launch, quick()).await.expect("QEMU starts");
     let status = vm
         .qmp()

@@ -1,15 +1,14 @@
 //! `image`: build, check and manage VM images.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Context;
 use qemu_worker::config::LoadedConfig;
 use qemu_worker::image::{
-    CacheSettings, FetchError, FetchPolicy, Fetcher, ImageCache, ImageLimits, ImageProblem,
-    ImageRequest, Progress, Unpacked, Validators, pack_image,
+    CacheSettings, FetchError, FetchPolicy, Fetcher, ImageCache, ImageProblem, ImageRequest,
+    Progress, inspect_archive, pack_image,
 };
 use qemu_worker::job::ImageSource;
 
@@ -162,35 +161,7 @@ struct InspectReport {
 }
 
 async fn inspect(settings: &CacheSettings, archive: &str, json: bool) -> Result<ExitCode, Failure> {
-    let scratch = tempfile::tempdir().exit_with(EXIT_OTHER)?;
-    let dest = scratch.path().join("image");
-    std::fs::create_dir(&dest).exit_with(EXIT_OTHER)?;
-    let limits: ImageLimits = settings.limits;
-    let outcome: Result<Unpacked, FetchError> =
-        if archive.starts_with("http://") || archive.starts_with("https://") {
-            let fetcher = Fetcher::new(FetchPolicy::default());
-            match fetcher
-                .fetch_http(archive, None, &Validators::default(), &dest, limits, None)
-                .await
-            {
-                Ok(qemu_worker::image::HttpOutcome::Fetched { unpacked, .. }) => Ok(*unpacked),
-                Ok(qemu_worker::image::HttpOutcome::NotModified) => Err(FetchError::Internal(
-                    "unexpected 304 without validators".into(),
-                )),
-                Err(e) => Err(e),
-            }
-        } else {
-            // The same path a worker takes, with the archive's own directory allowed
-            // (canonical, so a symlinked archive is inspected where it really is).
-            let path = std::fs::canonicalize(archive)
-                .with_context(|| format!("cannot read {archive:?}"))
-                .exit_with(EXIT_USAGE)?;
-            let allowed: Vec<PathBuf> = path.parent().map(Path::to_path_buf).into_iter().collect();
-            let fetcher = Fetcher::new(FetchPolicy::default());
-            fetcher
-                .fetch_local(&path, &allowed, None, &dest, limits)
-                .await
-        };
+    let outcome = inspect_archive(archive, settings.limits).await;
     let report = match outcome {
         Ok(unpacked) => InspectReport {
             archive: archive.to_owned(),
@@ -208,6 +179,7 @@ async fn inspect(settings: &CacheSettings, archive: &str, json: bool) -> Result<
             contents: None,
             problems,
         },
+        Err(e @ FetchError::LocalUnreadable { .. }) => return Err(e).exit_with(EXIT_USAGE),
         Err(other) => return Err(other).exit_with(EXIT_OTHER),
     };
     if json {

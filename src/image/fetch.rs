@@ -79,8 +79,19 @@ pub enum FetchError {
         #[source]
         source: reqwest::Error,
     },
-    #[error("the unpacking thread failed: {0}")]
-    Internal(String),
+    #[error("the unpacking thread failed")]
+    Unpacker {
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    #[error("{url} answered 304 Not Modified, but no copy of it is held")]
+    UnexpectedNotModified { url: String },
+    #[error("{url} was evicted from the image cache while being revalidated")]
+    EvictedWhileRevalidated { url: String },
+    #[error("image {sha256} vanished from the image cache")]
+    Vanished { sha256: String },
+    #[error("the image cache has shut down")]
+    CacheClosed,
 }
 
 impl FetchError {
@@ -94,7 +105,12 @@ impl FetchError {
             | Self::LocalUnreadable { .. }
             | Self::LocalOutsideAllowed { .. } => ExceptionReason::MalformedPayload,
             Self::Exhausted { .. } | Self::Write { .. } => ExceptionReason::ResourceUnavailable,
-            Self::Client { .. } | Self::Internal(_) => ExceptionReason::InternalError,
+            Self::Client { .. }
+            | Self::Unpacker { .. }
+            | Self::UnexpectedNotModified { .. }
+            | Self::EvictedWhileRevalidated { .. }
+            | Self::Vanished { .. }
+            | Self::CacheClosed => ExceptionReason::InternalError,
         }
     }
 }
@@ -300,7 +316,7 @@ impl Fetcher {
         drop(tx);
         let result = match unpacker.await {
             Ok(result) => result,
-            Err(e) => return Attempt::Fatal(FetchError::Internal(e.to_string())),
+            Err(source) => return Attempt::Fatal(FetchError::Unpacker { source }),
         };
         if let Some(reason) = network_error {
             return Attempt::Retry(reason);
@@ -343,7 +359,7 @@ impl Fetcher {
             unpack_archive(io::BufReader::with_capacity(1 << 20, file), &dest, limits)
         })
         .await
-        .map_err(|e| FetchError::Internal(e.to_string()))?
+        .map_err(|source| FetchError::Unpacker { source })?
         .map_err(|e| match e {
             UnpackError::Source { source } => unreadable(source),
             other => from_unpack(other),

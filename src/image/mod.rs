@@ -5,6 +5,7 @@ mod cache;
 mod contents;
 mod disk;
 mod fetch;
+mod inspect;
 mod member;
 mod pack;
 mod qemu_img;
@@ -18,6 +19,7 @@ pub use contents::{
 };
 pub use disk::{BootDisk, DiskFormat, DiskLayer, KernelFiles};
 pub use fetch::{FetchError, FetchPolicy, Fetcher, HttpOutcome, Progress, Validators};
+pub use inspect::inspect_archive;
 pub use member::{ImageProblem, Member};
 pub use pack::{PackError, pack_image};
 pub use qemu_img::QemuImgError;

@@ -183,9 +183,11 @@ impl Actor {
         let (sha, validators) = match arrival {
             Arrival::NotModified => {
                 let Resolved::Http { url, .. } = request else {
-                    return Err(
-                        FetchError::Internal("a local image cannot be unmodified".into()).into(),
-                    );
+                    // A local archive is read whole every time; it has no 304.
+                    return Err(FetchError::UnexpectedNotModified {
+                        url: "a local image".into(),
+                    }
+                    .into());
                 };
                 return self
                     .state
@@ -195,8 +197,7 @@ impl Actor {
                     .map(|u| u.sha256.clone())
                     .filter(|sha| self.state.index.images.contains_key(sha))
                     .ok_or_else(|| {
-                        FetchError::Internal(format!("{url} was evicted while being revalidated"))
-                            .into()
+                        FetchError::EvictedWhileRevalidated { url: url.clone() }.into()
                     });
             }
             Arrival::Unpacked {
@@ -260,9 +261,9 @@ impl Actor {
     /// Pins `sha` and hands a lease to `reply`, unless the requester gave up.
     fn grant(&mut self, sha: &str, reply: oneshot::Sender<Result<ImageLease, ImageError>>) {
         let Some(entry) = self.state.index.images.get_mut(sha) else {
-            let _ = reply.send(Err(FetchError::Internal(format!(
-                "image {sha} vanished from the cache"
-            ))
+            let _ = reply.send(Err(FetchError::Vanished {
+                sha256: sha.to_owned(),
+            }
             .into()));
             return;
         };

@@ -2,6 +2,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::error_chain::display_chain;
 use crate::image::fetch::FetchError;
 use crate::job::ExceptionReason;
 use crate::schema::Issue;
@@ -30,7 +31,8 @@ impl ImageError {
                     None => Issue::new("/image", format!("image: {p}")),
                 })
                 .collect(),
-            other => vec![Issue::new("/image", other.to_string())],
+            // The whole chain: "cannot be read: No such file or directory", not half of it.
+            other => vec![Issue::new("/image", display_chain(other))],
         }
     }
 }
@@ -72,5 +74,5 @@ pub enum CacheError {
 }
 
 pub(super) fn closed() -> ImageError {
-    FetchError::Internal("the image cache has shut down".into()).into()
+    FetchError::CacheClosed.into()
 }

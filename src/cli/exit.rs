@@ -13,6 +13,12 @@ pub(super) struct Failure {
     pub(super) exit_code: u8,
 }
 
+impl Failure {
+    pub(super) fn new(exit_code: u8, error: anyhow::Error) -> Self {
+        Self { error, exit_code }
+    }
+}
+
 pub(super) trait ExitWith<T> {
     fn exit_with(self, exit_code: u8) -> Result<T, Failure>;
 }

@@ -26,6 +26,10 @@ pub enum JobError {
     /// The image could not be fetched or unpacked; its own issues name the entry.
     #[error("the image is not available")]
     Image(#[source] ImageError),
+    /// The image's machine breaks the limits (`vm boot`; a job's payload is refused
+    /// as malformed instead).
+    #[error("the image's machine is not allowed here: {}", issues.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Machine { issues: Vec<Issue> },
     #[error("the run directory cannot be used")]
     RunDir(#[source] RunDirError),
     // Validation refuses this (allowOutbound needs tap); never run it quietly closed.
@@ -48,6 +52,7 @@ impl JobError {
     pub fn reason(&self) -> ExceptionReason {
         match self {
             Self::Image(e) => e.reason(),
+            Self::Machine { .. } => ExceptionReason::MalformedPayload,
             Self::Accelerator(_)
             | Self::OutboundNeedsTap
             | Self::Network(_)
@@ -66,6 +71,7 @@ impl JobError {
     pub fn issues(&self) -> Vec<Issue> {
         match self {
             Self::Image(e) => e.to_issues(),
+            Self::Machine { issues } => issues.clone(),
             _ => vec![Issue::new("", display_chain(self))],
         }
     }

@@ -5,6 +5,7 @@
 //! (artifacts, screenshot), *tear down*; then `resolve`, a pure function of what
 //! happened, writes the report. The CLI and the queue loop drive the same engine.
 
+mod bare;
 mod boot;
 mod collect;
 mod context;
@@ -16,6 +17,7 @@ mod serve;
 mod teardown;
 mod wait;
 
+pub use bare::BareVm;
 pub use error::JobError;
 pub use run::{Engine, JobRun};
 pub use serve::{Worker, cleanup_orphans};

@@ -4,10 +4,10 @@ use super::resolve::Ending;
 use super::run::Engine;
 use crate::config::NetworkBackend;
 use crate::image::{ImageLease, ImageRequest};
-use crate::job::{JobPayload, Machine, MachineLayers, PayloadContext, validate_payload};
+use crate::job::{JobPayload, Machine, PayloadContext, validate_payload};
 use crate::metadata::Task;
 use crate::schema::Issue;
-use crate::vm::{Accelerator, SnapshotStore, choose_accelerator_cached};
+use crate::vm::{Accelerator, SnapshotStore};
 
 /// A job ready to boot: its payload checked, its image leased, its machine resolved.
 #[derive(Debug)]
@@ -49,10 +49,7 @@ impl Engine {
             return Err(Ending::Rejected(check.issues));
         };
 
-        let accelerator =
-            choose_accelerator_cached(self.config.accelerator, &self.config.state_dir)
-                .await
-                .map_err(|e| Ending::Error(JobError::Accelerator(e)))?;
+        let accelerator = self.accelerator().await.map_err(Ending::Error)?;
         ctx.phase("accelerator");
 
         let request = ImageRequest::from_reference(&payload.image)
@@ -64,13 +61,12 @@ impl Engine {
             .map_err(|e| Ending::Error(JobError::Image(e)))?;
         ctx.phase("image");
 
-        let layers = MachineLayers {
-            payload: payload.machine.clone().unwrap_or_default(),
-            image: lease.contents().machine.clone(),
-            worker_config: self.config.machine.clone(),
-        };
-        let machine = layers
-            .resolve(&self.config.limits, &ctx.identity)
+        let machine = self
+            .machine(
+                payload.machine.clone().unwrap_or_default(),
+                &lease,
+                &ctx.identity,
+            )
             .map_err(Ending::Rejected)?;
         ctx.phase("machine");
 

@@ -79,10 +79,7 @@ pub async fn probe(accelerator: Accelerator, deadline: Duration) -> Result<Durat
     let bios = dir.path().join("probe.bin");
     std::fs::write(&bios, probe_bios())
         .map_err(|e| ProbeFailure(format!("cannot write the probe: {e}")))?;
-    let accel = match accelerator {
-        Accelerator::Kvm => "kvm",
-        Accelerator::Tcg => "tcg",
-    };
+    let accel = accelerator.as_str();
     let start = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args([

@@ -22,6 +22,16 @@ pub enum Accelerator {
     Tcg,
 }
 
+impl Accelerator {
+    /// QEMU's name for it (`-accel`), also what logs and reports say.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kvm => "kvm",
+            Self::Tcg => "tcg",
+        }
+    }
+}
+
 /// How the VM's NIC is connected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetworkAttachment {
@@ -70,13 +80,7 @@ pub fn qemu_argv(spec: &VmSpec<'_>) -> Vec<String> {
     argv.push("-sandbox", "on,obsolete=deny,resourcecontrol=deny");
     argv.push("-msg", "timestamp=on");
     argv.push("-machine", machine_type(m.chipset));
-    argv.push(
-        "-accel",
-        match spec.accelerator {
-            Accelerator::Kvm => "kvm",
-            Accelerator::Tcg => "tcg",
-        },
-    );
+    argv.push("-accel", spec.accelerator.as_str());
     argv.push("-cpu", cpu_model(m.cpu, spec.accelerator));
     let t = m.topology;
     argv.push(

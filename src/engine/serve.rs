@@ -45,7 +45,9 @@ impl Worker {
     /// shutdown it stops claiming, lets running jobs finish within the grace period,
     /// then stops the rest and gives them back to the queue.
     pub async fn serve(&self, mut shutdown: watch::Receiver<bool>) {
-        cleanup_orphans(&self.engine.config.state_dir);
+        // Killing strays waits for them and removes directories: off the executor.
+        let state_dir = self.engine.config.state_dir.clone();
+        let _ = tokio::task::spawn_blocking(move || cleanup_orphans(&state_dir)).await;
         let capacity = self.engine.config.capacity as usize;
         let (stop_jobs, stop_rx) = watch::channel(false);
         let mut running: JoinSet<()> = JoinSet::new();

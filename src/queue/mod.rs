@@ -1,5 +1,5 @@
 //! The job queue behind one trait, with two backends that pass one conformance suite
-//! (`tests/queue.rs`): SQLite embedded in the worker (the default) and PostgreSQL for
+//! (`tests/component/queue.rs`): SQLite embedded in the worker (the default) and PostgreSQL for
 //! many hosts sharing one queue.
 //!
 //! Every call takes the caller's clock (`now_ms`, milliseconds since the Unix epoch) so

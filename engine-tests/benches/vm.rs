@@ -47,6 +47,39 @@ fn wait_for_line(path: &Path, marker: &str, deadline: Duration) -> Option<Instan
     None
 }
 
+/// Like `wait_for_line`, on the serial console's unix socket, for a QEMU that no
+/// supervisor copies into `serial.log` (the by-hand baseline). QEMU listens without
+/// waiting, so the socket is connected as soon as it exists: long before init prints.
+fn wait_for_console(socket: &Path, marker: &str, deadline: Duration) -> Option<Instant> {
+    use std::io::Read;
+    let start = Instant::now();
+    let mut stream = loop {
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Ok(stream) => break stream,
+            Err(_) if start.elapsed() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            Err(_) => return None,
+        }
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .ok()?;
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while start.elapsed() < deadline {
+        match stream.read(&mut buffer) {
+            Ok(0) => return None,
+            Ok(n) => {
+                seen.extend_from_slice(&buffer[..n]);
+                if String::from_utf8_lossy(&seen).contains(marker) {
+                    return Some(Instant::now());
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    None
+}
+
 struct Bench {
     scratch: PathBuf,
     lease: ImageLease,
@@ -108,7 +141,7 @@ async fn start_overhead(bench: &Bench) {
         let name = format!("hand{round}");
         let launch = bench.launch(&name).await;
         let argv: Vec<String> = launch.argv.iter().filter(|a| *a != "-S").cloned().collect();
-        let serial = PathBuf::from(launch.run_dir.serial_log());
+        let serial = PathBuf::from(launch.run_dir.serial_socket());
         let start = Instant::now();
         let mut child = Command::new("qemu-system-x86_64")
             .args(&argv)
@@ -117,7 +150,7 @@ async fn start_overhead(bench: &Bench) {
             .stderr(Stdio::null())
             .spawn()
             .expect("qemu");
-        let seen = wait_for_line(&serial, "QEMU-WORKER-INIT", T).expect("init line");
+        let seen = wait_for_console(&serial, "QEMU-WORKER-INIT", T).expect("init line");
         by_hand.push((seen - start).as_secs_f64() * 1000.0);
         let _ = child.kill();
         let _ = child.wait();

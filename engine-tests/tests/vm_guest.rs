@@ -604,6 +604,7 @@ async fn tap_networking_isolates_the_guest_too() {
     let netns = tap.netns().to_owned();
     let listener = tap
         .bind_metadata()
+        .await
         .expect("metadata listener in the namespace");
     let machine = test_machine(&guest.lease, name, 256, |_| {});
     let network = NetworkAttachment::Tap {

@@ -191,7 +191,8 @@ fn park() {
 /// RNG, reseeding it at once. A guest resumed from a boot snapshot wakes with the
 /// snapshot's clock and RNG state, shared with every other VM resumed from it.
 fn adopt_host_state(reply: &TaskReply) {
-    {
+    // 0: a worker that does not send its clock.
+    if reply.unix_time_millis > 0 {
         let millis = reply.unix_time_millis;
         let now = libc::timespec {
             tv_sec: (millis / 1000) as libc::time_t,
@@ -626,7 +627,7 @@ mod tests {
                             reader.read_exact(&mut body).expect("body");
                         }
                         let body = if line.starts_with("GET /v1/task") {
-                            r#"{"command":["echo","hello"],"env":{},"maxRunTime":60,"workingDirectory":"/tmp","unixTimeMillis":0,"entropy":""}"#
+                            r#"{"command":["echo","hello"],"env":{},"maxRunTime":60,"workingDirectory":"/tmp"}"#
                         } else {
                             "{}"
                         };

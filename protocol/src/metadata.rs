@@ -36,7 +36,9 @@ pub struct Task {
 
 /// `GET /v1/task` answer: the task, and what the guest needs from the host to run it in
 /// a fresh state. A guest resumed from a boot snapshot wakes with the snapshot's clock
-/// and RNG state; the guest tools set the clock and reseed the RNG from these.
+/// and RNG state; the guest tools set the clock and reseed the RNG from these. Both are
+/// optional on the wire (0 and "" when absent) so that guest tools run under workers that
+/// predate them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
@@ -44,8 +46,10 @@ pub struct TaskReply {
     #[serde(flatten)]
     pub task: Task,
     /// The host's clock when the task was served, in milliseconds since the Unix epoch.
+    #[serde(default)]
     pub unix_time_millis: u64,
     /// 32 random bytes from the host, hex, for the guest kernel's RNG (one value per VM).
+    #[serde(default)]
     pub entropy: String,
 }
 
@@ -80,4 +84,19 @@ pub struct Ping {
 pub struct ApiError {
     pub code: String,
     pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_without_the_host_state_still_reads() {
+        // What a worker from before the clock and entropy fields sends.
+        let old =
+            r#"{"command":["true"],"env":{},"maxRunTime":5,"workingDirectory":"/","extra":1}"#;
+        let reply: TaskReply = serde_json::from_str(old).expect("reads");
+        assert_eq!(reply.task.command, ["true"]);
+        assert_eq!((reply.unix_time_millis, reply.entropy.as_str()), (0, ""));
+    }
 }

@@ -187,7 +187,7 @@ impl Engine {
                 let tap = TapNetwork::create(&ctx.name, outbound)
                     .await
                     .map_err(JobError::Network)?;
-                let listener = tap.bind_metadata().map_err(JobError::Network)?;
+                let listener = tap.bind_metadata().await.map_err(JobError::Network)?;
                 let service =
                     start_metadata_service_tcp(listener, task, ctx.log(), self.metadata_limits())
                         .map_err(JobError::Metadata)?;

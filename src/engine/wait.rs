@@ -113,7 +113,7 @@ async fn save_snapshot(
                 }
             }
         }
-        Park::Refused => store.refuse(key),
+        Park::Refused => store.refuse(key).await,
         Park::Off | Park::Armed => {}
     }
 }

@@ -79,8 +79,8 @@ pub enum FetchError {
         #[source]
         source: reqwest::Error,
     },
-    #[error("the unpacking thread failed")]
-    Unpacker {
+    #[error("a blocking step of the image fetch (resolving, reading, unpacking) failed")]
+    BlockingTask {
         #[source]
         source: tokio::task::JoinError,
     },
@@ -106,7 +106,7 @@ impl FetchError {
             | Self::LocalOutsideAllowed { .. } => ExceptionReason::MalformedPayload,
             Self::Exhausted { .. } | Self::Write { .. } => ExceptionReason::ResourceUnavailable,
             Self::Client { .. }
-            | Self::Unpacker { .. }
+            | Self::BlockingTask { .. }
             | Self::UnexpectedNotModified { .. }
             | Self::EvictedWhileRevalidated { .. }
             | Self::Vanished { .. }
@@ -316,7 +316,7 @@ impl Fetcher {
         drop(tx);
         let result = match unpacker.await {
             Ok(result) => result,
-            Err(source) => return Attempt::Fatal(FetchError::Unpacker { source }),
+            Err(source) => return Attempt::Fatal(FetchError::BlockingTask { source }),
         };
         if let Some(reason) = network_error {
             return Attempt::Retry(reason);
@@ -341,29 +341,35 @@ impl Fetcher {
         dest: &Path,
         limits: ImageLimits,
     ) -> Result<Unpacked, FetchError> {
-        let resolved = resolve_local(path, allowed_dirs)?;
-        let unreadable = |source| FetchError::LocalUnreadable {
-            path: path.to_path_buf(),
-            source,
-        };
-        let file = std::fs::File::open(&resolved).map_err(unreadable)?;
-        let size = file.metadata().map_err(unreadable)?.len();
-        if size > limits.max_image_bytes {
-            return Err(FetchError::TooLarge {
-                size,
-                limit: limits.max_image_bytes,
-            });
-        }
-        let dest = dest.to_path_buf();
+        let (path, allowed, dest) = (
+            path.to_path_buf(),
+            allowed_dirs.to_vec(),
+            dest.to_path_buf(),
+        );
+        // Resolving, opening and unpacking all touch the disk: on the blocking pool.
         let unpacked = tokio::task::spawn_blocking(move || {
-            unpack_archive(io::BufReader::with_capacity(1 << 20, file), &dest, limits)
+            let resolved = resolve_local(&path, &allowed)?;
+            let unreadable = |source| FetchError::LocalUnreadable {
+                path: path.clone(),
+                source,
+            };
+            let file = std::fs::File::open(&resolved).map_err(unreadable)?;
+            let size = file.metadata().map_err(unreadable)?.len();
+            if size > limits.max_image_bytes {
+                return Err(FetchError::TooLarge {
+                    size,
+                    limit: limits.max_image_bytes,
+                });
+            }
+            unpack_archive(io::BufReader::with_capacity(1 << 20, file), &dest, limits).map_err(
+                |e| match e {
+                    UnpackError::Source { source } => unreadable(source),
+                    other => from_unpack(other),
+                },
+            )
         })
         .await
-        .map_err(|source| FetchError::Unpacker { source })?
-        .map_err(|e| match e {
-            UnpackError::Source { source } => unreadable(source),
-            other => from_unpack(other),
-        })?;
+        .map_err(|source| FetchError::BlockingTask { source })??;
         check_digest(expected_sha256, &unpacked)?;
         Ok(unpacked)
     }

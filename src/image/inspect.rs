@@ -15,10 +15,21 @@ pub async fn inspect_archive(location: &str, limits: ImageLimits) -> Result<Unpa
     tokio::fs::create_dir(&dest)
         .await
         .map_err(|source| FetchError::Write { source })?;
+    let fetched = fetch_into(location, &dest, limits).await;
+    // The scratch copy of the whole image is removed on the blocking pool.
+    let _ = tokio::task::spawn_blocking(move || drop(scratch)).await;
+    fetched
+}
+
+async fn fetch_into(
+    location: &str,
+    dest: &Path,
+    limits: ImageLimits,
+) -> Result<Unpacked, FetchError> {
     let fetcher = Fetcher::new(FetchPolicy::default());
     if location.starts_with("http://") || location.starts_with("https://") {
         let outcome = fetcher
-            .fetch_http(location, None, &Validators::default(), &dest, limits, None)
+            .fetch_http(location, None, &Validators::default(), dest, limits, None)
             .await?;
         return match outcome {
             HttpOutcome::Fetched { unpacked, .. } => Ok(*unpacked),
@@ -37,6 +48,6 @@ pub async fn inspect_archive(location: &str, limits: ImageLimits) -> Result<Unpa
             })?;
     let allowed: Vec<PathBuf> = path.parent().map(Path::to_path_buf).into_iter().collect();
     fetcher
-        .fetch_local(&path, &allowed, None, &dest, limits)
+        .fetch_local(&path, &allowed, None, dest, limits)
         .await
 }

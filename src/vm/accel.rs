@@ -185,8 +185,13 @@ pub async fn choose_accelerator_cached(
         return choose_accelerator(choice).await;
     }
     let file = state_dir.join("accelerator-probe.json");
-    if let Some((boot_id, qemu)) = verdict_key() {
-        let stored: Option<StoredVerdict> = std::fs::read(&file)
+    let key = tokio::task::spawn_blocking(verdict_key)
+        .await
+        .ok()
+        .flatten();
+    if let Some((boot_id, qemu)) = key {
+        let stored: Option<StoredVerdict> = tokio::fs::read(&file)
+            .await
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
         if let Some(stored) = stored.filter(|s| s.boot_id == boot_id && s.qemu == qemu) {
@@ -212,8 +217,8 @@ pub async fn choose_accelerator_cached(
                     .unwrap_or_default(),
             };
             if let Ok(bytes) = serde_json::to_vec_pretty(&stored) {
-                let _ = std::fs::create_dir_all(state_dir);
-                let _ = std::fs::write(&file, bytes);
+                let _ = tokio::fs::create_dir_all(state_dir).await;
+                let _ = tokio::fs::write(&file, bytes).await;
             }
         }
         return chosen;

@@ -57,7 +57,8 @@ pub async fn prepare_launch_with_snapshots(
         .kernel
         .as_ref()
         .and_then(|_| plan.image.kernel_files());
-    let snapshot = snapshots.map(|store| {
+    let mut snapshot = SnapshotPlan::Boot;
+    if let Some(store) = snapshots {
         // The key is the cold boot's command line (the overlay file need not exist).
         let disk = plan.image.boot_chain(&overlay);
         let argv = qemu_argv(&spec(&plan, kernel.as_ref(), &disk, None));
@@ -72,17 +73,20 @@ pub async fn prepare_launch_with_snapshots(
                 disk_serial: &m.disk_serial,
             },
         );
-        match store.lookup(&key) {
-            Lookup::Ready(snapshot) => SnapshotPlan::Resume(snapshot),
-            Lookup::Missing => SnapshotPlan::Save(key),
-            Lookup::Full => SnapshotPlan::Boot,
-            Lookup::Unsupported(why) => {
+        // The lookup reads the snapshot directory: on the blocking pool.
+        let (looking, wanted) = (store.clone(), key.clone());
+        let lookup = tokio::task::spawn_blocking(move || looking.lookup(&wanted)).await;
+        snapshot = match lookup {
+            Ok(Lookup::Ready(snapshot)) => SnapshotPlan::Resume(snapshot),
+            Ok(Lookup::Missing) => SnapshotPlan::Save(key),
+            Ok(Lookup::Full) => SnapshotPlan::Boot,
+            Ok(Lookup::Unsupported(why)) => {
                 tracing::debug!(key, why, "boot snapshots cannot work for this machine");
                 SnapshotPlan::Boot
             }
-        }
-    });
-    let mut snapshot = snapshot.unwrap_or(SnapshotPlan::Boot);
+            Err(_) => SnapshotPlan::Boot,
+        };
+    }
     let resumed = match &snapshot {
         SnapshotPlan::Resume(saved) => match resume_disk(&plan, saved, &overlay).await {
             Ok(disk) => Some((disk, saved.vmstate().display().to_string())),

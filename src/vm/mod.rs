@@ -5,6 +5,7 @@
 mod accel;
 mod argv;
 mod console;
+mod in_drop;
 mod launch;
 mod network;
 mod run_dir;

@@ -2,8 +2,6 @@ use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use tokio::runtime::RuntimeFlavor;
-
 /// Commands that set up a VM's network must not hang a job.
 const COMMAND_TIMEOUT_SECS: &str = "10";
 
@@ -227,11 +225,13 @@ impl TapNetwork {
             "via",
             &host_address.to_string(),
         ])?;
-        self.in_namespace(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))
-            .map_err(|source| NetworkError::Forwarding {
-                netns: self.netns.clone(),
-                source,
-            })
+        in_namespace(&self.netns, || {
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+        })
+        .map_err(|source| NetworkError::Forwarding {
+            netns: self.netns.clone(),
+            source,
+        })
     }
 
     pub fn netns(&self) -> &str {
@@ -240,39 +240,46 @@ impl TapNetwork {
 
     /// A TCP listener on 169.254.169.254:80 inside the namespace; the socket stays in
     /// the namespace it was created in.
-    pub fn bind_metadata(&self) -> Result<std::net::TcpListener, NetworkError> {
-        self.in_namespace(|| {
-            let listener = std::net::TcpListener::bind("169.254.169.254:80")?;
-            listener.set_nonblocking(true)?;
-            Ok(listener)
+    /// The metadata service's listener, bound inside the namespace (waiting for the
+    /// namespace thread on the blocking pool).
+    pub async fn bind_metadata(&self) -> Result<std::net::TcpListener, NetworkError> {
+        let netns = self.netns.clone();
+        tokio::task::spawn_blocking(move || {
+            in_namespace(&netns, || {
+                let listener = std::net::TcpListener::bind("169.254.169.254:80")?;
+                listener.set_nonblocking(true)?;
+                Ok(listener)
+            })
         })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
         .map_err(|source| NetworkError::Bind {
             netns: self.netns.clone(),
             source,
         })
     }
+}
 
-    /// Runs `f` on a thread that enters the namespace and ends with it, so no thread of
-    /// the worker is ever left inside.
-    fn in_namespace<T: Send>(
-        &self,
-        f: impl FnOnce() -> std::io::Result<T> + Send,
-    ) -> std::io::Result<T> {
-        let path = Path::new("/run/netns").join(&self.netns);
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let file = std::fs::File::open(&path)?;
-                    rustix::thread::move_into_link_name_space(
-                        file.as_fd(),
-                        Some(rustix::thread::LinkNameSpaceType::Network),
-                    )?;
-                    f()
-                })
-                .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread panicked")))
-        })
-    }
+/// Runs `f` on a thread that enters the namespace `netns` and ends with it, so no thread
+/// of the worker is ever left inside.
+fn in_namespace<T: Send>(
+    netns: &str,
+    f: impl FnOnce() -> std::io::Result<T> + Send,
+) -> std::io::Result<T> {
+    let path = Path::new("/run/netns").join(netns);
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let file = std::fs::File::open(&path)?;
+                rustix::thread::move_into_link_name_space(
+                    file.as_fd(),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )?;
+                f()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread panicked")))
+    })
 }
 
 /// The addresses of outbound link `index`: the host's end and the namespace's end.
@@ -300,15 +307,8 @@ fn enable_host_forwarding() -> Result<(), NetworkError> {
 impl Drop for TapNetwork {
     fn drop(&mut self) {
         let delete = || run(&["ip", "netns", "del", &self.netns]);
-        // Dropped at the end of a job, on the executor: a multi-threaded runtime moves
-        // this thread's other tasks elsewhere while `ip` runs (a current-thread runtime,
-        // as in tests, cannot, and just waits).
-        let deleted = match tokio::runtime::Handle::try_current() {
-            Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(delete)
-            }
-            _ => delete(),
-        };
+        // Dropped at the end of a job, on the executor.
+        let deleted = super::in_drop::blocking_in_drop(delete);
         if let Err(error) = deleted {
             tracing::warn!(netns = %self.netns, %error, "failed to delete a VM network namespace");
         }

@@ -9,9 +9,9 @@
 //! `cont`: the guest tools see the link, fetch their task, set the clock and reseed the
 //! kernel's RNG from the host's answer.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
 
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -230,11 +230,18 @@ impl SnapshotStore {
 
     /// The guest fetched its task without offering to park: its guest tools predate
     /// boot snapshots.
-    pub fn refuse(&self, key: &str) {
-        self.mark_unsupported(
+    pub async fn refuse(&self, key: &str) {
+        self.note_unsupported(
             key,
             "the image's guest tools do not offer to park (GET /v1/task without park=1)",
-        );
+        )
+        .await;
+    }
+
+    /// `mark_unsupported` on the blocking pool.
+    async fn note_unsupported(&self, key: &str, why: &str) {
+        let (store, key, why) = (self.clone(), key.to_owned(), why.to_owned());
+        let _ = tokio::task::spawn_blocking(move || store.mark_unsupported(&key, &why)).await;
     }
 
     fn mark_unsupported(&self, key: &str, why: &str) {
@@ -297,7 +304,7 @@ impl SnapshotStore {
             path: self.dir.clone(),
             source,
         };
-        std::fs::create_dir_all(&self.dir).map_err(in_dir)?;
+        tokio::fs::create_dir_all(&self.dir).await.map_err(in_dir)?;
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".{key}."))
             .tempdir_in(&self.dir)
@@ -339,7 +346,7 @@ impl SnapshotStore {
         {
             // QEMU refuses at once when a device cannot be migrated (NVMe, for one).
             if let QmpError::Command { .. } = e {
-                self.mark_unsupported(key, &e.to_string());
+                self.note_unsupported(key, &e.to_string()).await;
             }
             return Err(e.into());
         }
@@ -444,7 +451,7 @@ async fn wait_for_migration(qmp: &QmpClient) -> Result<(), MigrationError> {
 /// Follows the serial log as QEMU appends to it, reading each byte once (a guest's
 /// console may be large).
 struct ConsoleFollower {
-    file: Option<std::fs::File>,
+    file: Option<tokio::fs::File>,
     path: PathBuf,
     /// What was read and not yet matched: the last, unfinished line.
     pending: Vec<u8>,
@@ -469,9 +476,13 @@ impl ConsoleFollower {
                 return true;
             }
             if self.file.is_none() {
-                self.file = std::fs::File::open(&self.path).ok();
+                self.file = tokio::fs::File::open(&self.path).await.ok();
             }
-            match self.file.as_mut().and_then(|f| f.read(&mut chunk).ok()) {
+            let read = match self.file.as_mut() {
+                Some(file) => file.read(&mut chunk).await.ok(),
+                None => None,
+            };
+            match read {
                 Some(n) if n > 0 => self.pending.extend_from_slice(&chunk[..n]),
                 _ if start.elapsed() < timeout => {
                     tokio::time::sleep(Duration::from_millis(2)).await;

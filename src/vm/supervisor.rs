@@ -204,7 +204,9 @@ impl VmResources {
 
 impl Drop for VmResources {
     fn drop(&mut self) {
-        self.release();
+        // Also on the error paths of `Vm::start` and when a job's future is dropped:
+        // waiting for strays and removing the run dir must not hold up the executor.
+        super::in_drop::blocking_in_drop(|| self.release());
     }
 }
 
@@ -460,7 +462,7 @@ impl Vm {
         VmExit::QemuFailed {
             code: status.and_then(|s| s.code()),
             signal: status.and_then(|s| s.signal()),
-            stderr_tail: read_tail(&self.resources.job_dir.qemu_log(), STDERR_TAIL),
+            stderr_tail: tail_of(self.resources.job_dir.qemu_log(), STDERR_TAIL).await,
         }
     }
 
@@ -525,13 +527,13 @@ async fn connect_qmp(
 ) -> Result<QmpClient, VmError> {
     let socket = PathBuf::from(run_dir.qmp_socket());
     let deadline = Instant::now() + timeout;
-    let failed = |status: ExitStatus| VmError::QemuFailed {
+    let failed = async |status: ExitStatus| VmError::QemuFailed {
         status: status.to_string(),
-        stderr_tail: read_tail(log, STDERR_TAIL),
+        stderr_tail: tail_of(log.to_path_buf(), STDERR_TAIL).await,
     };
     loop {
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(failed(status));
+            return Err(failed(status).await);
         }
         if socket.exists() {
             match QmpClient::connect(&socket, timeout).await {
@@ -545,7 +547,7 @@ async fn connect_qmp(
                     if let Ok(Ok(status)) =
                         tokio::time::timeout(Duration::from_secs(2), child.wait()).await
                     {
-                        return Err(failed(status));
+                        return Err(failed(status).await);
                     }
                     return Err(error.into());
                 }
@@ -556,6 +558,13 @@ async fn connect_qmp(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// `read_tail` on the blocking pool.
+async fn tail_of(path: PathBuf, bytes: u64) -> String {
+    tokio::task::spawn_blocking(move || read_tail(&path, bytes))
+        .await
+        .unwrap_or_default()
 }
 
 /// The last `bytes` of a log (never more, however large it is), trimmed, as text.

@@ -84,7 +84,11 @@ pub(super) async fn resolve(
             sha256: request.sha256.clone(),
         }),
         ImageSource::Local(path) => {
-            let resolved = resolve_local(path, allowed)?;
+            // canonicalize walks the path on disk: on the blocking pool.
+            let (asked, dirs) = (path.clone(), allowed.to_vec());
+            let resolved = tokio::task::spawn_blocking(move || resolve_local(&asked, &dirs))
+                .await
+                .map_err(|source| FetchError::BlockingTask { source })??;
             let meta = tokio::fs::metadata(&resolved).await.map_err(|source| {
                 FetchError::LocalUnreadable {
                     path: path.clone(),

@@ -31,7 +31,7 @@ pub(super) async fn image(
                 .exit_with(EXIT_USAGE)?;
             let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
             print(&format!(
-                "{}: {size} bytes, disk {:?}, {} member(s) checked\n",
+                "{}: {size} bytes, disk {}, {} member(s) checked\n",
                 out.display(),
                 contents.disk,
                 contents.disks.len()
@@ -203,7 +203,7 @@ fn human_inspect(report: &InspectReport) -> String {
                 report.archive
             ));
             out.push_str(&format!(
-                "  archive: {} bytes\n  disk layout: {:?}\n",
+                "  archive: {} bytes\n  disk layout: {}\n",
                 report.archive_bytes.unwrap_or(0),
                 contents.disk
             ));

@@ -164,7 +164,7 @@ impl Engine {
             NetworkBackend::User if outbound => Err(JobError::OutboundNeedsTap),
             NetworkBackend::User => {
                 // The run dir must exist for the socket; prepare_launch keeps it.
-                crate::vm::create_run_dir(run_dir.path()).map_err(JobError::Launch)?;
+                crate::vm::create_run_dir(run_dir.path()).map_err(JobError::RunDirCreate)?;
                 let socket = run_dir.metadata_socket();
                 let service = start_metadata_service(
                     Path::new(&socket),

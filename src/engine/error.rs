@@ -32,6 +32,8 @@ pub enum JobError {
     Machine { issues: Vec<Issue> },
     #[error("the run directory cannot be used")]
     RunDir(#[source] RunDirError),
+    #[error("the run directory cannot be created")]
+    RunDirCreate(#[source] VmError),
     // Validation refuses this (allowOutbound needs tap); never run it quietly closed.
     #[error("outbound network access needs `network: {{backend: tap}}`")]
     OutboundNeedsTap,
@@ -56,6 +58,7 @@ impl JobError {
             Self::Accelerator(_)
             | Self::OutboundNeedsTap
             | Self::Network(_)
+            | Self::RunDirCreate(_)
             | Self::Metadata(_) => ExceptionReason::ResourceUnavailable,
             Self::JobDir { .. }
             | Self::JobLog(_)

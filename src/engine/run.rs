@@ -5,7 +5,7 @@ use super::context::{JobContext, write_report};
 use super::resolve::{Ending, Happened, resolve};
 use crate::config::WorkerConfig;
 use crate::image::ImageCache;
-use crate::job::{ExceptionReason, JobDir, ResultReport};
+use crate::job::{ExceptionReason, JobDir, PhaseTiming, ResultReport};
 
 /// One run of one job.
 #[derive(Debug, Clone)]
@@ -37,11 +37,16 @@ impl Engine {
     /// panics on bad input; every VM, socket and namespace it made is gone when it
     /// returns.
     pub async fn run(&self, job: &JobRun) -> ResultReport {
+        let started = std::time::Instant::now();
         let mut ctx = match JobContext::open(job, &self.config).await {
             Ok(ctx) => ctx,
             Err(error) => {
                 // No log to write to: the report alone says why.
-                let report = resolve(Happened::before_vm(Ending::Error(error)));
+                let mut report = resolve(Happened::before_vm(Ending::Error(error)));
+                report.timings = vec![PhaseTiming {
+                    phase: "total".into(),
+                    millis: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                }];
                 write_report(&job.job_dir, &report).await;
                 return report;
             }

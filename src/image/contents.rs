@@ -30,6 +30,16 @@ pub enum DiskLayout {
     Qcow2,
 }
 
+impl std::fmt::Display for DiskLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Raw { layer: false } => "disk.img (raw)",
+            Self::Raw { layer: true } => "disk.img (raw) with layer.qcow2 over it",
+            Self::Qcow2 => "disk.qcow2",
+        })
+    }
+}
+
 /// One disk member as qemu-img saw it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]

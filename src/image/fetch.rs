@@ -84,7 +84,7 @@ pub enum FetchError {
         #[source]
         source: tokio::task::JoinError,
     },
-    #[error("{url} answered 304 Not Modified, but no copy of it is held")]
+    #[error("the image source {url} was reported not modified (304), but no copy of it is held")]
     UnexpectedNotModified { url: String },
     #[error("{url} was evicted from the image cache while being revalidated")]
     EvictedWhileRevalidated { url: String },

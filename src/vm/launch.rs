@@ -116,9 +116,9 @@ pub async fn prepare_launch_with_snapshots(
                 Ok(disk) => disk,
                 Err(e) => {
                     let _ = tokio::fs::remove_dir_all(plan.run_dir.path()).await;
-                    return Err(VmError::Prepare {
+                    return Err(VmError::Overlay {
                         path: overlay.clone(),
-                        source: std::io::Error::other(e.to_string()),
+                        source: e,
                     });
                 }
             };
@@ -147,7 +147,7 @@ pub async fn prepare_launch_with_snapshots(
 enum ResumeDiskError {
     #[error(transparent)]
     Overlay(#[from] QemuImgError),
-    #[error("cannot copy the saved console {path:?}")]
+    #[error("cannot copy the saved console {}", path.display())]
     Console {
         path: PathBuf,
         #[source]

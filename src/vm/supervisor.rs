@@ -69,6 +69,12 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("failed to create the job's overlay {}", path.display())]
+    Overlay {
+        path: PathBuf,
+        #[source]
+        source: crate::image::QemuImgError,
+    },
     #[error("failed to start qemu-system-x86_64 (install the qemu-system-x86 package)")]
     Spawn {
         #[source]

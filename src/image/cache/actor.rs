@@ -182,12 +182,15 @@ impl Actor {
     async fn store(&mut self, request: &Resolved, arrival: Arrival) -> Result<String, ImageError> {
         let (sha, validators) = match arrival {
             Arrival::NotModified => {
-                let Resolved::Http { url, .. } = request else {
+                let url = match request {
+                    Resolved::Http { url, .. } => url,
                     // A local archive is read whole every time; it has no 304.
-                    return Err(FetchError::UnexpectedNotModified {
-                        url: "a local image".into(),
+                    Resolved::Local { path, .. } => {
+                        return Err(FetchError::UnexpectedNotModified {
+                            url: path.display().to_string(),
+                        }
+                        .into());
                     }
-                    .into());
                 };
                 return self
                     .state

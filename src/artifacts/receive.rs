@@ -145,14 +145,16 @@ impl<'a> Receiver<'a> {
                 "a new file before the last one ended".into(),
             ));
         }
-        let full = self.names.check(name, &self.budget.limits)?;
-        if self.budget.entries_left == 0 {
-            return Err(ReceiveError::TooManyEntries {
-                limit: self.budget.limits.max_entries,
-            });
-        }
-        let full = self.names.claim(name, full)?;
-        self.budget.entries_left -= 1;
+        let full = self.names.check(name, self.budget.limits())?;
+        self.budget.charge_entry()?;
+        let full = match self.names.claim(name, full) {
+            Ok(full) => full,
+            Err(e) => {
+                // Refused before it was counted as one of this artifact's names.
+                self.budget.refund(1, 0, 0);
+                return Err(e);
+            }
+        };
         let target = match self.kind {
             ArtifactKind::File => self.target.clone(),
             ArtifactKind::Directory => self.target.join(name),
@@ -160,10 +162,7 @@ impl<'a> Receiver<'a> {
         tokio::fs::create_dir_all(&self.partial_dir)
             .await
             .map_err(|source| ReceiveError::write(&full, &self.partial_dir, source))?;
-        let temp = self
-            .partial_dir
-            .join(format!("{}.partial", self.budget.next_temp));
-        self.budget.next_temp += 1;
+        let temp = self.partial_dir.join(self.budget.temp_name());
         let file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -185,9 +184,6 @@ impl<'a> Receiver<'a> {
     /// Appends to the current file.
     pub async fn data(&mut self, bytes: &[u8]) -> Result<(), ReceiveError> {
         let n = bytes.len() as u64;
-        let file_limit = self.budget.limits.max_file_size.bytes();
-        let total_limit = self.budget.limits.max_total_size.bytes();
-        let bytes_left = self.budget.bytes_left;
         let Some(pending) = self.current.as_mut() else {
             return Err(ReceiveError::Protocol("data outside a file".into()));
         };
@@ -200,23 +196,15 @@ impl<'a> Receiver<'a> {
                 announced,
             });
         }
-        if pending.size + n > file_limit {
-            return Err(ReceiveError::FileTooLarge {
-                name: pending.name.clone(),
-                limit: file_limit,
-            });
-        }
-        if n > bytes_left {
-            return Err(ReceiveError::TotalTooLarge { limit: total_limit });
-        }
+        self.budget.charge_bytes(&pending.name, pending.size, n)?;
+        // Counted as this artifact's from here: `abandon` gives it back.
+        self.bytes += n;
         pending.hasher.update(bytes);
         pending.size += n;
         if let Err(source) = pending.file.write_all(bytes).await {
             let (name, temp) = (pending.name.clone(), pending.temp.clone());
             return Err(ReceiveError::write(&name, &temp, source));
         }
-        self.budget.bytes_left -= n;
-        self.bytes += n;
         Ok(())
     }
 
@@ -240,21 +228,13 @@ impl<'a> Receiver<'a> {
         let Some(mut pending) = self.current.take() else {
             return Err(ReceiveError::Protocol("a file end without a file".into()));
         };
-        let limits = self.budget.limits;
-        let result = if size > limits.max_file_size.bytes() {
-            Err(ReceiveError::FileTooLarge {
-                name: pending.name.clone(),
-                limit: limits.max_file_size.bytes(),
-            })
-        } else if size > self.budget.bytes_left {
-            Err(ReceiveError::TotalTooLarge {
-                limit: limits.max_total_size.bytes(),
-            })
-        } else {
-            pending.size = size;
-            self.budget.bytes_left -= size;
-            self.bytes += size;
-            self.store(&mut pending, sha256.to_owned()).await
+        let result = match self.budget.charge_bytes(&pending.name, 0, size) {
+            Err(e) => Err(e),
+            Ok(()) => {
+                pending.size = size;
+                self.bytes += size;
+                self.store(&mut pending, sha256.to_owned()).await
+            }
         };
         if result.is_err() {
             let _ = tokio::fs::remove_file(&pending.temp).await;
@@ -313,13 +293,8 @@ impl<'a> Receiver<'a> {
     /// Records an entry the guest did not send (a link, a device, an unreadable file).
     pub fn skip(&mut self, name: &str, reason: &str) -> Result<(), ReceiveError> {
         self.skipped_count += 1;
-        self.budget.skipped += 1;
-        if self.budget.skipped > self.budget.limits.max_skipped {
-            return Err(ReceiveError::TooManySkipped {
-                limit: self.budget.limits.max_skipped,
-            });
-        }
-        let named = usize::try_from(self.budget.skipped).unwrap_or(usize::MAX);
+        let skipped = self.budget.charge_skipped()?;
+        let named = usize::try_from(skipped).unwrap_or(usize::MAX);
         if named <= SKIPPED_NAMED {
             let printable: String = name.chars().take(256).collect();
             self.skipped.push(SkippedRecord {
@@ -376,9 +351,8 @@ impl<'a> Receiver<'a> {
         if self.kind == ArtifactKind::Directory {
             let _ = tokio::fs::remove_dir(&self.target).await;
         }
-        self.budget.entries_left += self.names.count();
-        self.budget.bytes_left += self.bytes;
-        self.budget.skipped -= self.skipped_count.min(self.budget.skipped);
+        self.budget
+            .refund(self.names.count(), self.bytes, self.skipped_count);
     }
 }
 
@@ -428,9 +402,34 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_refused_name_writes_nothing() {
+    async fn hostile_names_are_refused_before_anything_is_written() {
+        // Through the receiver, as a transport meets them (names.rs tests each rule).
         let d = dirs();
         let mut budget = Budget::new(&limits());
+        for bad in [
+            "../x",
+            "/etc/passwd",
+            "a/../../x",
+            "",
+            "a//b",
+            ".",
+            "a/./b",
+            "a\\b",
+        ] {
+            let mut receiver = Receiver::new(
+                &mut budget,
+                &d.store,
+                &d.partial,
+                "dir",
+                ArtifactKind::Directory,
+            );
+            let error = receiver.begin(bad, None).await.expect_err(bad);
+            assert!(
+                matches!(error, ReceiveError::UnsafeName { .. }),
+                "{bad:?}: {error}"
+            );
+            receiver.abandon().await;
+        }
         let mut receiver = Receiver::new(
             &mut budget,
             &d.store,
@@ -438,11 +437,20 @@ mod tests {
             "dir",
             ArtifactKind::Directory,
         );
-        let error = receiver.begin("../x", None).await.expect_err("unsafe");
-        assert!(matches!(error, ReceiveError::UnsafeName { .. }), "{error}");
+        let long = receiver
+            .begin("abcdefghijklm", None)
+            .await
+            .expect_err("13 bytes");
+        assert!(
+            long.to_string().contains("artifacts.maxNameLength"),
+            "{long}"
+        );
+        let deep = receiver.begin("a/b/c", None).await.expect_err("depth 3");
+        assert!(deep.to_string().contains("artifacts.maxDepth"), "{deep}");
         receiver.abandon().await;
         assert_eq!(std::fs::read_dir(&d.store).expect("store").count(), 0);
         assert!(!d.partial.exists(), "no file was started");
+        assert_eq!(budget.left(), (16, 3), "refused names cost nothing");
     }
 
     #[tokio::test]
@@ -471,8 +479,7 @@ mod tests {
             std::fs::read(d.store.join("logs/a/b.txt")).expect("file"),
             b"hello"
         );
-        assert_eq!(budget.bytes_left, 11);
-        assert_eq!(budget.entries_left, 2);
+        assert_eq!(budget.left(), (11, 2));
     }
 
     #[tokio::test]
@@ -501,7 +508,7 @@ mod tests {
         receiver.abandon().await;
         assert!(!d.store.join("out").exists(), "nothing of it is kept");
         assert_eq!(std::fs::read_dir(&d.partial).expect("partial").count(), 0);
-        assert_eq!((budget.bytes_left, budget.entries_left), (16, 3));
+        assert_eq!(budget.left(), (16, 3));
     }
 
     #[tokio::test]
@@ -622,7 +629,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_answer_must_be_whole() {
+    async fn an_answer_must_be_whole_and_a_name_is_a_file_or_a_folder() {
         let d = dirs();
         let mut budget = Budget::new(&limits());
         let mut receiver =
@@ -652,6 +659,29 @@ mod tests {
         );
         receiver.abandon().await;
 
+        // A name is a file or a folder, never both, whichever comes first.
+        let mut receiver = Receiver::new(
+            &mut budget,
+            &d.store,
+            &d.partial,
+            "d",
+            ArtifactKind::Directory,
+        );
+        file(&mut receiver, "a", b"1").await.expect("a file");
+        let under = receiver
+            .begin("a/b", None)
+            .await
+            .expect_err("a as a folder");
+        assert!(
+            matches!(under, ReceiveError::FileAndFolder { .. }),
+            "{under}"
+        );
+        file(&mut receiver, "x/y", b"1")
+            .await
+            .expect("x as a folder");
+        let over = receiver.begin("x", None).await.expect_err("x as a file");
+        assert!(matches!(over, ReceiveError::FileAndFolder { .. }), "{over}");
+        receiver.abandon().await;
         assert_eq!(std::fs::read_dir(&d.partial).expect("partial").count(), 0);
     }
 }

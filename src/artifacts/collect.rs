@@ -36,12 +36,51 @@ pub struct Collection {
     pub notes: Vec<String>,
 }
 
-/// The transport in use.
+/// The artifact transport in use: the one interface every way of bringing a guest path
+/// into a `Receiver` sits behind (the guest tools' agent port, qemu-ga for files).
 enum Transport {
     Agent(AgentClient),
     Qga(Box<QgaClient>),
     /// Neither answers; why.
     Gone(String),
+}
+
+/// Why an artifact did not come through, and whether the transport must be connected
+/// afresh (the rest of a broken answer may still be on its way).
+struct TransportFailure {
+    message: String,
+    reconnect: bool,
+}
+
+impl Transport {
+    /// Brings `spec` into `receiver`, which checks and counts every file.
+    async fn fetch(
+        &mut self,
+        spec: &ArtifactSpec,
+        receiver: &mut Receiver<'_>,
+    ) -> Result<(), TransportFailure> {
+        match self {
+            Self::Agent(agent) => agent
+                .fetch(&spec.path, spec.kind, false, receiver)
+                .await
+                .map_err(|e| TransportFailure {
+                    message: display_chain(&e),
+                    reconnect: !e.in_step(),
+                }),
+            Self::Qga(qga) => {
+                through_qga(qga, spec, receiver)
+                    .await
+                    .map_err(|e| TransportFailure {
+                        message: display_chain(&e),
+                        reconnect: false,
+                    })
+            }
+            Self::Gone(why) => Err(TransportFailure {
+                message: format!("not collected: {why}"),
+                reconnect: false,
+            }),
+        }
+    }
 }
 
 /// Collects `specs` into the job directory's artifacts. Files in progress are kept in
@@ -89,17 +128,7 @@ pub async fn collect_artifacts(
             continue;
         }
         let mut receiver = Receiver::new(&mut budget, &store, &partial, &spec.name, spec.kind);
-        let fetched = match &mut transport {
-            Transport::Agent(agent) => agent
-                .fetch(&spec.path, spec.kind, false, &mut receiver)
-                .await
-                .map_err(|e| (display_chain(&e), !e.in_step())),
-            Transport::Qga(qga) => through_qga(qga, spec, &mut receiver)
-                .await
-                .map_err(|e| (display_chain(&e), false)),
-            Transport::Gone(why) => Err((format!("not collected: {why}"), false)),
-        };
-        match fetched {
+        match transport.fetch(spec, &mut receiver).await {
             Ok(()) => {
                 let received = receiver.finish();
                 for skipped in &received.skipped {
@@ -112,13 +141,13 @@ pub async fn collect_artifacts(
                 collection.skipped.extend(received.skipped);
                 collection.skipped_count += received.skipped_count;
             }
-            Err((message, resync)) => {
+            Err(TransportFailure { message, reconnect }) => {
                 receiver.abandon().await;
                 collection.problems.push(Issue::new(
                     at,
                     format!("artifact {}: {message}; nothing of it was kept", spec.name),
                 ));
-                if resync {
+                if reconnect {
                     // The rest of a broken answer may still be on the port: start
                     // afresh. QEMU's socket takes one connection at a time, so the old
                     // one goes first.

@@ -1,10 +1,10 @@
+use super::boot::let_run;
 use super::error::JobError;
 use super::run::Engine;
 use crate::image::{ImageLease, ImageRequest, Progress};
 use crate::job::{Identity, JobDir, Machine, MachineDefinition, MachineLayers};
 use crate::vm::{
-    Accelerator, LaunchPlan, NetworkAttachment, RunDir, Vm, VmTimeouts, choose_accelerator_cached,
-    prepare_launch,
+    Accelerator, LaunchPlan, NetworkAttachment, Vm, choose_accelerator_cached, prepare_launch,
 };
 
 /// An image booted with no job (`qemu-worker vm boot`): the steps of a job's prepare and
@@ -65,8 +65,7 @@ impl Engine {
             )
             .map_err(|issues| JobError::Machine { issues })?;
         let dir = JobDir::at(self.config.state_dir.join("vm-boot"));
-        let run_dir =
-            RunDir::new(&self.config.state_dir.join("run").join(name)).map_err(JobError::RunDir)?;
+        let run_dir = self.run_dir(name)?;
         let launch = prepare_launch(LaunchPlan {
             name,
             image: &lease,
@@ -81,13 +80,10 @@ impl Engine {
         })
         .await
         .map_err(JobError::Launch)?;
-        let vm = Vm::start(launch, VmTimeouts::default())
+        let vm = Vm::start(launch, self.vm_timeouts())
             .await
             .map_err(JobError::Start)?;
-        if let Err(e) = vm.resume().await {
-            vm.teardown().await;
-            return Err(JobError::Continue(e));
-        }
+        let vm = let_run(vm).await?;
         Ok(BareVm {
             vm,
             lease,

@@ -26,6 +26,17 @@ pub struct Running {
     pub save: Option<String>,
 }
 
+/// Lets a started (paused) VM run; one that cannot is torn down.
+pub(super) async fn let_run(vm: Vm) -> Result<Vm, JobError> {
+    match vm.resume().await {
+        Ok(()) => Ok(vm),
+        Err(e) => {
+            vm.teardown().await;
+            Err(JobError::Continue(e))
+        }
+    }
+}
+
 /// How one attempt to start the VM went.
 enum Started {
     Running(Box<Running>),
@@ -77,8 +88,7 @@ impl Engine {
         prepared: &Prepared,
         snapshots: Option<&SnapshotStore>,
     ) -> Result<Started, JobError> {
-        let run_dir = RunDir::new(&self.config.state_dir.join("run").join(&ctx.name))
-            .map_err(JobError::RunDir)?;
+        let run_dir = self.run_dir(&ctx.name)?;
         let outbound = prepared.payload.wants_outbound();
         let (network, service, tap) = self
             .network(ctx, &run_dir, &prepared.task(), outbound)
@@ -98,10 +108,7 @@ impl Engine {
         )
         .await
         .map_err(JobError::Launch)?;
-        let timeouts = VmTimeouts {
-            powerdown: Duration::from_secs(self.config.timeouts.shutdown_seconds),
-            ..VmTimeouts::default()
-        };
+        let timeouts = self.vm_timeouts();
         // A resumed QEMU exits as soon as its saved state fails to load, so a start that
         // fails is the snapshot's failure as much as a load QMP reports.
         let (vm, save) = match (Vm::start(launch, timeouts).await, plan) {
@@ -130,16 +137,26 @@ impl Engine {
             }
             (Err(e), _) => return Err(JobError::Start(e)),
         };
-        if let Err(e) = vm.resume().await {
-            vm.teardown().await;
-            return Err(JobError::Continue(e));
-        }
+        let vm = let_run(vm).await?;
         Ok(Started::Running(Box::new(Running {
             vm,
             service,
             tap,
             save,
         })))
+    }
+
+    /// The VM's run directory under `<stateDir>/run`, checked for socket path lengths.
+    pub(super) fn run_dir(&self, name: &str) -> Result<RunDir, JobError> {
+        RunDir::new(&self.config.state_dir.join("run").join(name)).map_err(JobError::RunDir)
+    }
+
+    /// The supervisor's timeouts, with worker.yml's grace for a guest's power-off.
+    pub(super) fn vm_timeouts(&self) -> VmTimeouts {
+        VmTimeouts {
+            powerdown: Duration::from_secs(self.config.timeouts.shutdown_seconds),
+            ..VmTimeouts::default()
+        }
     }
 
     /// The metadata service's limits from worker.yml.

@@ -361,26 +361,83 @@ mod tests {
         assert_eq!(report.reason, Some(ExceptionReason::ResourceUnavailable));
     }
 
+    /// A stop from outside: its own exception, no error, nothing collected, a note.
+    fn assert_stopped_by(reason: ExceptionReason) {
+        let ending = Ending::Stopped(reason);
+        assert!(!ending.collects(), "{reason}");
+        assert_eq!(
+            ending.note(),
+            Some(format!(
+                "the job was stopped ({reason}); the VM is shut down"
+            ))
+        );
+        let report = after_run(ending, None);
+        assert_eq!(report.resolution(), Resolution::Exception(reason));
+        assert!(report.errors.is_empty(), "{reason}");
+        assert_eq!(report.exit_code, None);
+    }
+
     #[test]
-    fn every_stop_from_outside_is_its_own_exception_with_no_error() {
-        for reason in [
-            ExceptionReason::Canceled,
-            ExceptionReason::WorkerShutdown,
-            ExceptionReason::ClaimExpired,
-            ExceptionReason::DeadlineExceeded,
-        ] {
-            let ending = Ending::Stopped(reason);
-            assert!(!ending.collects(), "{reason}");
-            assert!(
-                ending
-                    .note()
-                    .is_some_and(|n| n.contains(&reason.to_string()))
-            );
-            let report = after_run(ending, None);
-            assert_eq!(report.resolution(), Resolution::Exception(reason));
-            assert!(report.errors.is_empty(), "{reason}");
-            assert_eq!(report.exit_code, None);
-        }
+    fn a_canceled_job_is_canceled() {
+        assert_stopped_by(ExceptionReason::Canceled);
+    }
+
+    #[test]
+    fn a_job_stopped_by_a_worker_shutdown_is_worker_shutdown() {
+        assert_stopped_by(ExceptionReason::WorkerShutdown);
+    }
+
+    #[test]
+    fn a_job_whose_claim_expired_is_claim_expired() {
+        assert_stopped_by(ExceptionReason::ClaimExpired);
+    }
+
+    #[test]
+    fn a_job_past_its_deadline_is_deadline_exceeded() {
+        assert_stopped_by(ExceptionReason::DeadlineExceeded);
+    }
+
+    #[test]
+    fn an_image_that_cannot_be_had_is_resource_unavailable_at_image() {
+        let error = crate::image::ImageError::from(crate::image::FetchError::Exhausted {
+            url: "http://images.test/a.tar.zst".into(),
+            attempts: 4,
+            last: "HTTP 503".into(),
+        });
+        let report = ended(Ending::Error(JobError::Image(error)));
+        assert_eq!(
+            report.resolution(),
+            Resolution::Exception(ExceptionReason::ResourceUnavailable)
+        );
+        assert_eq!(report.errors[0].path, "/image");
+        assert!(report.errors[0].message.contains("after 4 attempts"));
+    }
+
+    #[test]
+    fn a_refused_image_is_a_malformed_payload_at_image() {
+        let error = crate::image::ImageError::from(crate::image::FetchError::TooLarge {
+            size: 10,
+            limit: 5,
+        });
+        let report = ended(Ending::Error(JobError::Image(error)));
+        assert_eq!(
+            report.resolution(),
+            Resolution::Exception(ExceptionReason::MalformedPayload)
+        );
+        assert_eq!(report.errors[0].path, "/image");
+    }
+
+    #[test]
+    fn no_working_accelerator_is_resource_unavailable() {
+        let error = JobError::Accelerator(crate::vm::AccelError::KvmUnavailable(
+            "the probe guest hung".into(),
+        ));
+        let report = ended(Ending::Error(error));
+        assert_eq!(report.reason, Some(ExceptionReason::ResourceUnavailable));
+        assert_eq!(
+            report.errors[0].message,
+            "no accelerator can run the VM: accelerator kvm was requested, but KVM does not work on this host: the probe guest hung"
+        );
     }
 
     #[test]

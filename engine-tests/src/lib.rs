@@ -597,7 +597,7 @@ impl Drop for RunningJob<'_> {
 }
 
 /// The directory of the job that the `qemu-worker run` with process id `pid` runs:
-/// `run` names its job `run-<unix millis>-<its pid>` (src/cli.rs, `run_job`), and a
+/// `run` names its job `run-<unix millis>-<its pid>` (src/cli/job.rs, `run_job`), and a
 /// job's files are in `<state>/jobs/<job id>`.
 fn run_job_dir(state: &Path, pid: u32) -> Option<PathBuf> {
     let pid = pid.to_string();

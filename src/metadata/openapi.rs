@@ -1,6 +1,8 @@
 use schemars::generate::SchemaSettings;
 use serde_json::{Value, json};
 
+use qemu_worker_protocol::metadata::{LOG_PATH, PING_PATH, RESULT_PATH, TASK_PATH};
+
 use super::{ApiError, LogReceipt, Ping, TaskReply, TaskResult};
 
 /// The metadata API as an OpenAPI 3.1 document (its schemas are JSON Schema 2020-12,
@@ -32,11 +34,11 @@ pub fn openapi_document() -> Value {
         },
         "servers": [{"url": "http://169.254.169.254"}],
         "paths": {
-            "/v1/ping": {"get": {
+            (PING_PATH): {"get": {
                 "summary": "Liveness check",
                 "responses": {"200": reply("The service is up.", "Ping")}
             }},
-            "/v1/task": {"get": {
+            (TASK_PATH): {"get": {
                 "summary": "The task to run",
                 "parameters": [{"name": "park", "in": "query", "required": false,
                     "description": "1: the caller can hold still for a boot snapshot (see docs/snapshots.md).",
@@ -46,7 +48,7 @@ pub fn openapi_document() -> Value {
                     "202": error("Only to a caller that sent park=1, at most once per VM: hold still for a boot snapshot. The worker takes the NIC's link down; print a line ending in 'parked for a boot snapshot' on the serial console, wait for the link to come back up, then ask again. The connection is closed.")
                 }
             }},
-            "/v1/log": {"post": {
+            (LOG_PATH): {"post": {
                 "summary": "Stream output into the job log",
                 "description": "The body (any bytes, typically chunked) is appended to the job log as it arrives. Several streams may be open at once (within the VM's connection cap, worker.yml metadata.maxConnections); the log is capped, and a line says so when the cap is reached. A stream that sends nothing for logs.idleSeconds is ended with 408: open a new one for more output.",
                 "requestBody": {"required": true, "content": {"application/octet-stream": {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}},
@@ -57,7 +59,7 @@ pub fn openapi_document() -> Value {
                     "503": error("The job log is closed.")
                 }
             }},
-            "/v1/result": {"put": {
+            (RESULT_PATH): {"put": {
                 "summary": "Report the command's exit code, once",
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TaskResult"}}}},
                 "responses": {

@@ -2,6 +2,7 @@ use schemars::generate::SchemaSettings;
 use serde_json::{Value, json};
 
 use qemu_worker_protocol::metadata::{LOG_PATH, PING_PATH, RESULT_PATH, TASK_PATH};
+use qemu_worker_protocol::snapshot::PARKED_LINE;
 
 use super::{ApiError, LogReceipt, Ping, TaskReply, TaskResult};
 
@@ -45,7 +46,7 @@ pub fn openapi_document() -> Value {
                     "schema": {"type": "string", "enum": ["1"]}}],
                 "responses": {
                     "200": reply("The task.", "TaskReply"),
-                    "202": error("Only to a caller that sent park=1, at most once per VM: hold still for a boot snapshot. The worker takes the NIC's link down; print a line ending in 'parked for a boot snapshot' on the serial console, wait for the link to come back up, then ask again. The connection is closed.")
+                    "202": error(&format!("Only to a caller that sent park=1, at most once per VM: hold still for a boot snapshot. The worker takes the NIC's link down; print a line ending in '{PARKED_LINE}' on the serial console, wait for the link to come back up, then ask again. The connection is closed."))
                 }
             }},
             (LOG_PATH): {"post": {

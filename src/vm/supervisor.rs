@@ -500,10 +500,6 @@ impl Vm {
     pub fn events(&self) -> &[QmpEvent] {
         &self.seen
     }
-
-    pub fn job_dir(&self) -> &JobDir {
-        &self.resources.job_dir
-    }
 }
 
 /// Creates a run dir readable by its owner only (QEMU's sockets live there).

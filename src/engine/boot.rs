@@ -31,7 +31,7 @@ pub(super) async fn let_run(vm: Vm) -> Result<Vm, JobError> {
     match vm.resume().await {
         Ok(()) => Ok(vm),
         Err(e) => {
-            vm.teardown().await;
+            vm.discard().await;
             Err(JobError::Continue(e))
         }
     }
@@ -122,7 +122,7 @@ impl Engine {
                     (vm, None)
                 }
                 Err(why) => {
-                    vm.teardown().await;
+                    vm.discard().await;
                     return Ok(Started::ResumeFailed { snapshot, why });
                 }
             },

@@ -15,7 +15,8 @@ pub struct TornDown {
 }
 
 impl Engine {
-    /// Phase *tear down*: stops the VM, then its metadata service and its network.
+    /// Phase *tear down*: quits the VM (its overlay is discarded, so the guest is not
+    /// asked to power off), then stops its metadata service and its network.
     /// Budgets are read here, at the very end: connections refused during the
     /// collection count too.
     pub(super) async fn tear_down(&self, ctx: &mut JobContext<'_>, running: Running) -> TornDown {
@@ -36,7 +37,8 @@ impl Engine {
         }
         let known_exit = vm.wait(Duration::ZERO).await.is_some();
         let console = vm.console();
-        let exit = vm.teardown().await;
+        // The job's disk is thrown away: no power-off to wait for.
+        let exit = vm.discard().await;
         if !known_exit && matches!(exit, VmExit::QemuFailed { .. }) {
             ctx.note(&format!("after the result: {exit}")).await;
         }

@@ -479,6 +479,30 @@ impl Vm {
             Some(exit) => exit,
             None => self.stop().await,
         };
+        self.release(exit).await
+    }
+
+    /// Ends a VM whose disk is thrown away (a job's, once its result and artifacts are
+    /// in): nothing of the guest is kept, so there is no ACPI power-off to wait for
+    /// (a systemd guest takes most of `shutdownSeconds` for it under TCG); QEMU is quit
+    /// at once (`quit` → SIGTERM → SIGKILL), then everything is released as in
+    /// `teardown`.
+    pub async fn discard(mut self) -> VmExit {
+        let exit = match self.wait(Duration::ZERO).await {
+            Some(exit) => exit,
+            None => {
+                let exit = VmExit::Stopped {
+                    step: self.force_stop().await,
+                };
+                self.exit = Some(exit.clone());
+                exit
+            }
+        };
+        self.release(exit).await
+    }
+
+    /// After QEMU ended: lets the console copy finish and releases the VM's resources.
+    async fn release(mut self, exit: VmExit) -> VmExit {
         // QEMU is gone, so the console socket is at its end: let the copy finish before
         // the serial log moves.
         if let Some(task) = self.console_task.take() {

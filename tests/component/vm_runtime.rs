@@ -446,3 +446,28 @@ fn a_guestfwd_helper_in_a_session_of_its_own_goes_with_its_run_dir() {
     assert!(!status.success(), "killed, not finished: {status}");
     assert_eq!(processes_under(dir.path()), Vec::<String>::new());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_discarded_vm_is_quit_without_waiting_for_a_power_off() {
+    require("qemu-system-x86_64", "qemu-system-x86");
+    let dir = scratch();
+    // An hour to power off: a discard that asked for one would hang here (SeaBIOS with
+    // nothing to boot never answers ACPI) until nextest ends the test.
+    let timeouts = VmTimeouts {
+        powerdown: Duration::from_secs(3600),
+        ..quick()
+    };
+    let launch = diskless(dir.path(), "discard", &[]);
+    let run_dir = launch.run_dir.path().to_path_buf();
+    let vm = Vm::start(launch, timeouts).await.expect("start");
+    vm.resume().await.expect("cont");
+    let exit = vm.discard().await;
+    assert_eq!(
+        exit,
+        VmExit::Stopped {
+            step: StopStep::Quit
+        }
+    );
+    assert!(!run_dir.exists(), "the run dir is removed");
+    assert!(processes_under(dir.path()).is_empty());
+}

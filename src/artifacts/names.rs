@@ -94,7 +94,7 @@ impl ArtifactNames {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn limits() -> ArtifactStoreConfig {
@@ -105,19 +105,22 @@ mod tests {
         }
     }
 
+    /// Names a hostile guest sends to escape or confuse the store.
+    pub(in crate::artifacts) const HOSTILE_NAMES: [&str; 8] = [
+        "../x",
+        "/etc/passwd",
+        "a/../../x",
+        "",
+        "a//b",
+        ".",
+        "a/./b",
+        "a\\b",
+    ];
+
     #[test]
     fn hostile_names_are_refused() {
         let names = ArtifactNames::new("dir", ArtifactKind::Directory);
-        for bad in [
-            "../x",
-            "/etc/passwd",
-            "a/../../x",
-            "",
-            "a//b",
-            ".",
-            "a/./b",
-            "a\\b",
-        ] {
+        for bad in HOSTILE_NAMES {
             let error = names.check(bad, &limits()).expect_err(bad);
             assert!(
                 matches!(error, ReceiveError::UnsafeName { .. }),

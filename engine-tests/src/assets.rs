@@ -93,9 +93,7 @@ pub fn pinned(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 }
 
 /// The test image with hostile guest tools: the guest crate built with its `hostile`
-/// feature (guest/src/hostile.rs) put in place of the real tools with debugfs, nothing
-/// else changed. Built once per set of inputs (under a lock: nextest runs each case in a
-/// process of its own) next to the test image, as `qemu-worker-test-hostile-KEY.tar.zst`.
+/// feature (guest/src/hostile.rs) put in place of the real tools (`swapped_image`).
 pub fn hostile_image() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT.get_or_init(build_hostile_image).clone()
@@ -105,9 +103,9 @@ fn build_hostile_image() -> PathBuf {
     use std::process::Command;
     super::require("zstd", "zstd");
     let workspace = super::workspace();
-    let test_image = test_image();
-    let out = test_image.parent().expect("images/out").to_path_buf();
-    let lock = std::fs::File::create(out.join(".hostile.lock")).expect("lock file");
+    // One build at a time (nextest runs each case in a process of its own).
+    std::fs::create_dir_all(workspace.join("target")).expect("target dir");
+    let lock = std::fs::File::create(workspace.join("target/.hostile-guest.lock")).expect("lock");
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).expect("lock");
 
     // A target dir of its own: the test image's recipe hashes the real tools' binary.
@@ -140,17 +138,56 @@ fn build_hostile_image() -> PathBuf {
     assert!(status.success(), "building the hostile guest tools failed");
     let tools = target_dir.join("x86_64-unknown-linux-gnu/release/qemu-worker-guest");
 
+    swapped_image("hostile", &[(tools, "/usr/bin/qemu-worker-guest")])
+}
+
+/// The test image whose init sends the guest tools' output nowhere, as systemd sends a
+/// service's to the journal: nothing of theirs reaches the serial console.
+pub fn quiet_tools_image() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let init = std::fs::read_to_string(super::workspace().join("images/test-image/init"))
+                .expect("images/test-image/init");
+            let tools = "      /usr/bin/qemu-worker-guest\n";
+            assert!(
+                init.contains(tools),
+                "the test image's init starts the tools"
+            );
+            let quiet = init.replace(tools, "      /usr/bin/qemu-worker-guest >/dev/null 2>&1\n");
+            let dir = super::workspace().join("target/quiet-tools");
+            std::fs::create_dir_all(&dir).expect("target/quiet-tools");
+            let path = dir.join("init");
+            std::fs::write(&path, quiet).expect("init");
+            swapped_image("quiet-tools", &[(path, "/init")])
+        })
+        .clone()
+}
+
+/// The test image with `files` (host file, guest path) written over its disk with
+/// debugfs, nothing else changed: `qemu-worker-test-LABEL-KEY.tar.zst` next to the test
+/// image, built once per set of inputs under a lock (nextest runs each case in a
+/// process of its own).
+fn swapped_image(label: &str, files: &[(PathBuf, &str)]) -> PathBuf {
+    use std::process::Command;
+    let test_image = test_image();
+    let out = test_image.parent().expect("images/out").to_path_buf();
+    let lock = std::fs::File::create(out.join(format!(".{label}.lock"))).expect("lock file");
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).expect("lock");
     let key = {
-        let image = std::fs::read(&test_image).expect("test image");
-        let binary = std::fs::read(&tools).expect("hostile tools");
-        sha256_hex(format!("{}{}", sha256_hex(&image), sha256_hex(&binary)).as_bytes())
+        let mut inputs = sha256_hex(&std::fs::read(&test_image).expect("test image"));
+        for (file, guest) in files {
+            inputs.push_str(guest);
+            inputs.push_str(&sha256_hex(&std::fs::read(file).expect("swapped file")));
+        }
+        sha256_hex(inputs.as_bytes())
     };
-    let target = out.join(format!("qemu-worker-test-hostile-{}.tar.zst", &key[..16]));
+    let target = out.join(format!("qemu-worker-test-{label}-{}.tar.zst", &key[..16]));
     if target.exists() {
         return target;
     }
     let work = tempfile::Builder::new()
-        .prefix("qw-hostile")
+        .prefix("qw-swapped")
         .tempdir_in("/tmp")
         .expect("tempdir");
     let image_dir = work.path().join("image");
@@ -167,15 +204,16 @@ fn build_hostile_image() -> PathBuf {
         .expect("tar");
     assert!(unpacked.success(), "unpacking the test image failed");
     let script = work.path().join("swap.debugfs");
-    std::fs::write(
-        &script,
-        format!(
-            "rm /usr/bin/qemu-worker-guest\nwrite {} /usr/bin/qemu-worker-guest\n\
-             sif /usr/bin/qemu-worker-guest mode 0100755\n",
-            tools.display()
-        ),
-    )
-    .expect("debugfs script");
+    let commands: String = files
+        .iter()
+        .map(|(file, guest)| {
+            format!(
+                "rm {guest}\nwrite {} {guest}\nsif {guest} mode 0100755\n",
+                file.display()
+            )
+        })
+        .collect();
+    std::fs::write(&script, commands).expect("debugfs script");
     let swapped = Command::new("debugfs")
         .arg("-w")
         .arg("-f")
@@ -185,7 +223,7 @@ fn build_hostile_image() -> PathBuf {
         .expect("`debugfs` is missing: install it with `apt-get install e2fsprogs`");
     assert!(
         swapped.status.success() && !String::from_utf8_lossy(&swapped.stderr).contains("rror"),
-        "debugfs could not swap the guest tools: {}",
+        "debugfs could not write {files:?} into the image: {}",
         String::from_utf8_lossy(&swapped.stderr)
     );
     let partial = target.with_extension("partial");
@@ -197,9 +235,22 @@ fn build_hostile_image() -> PathBuf {
         .expect("image pack");
     assert!(
         packed.status.success(),
-        "packing the hostile image failed: {}",
+        "packing the {label} image failed: {}",
         String::from_utf8_lossy(&packed.stderr)
     );
     std::fs::rename(&partial, &target).expect("rename");
     target
+}
+
+/// `images/out/debian-12-ci.tar.zst`, built by `images/build-image
+/// images/recipes/debian-12-ci.yml` (scripts/test builds it before the suite).
+pub fn debian_ci_image() -> PathBuf {
+    let path = super::workspace().join("images/out/debian-12-ci.tar.zst");
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `images/build-image images/recipes/debian-12-ci.yml` \
+         (needs root and `apt-get install mmdebstrap`)",
+        path.display()
+    );
+    path
 }

@@ -101,7 +101,10 @@ fn the_first_job_saves_a_boot_snapshot_and_later_jobs_resume_it() {
         let console =
             std::fs::read_to_string(outcome.job_dir.join("console.log")).expect("console");
         assert!(console.contains("QEMU-WORKER-INIT"), "{console}");
-        assert!(console.contains("parked for a boot snapshot"), "{console}");
+        assert!(
+            console.contains("holding still for a boot snapshot"),
+            "{console}"
+        );
     }
     assert_eq!(randoms.len(), 3);
     assert!(
@@ -115,6 +118,35 @@ fn the_first_job_saves_a_boot_snapshot_and_later_jobs_resume_it() {
     let pruned = worker.cli(&["image", "prune"]);
     assert!(pruned.status.success(), "{pruned:?}");
     assert!(snapshots(&worker).is_empty(), "{:?}", snapshots(&worker));
+}
+
+/// The handshake rides on the metadata service and the agent port, never on console
+/// text: a guest whose tools write nothing to the console (systemd sends a service's
+/// output to the journal) is saved and resumed all the same.
+#[test]
+fn a_guest_whose_tools_never_write_to_the_console_is_snapshotted_and_resumed() {
+    let worker = worker();
+    let image = engine_tests::assets::quiet_tools_image();
+    let image = image.display().to_string();
+    let first = Job::script("echo one").image(&image).run(&worker);
+    assert_eq!(first.state(), ResultState::Completed, "{first}");
+    assert!(
+        first.log().contains("saved boot snapshot"),
+        "{}",
+        first.log()
+    );
+    let second = Job::script("echo two").image(&image).run(&worker);
+    assert_eq!(second.state(), ResultState::Completed, "{second}");
+    let log = second.log();
+    assert!(log.contains("resumed from boot snapshot"), "{log}");
+    assert!(log.contains("two"), "{log}");
+    let console = std::fs::read_to_string(second.job_dir.join("console.log")).expect("console");
+    assert!(console.contains("QEMU-WORKER-INIT"), "{console}");
+    assert!(
+        !console.contains("qemu-worker-guest ["),
+        "the tools' lines reached the console: {console}"
+    );
+    worker.assert_clean();
 }
 
 #[test]

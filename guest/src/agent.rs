@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use qemu_worker_protocol::agent::{
     self, BAD_REQUEST, DATA, DONE, Done, END, FILE, FileEnd, FileHeader, GET, Get, GetKind,
-    NOT_A_DIRECTORY, NOT_A_FILE, NOT_FOUND, REFUSE, Refusal, SKIP, SYNC, Skipped, TOO_LARGE,
+    NOT_A_DIRECTORY, NOT_A_FILE, NOT_FOUND, PARK, REFUSE, RESUME, Refusal, SKIP, SYNC, Skipped,
+    TOO_LARGE,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -55,6 +56,14 @@ fn serve(mut reader: File, writer: File) -> io::Result<()> {
         let (kind, payload) = read_frame(&mut reader)?;
         match kind {
             SYNC => write_frame(&mut out, SYNC, &payload)?,
+            PARK if crate::park::parked() => write_frame(&mut out, PARK, &[])?,
+            PARK => error(
+                &mut out,
+                BAD_REQUEST,
+                "not asked to park for a boot snapshot",
+            )?,
+            RESUME if crate::park::resume() => write_frame(&mut out, RESUME, &[])?,
+            RESUME => error(&mut out, BAD_REQUEST, "not parked for a boot snapshot")?,
             GET => match serde_json::from_slice::<Get>(&payload) {
                 #[cfg(feature = "hostile")]
                 Ok(get) if crate::hostile::answer(&mut out, &get.path)? => {}

@@ -19,6 +19,7 @@ use qemu_worker_protocol::{agent::PORT_NAME, snapshot};
 mod agent;
 #[cfg(feature = "hostile")]
 mod hostile;
+mod park;
 
 /// The metadata service, as every VM sees it.
 const METADATA: &str = metadata::ADDRESS;
@@ -101,7 +102,7 @@ fn fetch_task(address: SocketAddr) -> (TaskReply, Option<TcpStream>) {
     let start = Instant::now();
     let mut waiting = false;
     loop {
-        // `park=1`: these tools can hold still for a boot snapshot (see `park`).
+        // `PARK_QUERY`: these tools can hold still for a boot snapshot (see `park`).
         let path = format!("{}?{}", metadata::TASK_PATH, metadata::PARK_QUERY);
         match connect(address).and_then(|s| send(s, "GET", &path, b"", true)) {
             Ok(Response {
@@ -140,50 +141,16 @@ fn fetch_task(address: SocketAddr) -> (TaskReply, Option<TcpStream>) {
 }
 
 /// The worker asked the tools to hold still while it saves the VM as a boot snapshot
-/// (`202` to the task fetch, the connection closed). On the `parking` console line it
-/// takes the NIC's link down; on the `parked` line it saves the VM and brings the link up
-/// again, in
-/// this VM and in every VM later resumed from the snapshot. The tools hold no connection
-/// meanwhile, so the snapshot holds none; they ask for the task again once the link is
-/// back. If the link never goes down (the worker gave up), they ask again after 10 s.
+/// (`202` to the task fetch, the connection closed): the handshake then runs over the
+/// agent port (`park.rs`), in this VM and in every VM later resumed from the snapshot.
+/// The tools hold no connection meanwhile, so the snapshot holds none. They ask for the
+/// task again on `RESUME`, or after `HOLD_LIMIT` if it never comes.
 fn park() {
-    let up = |path: &std::path::PathBuf| {
-        std::fs::read_to_string(path).is_ok_and(|carrier| carrier.trim() == "1")
-    };
-    // The links up now (one of them reaches the service); interfaces that are down, or
-    // have no carrier to read, are no signal.
-    let carriers: Vec<_> = std::fs::read_dir("/sys/class/net")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|entry| entry.file_name() != "lo")
-        .map(|entry| entry.path().join("carrier"))
-        .filter(up)
-        .collect();
-    if carriers.is_empty() {
-        say("asked to park, but no link is up to watch; asking for the task again");
-        return;
-    }
-    let wait = |done: &dyn Fn() -> bool, limit: Duration| {
-        let start = Instant::now();
-        while !done() {
-            if start.elapsed() > limit {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        true
-    };
-    // The worker takes the link down once it reads this line: not before, or the answer
-    // just received could still be in flight and lost with the link.
-    say(snapshot::PARKING_LINE);
-    if !wait(&|| !carriers.iter().all(up), Duration::from_secs(10)) {
-        say("asked to park, but the link stayed up; asking for the task again");
-        return;
-    }
-    say(snapshot::PARKED_LINE);
-    if !wait(&|| carriers.iter().all(up), WAIT_FOR_SERVICE) {
-        say("the link did not come back; asking for the task anyway");
+    say("holding still for a boot snapshot");
+    if park::hold(snapshot::HOLD_LIMIT) {
+        say("resumed after the boot snapshot");
+    } else {
+        say("no RESUME on the agent port; asking for the task anyway");
     }
 }
 
@@ -666,7 +633,7 @@ mod tests {
         assert_eq!(
             seen,
             [[
-                "GET /v1/task?park=1 HTTP/1.1",
+                "GET /v1/task?park=2 HTTP/1.1",
                 "POST /v1/log HTTP/1.1",
                 "PUT /v1/result HTTP/1.1"
             ]],
@@ -682,7 +649,7 @@ mod tests {
         assert_eq!(
             seen,
             [
-                ["GET /v1/task?park=1 HTTP/1.1"],
+                ["GET /v1/task?park=2 HTTP/1.1"],
                 ["POST /v1/log HTTP/1.1"],
                 ["PUT /v1/result HTTP/1.1"]
             ],

@@ -4,7 +4,9 @@
 //!
 //! The host sends [`SYNC`] (an 8-byte nonce, echoed back) and [`GET`]. The guest
 //! answers a `GET` with, per file, [`FILE`], [`DATA`]…, [`END`]; [`SKIP`] for an entry
-//! it did not send; then [`DONE`] — or [`REFUSE`] instead of all of it.
+//! it did not send; then [`DONE`] — or [`REFUSE`] instead of all of it. [`PARK`] and
+//! [`RESUME`] carry the boot snapshot handshake (see [`crate::snapshot`]); the guest
+//! echoes each, or answers [`REFUSE`].
 
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +17,11 @@ pub const PORT_NAME: &str = "org.qemu-worker.agent.0";
 pub const SYNC: u8 = b'S';
 /// Host → guest: a [`Get`].
 pub const GET: u8 = b'G';
+/// Host → guest: hold still for a boot snapshot (no payload). Echoed, empty, once the
+/// tools hold no connection; refused when they were not asked to park.
+pub const PARK: u8 = b'P';
+/// Host → guest: the snapshot is taken (or given up); go on (no payload). Echoed, empty.
+pub const RESUME: u8 = b'R';
 /// Guest → host: a [`FileHeader`]; the file's bytes follow.
 pub const FILE: u8 = b'F';
 /// Guest → host: bytes of the open file.

@@ -9,8 +9,10 @@ pub const ADDRESS: &str = "169.254.169.254:80";
 
 /// `GET`: the task. With [`PARK_QUERY`] the caller offers to park for a boot snapshot.
 pub const TASK_PATH: &str = "/v1/task";
-/// The query by which guest tools say they can park (`/v1/task?park=1`).
-pub const PARK_QUERY: &str = "park=1";
+/// The query by which guest tools say they can park for a boot snapshot over the agent
+/// port (`/v1/task?park=2`). `park=1` offered the console handshake of older tools: such
+/// tools get their task at once, and their image no snapshot.
+pub const PARK_QUERY: &str = "park=2";
 /// `POST` (chunked): the command's output, appended live to the job log.
 pub const LOG_PATH: &str = "/v1/log";
 /// `PUT`: the exit code, once.

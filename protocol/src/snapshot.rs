@@ -1,9 +1,17 @@
-//! The boot snapshot handshake. The task fetch is answered `202` when the worker wants
-//! to save the VM; the guest tools then print these lines on the serial console: the
-//! first once they hold the park request, the second once the NIC's link went down and
-//! nothing of theirs is in flight. The worker saves the VM after the second.
+//! The boot snapshot handshake. It rides on channels the worker owns, never on console
+//! text, so it works whatever an image's init does with the guest tools' output:
+//!
+//! 1. the guest tools ask for the task with [`crate::metadata::PARK_QUERY`]; a worker that
+//!    wants a snapshot answers `202` and closes the connection;
+//! 2. the worker sends [`crate::agent::PARK`] on the agent port; the tools echo it once
+//!    they hold no connection and nothing of theirs is in flight (or refuse);
+//! 3. the worker stops the VM, saves it, lets it go on, and sends
+//!    [`crate::agent::RESUME`] on the agent port, as it does in every VM later resumed
+//!    from the snapshot; the tools echo it and ask for the task again.
 
-/// Printed once the guest tools took the park request.
-pub const PARKING_LINE: &str = "parking for a boot snapshot";
-/// Printed once the guest tools hold still; the worker saves the VM on it.
-pub const PARKED_LINE: &str = "parked for a boot snapshot";
+use std::time::Duration;
+
+/// How long the guest tools hold still for a `RESUME` before they ask for the task
+/// anyway (a worker that gave up on the save, or lost the agent port). Longer than the
+/// worker's own limits on a save (its migration timeout).
+pub const HOLD_LIMIT: Duration = Duration::from_secs(180);

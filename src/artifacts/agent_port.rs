@@ -34,6 +34,8 @@ pub enum AgentError {
     },
     #[error("the guest tools did not answer on the agent port within {0:?}")]
     NoAgent(Duration),
+    #[error("the guest tools did not answer the {frame} frame on the agent port within {wait:?}")]
+    NoAnswer { frame: char, wait: Duration },
     #[error("the agent port failed")]
     Io(#[from] std::io::Error),
     #[error("the guest sent nothing for {0:?} in the middle of an answer (artifacts.stallSeconds)")]
@@ -155,6 +157,34 @@ impl AgentClient {
         let mut payload = vec![0u8; len];
         self.reader.read_exact(&mut payload).await?;
         Ok((kind, payload))
+    }
+
+    /// Sends a handshake frame (`PARK` or `RESUME`, no payload) and waits up to `wait`
+    /// for the guest tools' echo; a refusal or anything else is an error.
+    pub async fn handshake(&mut self, kind: u8, wait: Duration) -> Result<(), AgentError> {
+        self.send(kind, &[]).await?;
+        let Ok(answer) = tokio::time::timeout(wait, self.frame(MAX_CONTROL_FRAME)).await else {
+            return Err(AgentError::NoAnswer {
+                frame: kind as char,
+                wait,
+            });
+        };
+        match answer? {
+            (echo, payload) if echo == kind && payload.is_empty() => Ok(()),
+            (REFUSE, payload) => {
+                let refusal: Refusal = control(&payload)?;
+                Err(AgentError::Refused {
+                    path: format!("{} frame", kind as char),
+                    code: refusal.code.chars().take(64).collect(),
+                    message: refusal.message.chars().take(512).collect(),
+                })
+            }
+            (other, payload) => Err(AgentError::Protocol(format!(
+                "a {}-byte frame of type {other} in answer to {}",
+                payload.len(),
+                kind as char
+            ))),
+        }
     }
 
     /// Fetches a guest file or folder into `receiver`, which checks and counts every

@@ -13,6 +13,7 @@ use crate::metadata::{
 use crate::vm::{
     LaunchPlan, NetworkAttachment, ResumeError, RunDir, Snapshot, SnapshotPlan, SnapshotStore,
     TAP_DEVICE, TapNetwork, Vm, VmError, VmTimeouts, finish_resume, prepare_launch_with_snapshots,
+    release_resumed,
 };
 
 /// A running VM with what it needs until teardown. Field order is drop order: the VM
@@ -111,16 +112,9 @@ impl Engine {
         let timeouts = self.vm_timeouts();
         // A resumed QEMU exits as soon as its saved state fails to load, so a start that
         // fails is the snapshot's failure as much as a load QMP reports.
-        let (vm, save) = match (Vm::start(launch, timeouts).await, plan) {
+        let (vm, save, resumed) = match (Vm::start(launch, timeouts).await, plan) {
             (Ok(vm), SnapshotPlan::Resume(snapshot)) => match finish_resume(vm.qmp()).await {
-                Ok(()) => {
-                    ctx.note(&format!(
-                        "resumed from boot snapshot {} instead of booting",
-                        snapshot.key
-                    ))
-                    .await;
-                    (vm, None)
-                }
+                Ok(()) => (vm, None, Some(snapshot)),
                 Err(why) => {
                     vm.discard().await;
                     return Ok(Started::ResumeFailed { snapshot, why });
@@ -128,9 +122,9 @@ impl Engine {
             },
             (Ok(vm), SnapshotPlan::Save(key)) => {
                 service.arm_park();
-                (vm, Some(key))
+                (vm, Some(key), None)
             }
-            (Ok(vm), SnapshotPlan::Boot) => (vm, None),
+            (Ok(vm), SnapshotPlan::Boot) => (vm, None, None),
             (Err(e @ VmError::QemuFailed { .. }), SnapshotPlan::Resume(snapshot)) => {
                 let why = ResumeError::Exited(e);
                 return Ok(Started::ResumeFailed { snapshot, why });
@@ -138,6 +132,18 @@ impl Engine {
             (Err(e), _) => return Err(JobError::Start(e)),
         };
         let vm = let_run(vm).await?;
+        if let Some(snapshot) = resumed {
+            let agent_socket = vm.run_dir().agent_socket();
+            if let Err(why) = release_resumed(Path::new(&agent_socket)).await {
+                vm.discard().await;
+                return Ok(Started::ResumeFailed { snapshot, why });
+            }
+            ctx.note(&format!(
+                "resumed from boot snapshot {} instead of booting",
+                snapshot.key
+            ))
+            .await;
+        }
         Ok(Started::Running(Box::new(Running {
             vm,
             service,

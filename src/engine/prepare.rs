@@ -70,13 +70,11 @@ impl Engine {
             .map_err(Ending::Rejected)?;
         ctx.phase("machine");
 
-        // Snapshots need the user network (a tap VM's addresses are per VM) and the serial
-        // console (where the guest says it parked).
+        // Snapshots need the user network (a tap VM's addresses are per VM).
         let snapshots = (self.config.snapshots.enabled
             && self.config.network.backend == NetworkBackend::User
-            && !payload.wants_outbound()
-            && machine.serial_console)
-            .then(|| SnapshotStore::new(lease.snapshot_dir()));
+            && !payload.wants_outbound())
+        .then(|| SnapshotStore::new(lease.snapshot_dir()));
         Ok(Prepared {
             payload,
             lease,

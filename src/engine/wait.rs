@@ -95,8 +95,9 @@ async fn save_snapshot(
         Park::Sent => {
             let started = Instant::now();
             let serial = PathBuf::from(vm.run_dir().serial_log());
+            let agent = PathBuf::from(vm.run_dir().agent_socket());
             let overlay = vm.run_dir().path().join("overlay.qcow2");
-            match store.take(key, vm.qmp(), &serial, &overlay).await {
+            match store.take(key, vm.qmp(), &agent, &serial, &overlay).await {
                 Ok(_) => {
                     ctx.note(&format!(
                         "saved boot snapshot {key} in {} ms; later jobs on this image and machine resume it",

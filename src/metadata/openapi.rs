@@ -1,8 +1,7 @@
 use schemars::generate::SchemaSettings;
 use serde_json::{Value, json};
 
-use qemu_worker_protocol::metadata::{LOG_PATH, PING_PATH, RESULT_PATH, TASK_PATH};
-use qemu_worker_protocol::snapshot::PARKED_LINE;
+use qemu_worker_protocol::metadata::{LOG_PATH, PARK_QUERY, PING_PATH, RESULT_PATH, TASK_PATH};
 
 use super::{ApiError, LogReceipt, Ping, TaskReply, TaskResult};
 
@@ -42,11 +41,11 @@ pub fn openapi_document() -> Value {
             (TASK_PATH): {"get": {
                 "summary": "The task to run",
                 "parameters": [{"name": "park", "in": "query", "required": false,
-                    "description": "1: the caller can hold still for a boot snapshot (see docs/snapshots.md).",
-                    "schema": {"type": "string", "enum": ["1"]}}],
+                    "description": "2: the caller can hold still for a boot snapshot over the agent port (see docs/snapshots.md); any other value is no offer.",
+                    "schema": {"type": "string"}}],
                 "responses": {
                     "200": reply("The task.", "TaskReply"),
-                    "202": error(&format!("Only to a caller that sent park=1, at most once per VM: hold still for a boot snapshot. The worker takes the NIC's link down; print a line ending in '{PARKED_LINE}' on the serial console, wait for the link to come back up, then ask again. The connection is closed."))
+                    "202": error(&format!("Only to a caller that sent {PARK_QUERY}, at most once per VM: hold still for a boot snapshot. The connection is closed. The worker then sends PARK on the agent port (echo it once no connection is held), saves the VM, and sends RESUME (echo it, then ask again); see docs/snapshots.md."))
                 }
             }},
             (LOG_PATH): {"post": {

@@ -386,7 +386,7 @@ fn serve_task(state: &State, query: Option<&str>) -> Reply {
         let mut reply = error(
             StatusCode::ACCEPTED,
             "park",
-            "hold still for a boot snapshot: ask again when the link is back up",
+            "hold still for a boot snapshot: the worker sends PARK, then RESUME, on the agent port; ask again after RESUME",
         );
         reply
             .headers_mut()

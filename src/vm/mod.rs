@@ -25,7 +25,7 @@ pub use run_dir::{RunDir, RunDirError};
 pub use screenshot::{Screenshot, ScreenshotError, take_screenshot, take_screenshot_ppm};
 pub use snapshot::{
     Lookup, MigrationError, ResumeError, SaveError, Snapshot, SnapshotStore, Volatile,
-    finish_resume,
+    finish_resume, release_resumed,
 };
 pub use strays::kill_strays;
 pub use supervisor::{

@@ -2,16 +2,16 @@
 //! the task, resumed by later jobs on the same image and machine instead of booting.
 //!
 //! The first job that finds no snapshot tells its guest to park (the metadata service
-//! answers the task fetch `202`), takes the NIC's link down once the guest says on its
-//! console that it got the answer, waits for its `parked` line, stops the VM, migrates it into a file, copies its overlay and
-//! console, and lets the same VM go on with its job. Later jobs start QEMU with
-//! `-incoming` on that file over an overlay on the saved disk, bring the link up and
-//! `cont`: the guest tools see the link, fetch their task, set the clock and reseed the
-//! kernel's RNG from the host's answer.
+//! answers the task fetch `202`), asks the guest tools on the agent port (`PARK`) whether
+//! they hold still, stops the VM, migrates it into a file, copies its overlay and
+//! console, and lets the same VM go on (`cont`, then `RESUME` on the agent port). Later
+//! jobs start QEMU with `-incoming` on that file over an overlay on the saved disk,
+//! `cont` and send `RESUME`: the guest tools fetch their task, set the clock and reseed
+//! the kernel's RNG from the host's answer. Nothing is read from the console, so this
+//! works whatever an image's init does with the tools' output.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncReadExt;
 
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -20,13 +20,14 @@ use super::supervisor::VmError;
 use crate::error_chain::DisplayChain;
 use crate::qemu::{QmpClient, QmpError};
 
-use qemu_worker_protocol::snapshot::{PARKED_LINE, PARKING_LINE};
-/// The NIC's netdev id in every command line (see argv.rs).
-const NIC: &str = "net0";
-/// Bumped when what a snapshot holds changes meaning (the park protocol, the layout).
-const FORMAT: &str = "qemu-worker boot snapshot v1";
+use crate::artifacts::{AgentClient, AgentError};
+use qemu_worker_protocol::agent::{PARK, RESUME};
+/// Bumped when what a snapshot holds changes meaning (the park protocol, the layout):
+/// v2 parks over the agent port and waits there for `RESUME`.
+const FORMAT: &str = "qemu-worker boot snapshot v2";
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the guest may take to say it parked once the link is down.
+/// How long the guest tools may take to answer on the agent port (connecting includes
+/// an image that loads the port's driver after starting them).
 const PARK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Snapshots kept per image: each machine a payload asks for may save one (~100 MB),
 /// so this bounds what payloads can make the cache hold.
@@ -51,10 +52,10 @@ pub enum MigrationError {
 /// Why no boot snapshot was saved (the VM goes on with its job unless `Release`).
 #[derive(Debug, thiserror::Error)]
 pub enum SaveError {
-    #[error("the guest did not print '{line}' on its serial console within {timeout:?}")]
+    #[error("the guest tools did not hold still for it")]
     NotParked {
-        line: &'static str,
-        timeout: Duration,
+        #[source]
+        source: AgentError,
     },
     #[error(transparent)]
     Qmp(#[from] QmpError),
@@ -82,6 +83,11 @@ pub enum SaveError {
         #[source]
         source: QmpError,
     },
+    #[error("the guest tools did not take RESUME after the save")]
+    NotResumed {
+        #[source]
+        source: AgentError,
+    },
 }
 
 /// Why a VM started from a boot snapshot is not running it.
@@ -92,8 +98,12 @@ pub enum ResumeError {
     Exited(VmError),
     #[error(transparent)]
     Load(#[from] MigrationError),
-    #[error(transparent)]
-    Link(QmpError),
+    /// The resumed guest tools did not take `RESUME` on the agent port.
+    #[error("the resumed guest tools did not take RESUME")]
+    NotResumed {
+        #[source]
+        source: AgentError,
+    },
 }
 
 /// The snapshots of one cached image: `<cache dir>/snapshots/<image sha256>/<key>/`,
@@ -233,7 +243,7 @@ impl SnapshotStore {
     pub async fn refuse(&self, key: &str) {
         self.note_unsupported(
             key,
-            "the image's guest tools do not offer to park (GET /v1/task without park=1)",
+            "the image's guest tools do not offer to park over the agent port (GET /v1/task without park=2)",
         )
         .await;
     }
@@ -249,35 +259,46 @@ impl SnapshotStore {
         let _ = std::fs::write(self.unsupported_marker(key), why);
     }
 
-    /// Saves the VM whose guest was just told to park, then lets it go on (link up,
-    /// `cont`) whatever happened. `serial_log` and `overlay` are the VM's own files.
+    /// Saves the VM whose guest was just told to park, then lets it go on (`cont`, and
+    /// `RESUME` to the guest tools) whatever happened. `agent_socket`, `serial_log` and
+    /// `overlay` are the VM's own.
     pub async fn take(
         &self,
         key: &str,
         qmp: &QmpClient,
+        agent_socket: &Path,
         serial_log: &Path,
         overlay: &Path,
     ) -> Result<Snapshot, SaveError> {
         let started = Instant::now();
-        let taken = self.save(key, qmp, serial_log, overlay).await;
-        let released = async {
-            qmp.cont(QMP_TIMEOUT).await?;
-            set_link(qmp, true).await
+        // Not marked unsupported when the tools do not answer: a guest this slow may be a
+        // loaded host's.
+        let mut agent = AgentClient::connect(agent_socket, PARK_TIMEOUT)
+            .await
+            .map_err(|source| SaveError::NotParked { source })?;
+        let taken = match agent.handshake(PARK, PARK_TIMEOUT).await {
+            Ok(()) => self.save(key, qmp, serial_log, overlay).await,
+            Err(source) => Err(SaveError::NotParked { source }),
+        };
+        if let Err(source) = qmp.cont(QMP_TIMEOUT).await {
+            return Err(SaveError::Release { source });
         }
-        .await;
-        match (&taken, released) {
-            (_, Err(source)) => return Err(SaveError::Release { source }),
+        // Tools that did not park may still hold still: they are told to go on too.
+        let resumed = agent.handshake(RESUME, PARK_TIMEOUT).await;
+        match (&taken, resumed) {
+            (Ok(_), Err(source)) => return Err(SaveError::NotResumed { source }),
             (Ok(snapshot), Ok(())) => tracing::info!(
                 key,
                 dir = %snapshot.dir.display(),
                 millis = started.elapsed().as_millis() as u64,
                 "boot snapshot saved"
             ),
-            (Err(why), Ok(())) => tracing::warn!(key, why = %DisplayChain(why), "no boot snapshot"),
+            (Err(why), _) => tracing::warn!(key, why = %DisplayChain(why), "no boot snapshot"),
         }
         taken
     }
 
+    /// Stops the parked VM and files it as the snapshot `key` (the caller lets it go on).
     async fn save(
         &self,
         key: &str,
@@ -285,20 +306,6 @@ impl SnapshotStore {
         serial_log: &Path,
         overlay: &Path,
     ) -> Result<Snapshot, SaveError> {
-        // The park answer must reach the guest before the link goes down.
-        let mut console = ConsoleFollower::new(serial_log);
-        for (line, link_down) in [(PARKING_LINE, true), (PARKED_LINE, false)] {
-            if !console.wait_for(line, PARK_TIMEOUT).await {
-                // Not marked unsupported: a guest this slow may be a loaded host's.
-                return Err(SaveError::NotParked {
-                    line,
-                    timeout: PARK_TIMEOUT,
-                });
-            }
-            if link_down {
-                set_link(qmp, false).await?;
-            }
-        }
         qmp.execute("stop", None, QMP_TIMEOUT).await?;
         let in_dir = |source: std::io::Error| SaveError::Io {
             path: self.dir.clone(),
@@ -373,7 +380,14 @@ impl SnapshotFiles {
             (&self.overlay, "disk.qcow2"),
             (&self.serial_log, "console.log"),
         ] {
-            std::fs::copy(from, tmp.path().join(to)).map_err(|source| SaveError::Copy {
+            let copied = match std::fs::copy(from, tmp.path().join(to)) {
+                // A machine without a serial console has no log: the snapshot's is empty.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && to == "console.log" => {
+                    std::fs::write(tmp.path().join(to), b"")
+                }
+                copied => copied.map(drop),
+            };
+            copied.map_err(|source| SaveError::Copy {
                 from: from.clone(),
                 source,
             })?;
@@ -404,22 +418,23 @@ impl SnapshotFiles {
     }
 }
 
-/// Completes a resume: waits until QEMU has loaded the snapshot (it was started with
-/// `-incoming`), then brings the NIC's link up so that the parked guest tools go on.
-/// The caller then `cont`s.
+/// Waits until QEMU, started with `-incoming`, has loaded the snapshot. The caller then
+/// `cont`s and calls `release_resumed`.
 pub async fn finish_resume(qmp: &QmpClient) -> Result<(), ResumeError> {
     wait_for_migration(qmp).await?;
-    set_link(qmp, true).await.map_err(ResumeError::Link)
+    Ok(())
 }
 
-async fn set_link(qmp: &QmpClient, up: bool) -> Result<(), QmpError> {
-    qmp.execute(
-        "set_link",
-        Some(json!({"name": NIC, "up": up})),
-        QMP_TIMEOUT,
-    )
-    .await
-    .map(drop)
+/// Tells the guest tools of a running, resumed VM to go on: they were parked when the
+/// snapshot was saved and ask for their task on `RESUME`.
+pub async fn release_resumed(agent_socket: &Path) -> Result<(), ResumeError> {
+    let released = async {
+        let mut agent = AgentClient::connect(agent_socket, PARK_TIMEOUT).await?;
+        agent.handshake(RESUME, PARK_TIMEOUT).await
+    };
+    released
+        .await
+        .map_err(|source| ResumeError::NotResumed { source })
 }
 
 /// Polls `query-migrate` until the migration (either way) completed.
@@ -445,67 +460,6 @@ async fn wait_for_migration(qmp: &QmpClient) -> Result<(), MigrationError> {
             }
             _ => tokio::time::sleep(Duration::from_millis(5)).await,
         }
-    }
-}
-
-/// Follows the serial log as QEMU appends to it, reading each byte once (a guest's
-/// console may be large).
-struct ConsoleFollower {
-    file: Option<tokio::fs::File>,
-    path: PathBuf,
-    /// What was read and not yet matched: the last, unfinished line.
-    pending: Vec<u8>,
-}
-
-impl ConsoleFollower {
-    fn new(path: &Path) -> Self {
-        Self {
-            file: None,
-            path: path.to_path_buf(),
-            pending: Vec::new(),
-        }
-    }
-
-    /// Waits until a line containing `needle` is appended (polling: the file is QEMU's).
-    /// Lines after it stay for the next wait.
-    async fn wait_for(&mut self, needle: &str, timeout: Duration) -> bool {
-        let start = Instant::now();
-        let mut chunk = vec![0u8; 64 << 10];
-        loop {
-            if self.take_line_with(needle) {
-                return true;
-            }
-            if self.file.is_none() {
-                self.file = tokio::fs::File::open(&self.path).await.ok();
-            }
-            let read = match self.file.as_mut() {
-                Some(file) => file.read(&mut chunk).await.ok(),
-                None => None,
-            };
-            match read {
-                Some(n) if n > 0 => self.pending.extend_from_slice(&chunk[..n]),
-                _ if start.elapsed() < timeout => {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                _ => return false,
-            }
-        }
-    }
-
-    /// Drops the complete lines read so far up to and including the first that contains
-    /// `needle` (true), or all complete lines (false).
-    fn take_line_with(&mut self, needle: &str) -> bool {
-        let mut consumed = 0;
-        while let Some(end) = self.pending[consumed..].iter().position(|&b| b == b'\n') {
-            let line = &self.pending[consumed..consumed + end];
-            consumed += end + 1;
-            if String::from_utf8_lossy(line).contains(needle) {
-                self.pending.drain(..consumed);
-                return true;
-            }
-        }
-        self.pending.drain(..consumed);
-        false
     }
 }
 
@@ -537,34 +491,6 @@ fn qemu_binary_identity() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn the_console_follower_finds_lines_as_they_are_appended_once_each() {
-        use std::io::Write;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("serial.log");
-        let mut console = ConsoleFollower::new(&path);
-        let short = Duration::from_millis(50);
-        assert!(!console.wait_for(PARKING_LINE, short).await, "no file yet");
-        let mut file = std::fs::File::create(&path).expect("create");
-        write!(file, "boot\nqemu-worker-guest [1.5]: parking for a boot sn").expect("write");
-        assert!(
-            !console.wait_for(PARKING_LINE, short).await,
-            "an unfinished line"
-        );
-        writeln!(file, "apshot").expect("write");
-        assert!(console.wait_for(PARKING_LINE, short).await);
-        assert!(
-            !console.wait_for(PARKING_LINE, short).await,
-            "a line is matched once"
-        );
-        writeln!(file, "x: {PARKED_LINE}").expect("write");
-        assert!(console.wait_for(PARKED_LINE, short).await);
-        // Two lines in one read: the second is still there for the next wait.
-        writeln!(file, "{PARKING_LINE}\n{PARKED_LINE}").expect("write");
-        assert!(console.wait_for(PARKING_LINE, short).await);
-        assert!(console.wait_for(PARKED_LINE, short).await);
-    }
 
     #[test]
     fn an_image_keeps_at_most_max_per_image_snapshots() {

@@ -202,7 +202,7 @@ async fn a_park_request_goes_once_to_tools_that_offer_to_park() {
     let mut service = Service::start(1 << 20).await;
     let socket = service.socket();
     service.handle.arm_park();
-    let parked = request(&socket, &simple("GET", "/v1/task?park=1", "")).await;
+    let parked = request(&socket, &simple("GET", "/v1/task?park=2", "")).await;
     assert_eq!(parked.status, 202);
     assert_conforms(&parked, "/v1/task", "get");
     assert_eq!(parked.json()["code"], "park");
@@ -220,7 +220,7 @@ async fn a_park_request_goes_once_to_tools_that_offer_to_park() {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_millis() as u64;
-    let reply = request(&socket, &simple("GET", "/v1/task?park=1", "")).await;
+    let reply = request(&socket, &simple("GET", "/v1/task?park=2", "")).await;
     assert_eq!(reply.status, 200, "parked once only");
     assert_conforms(&reply, "/v1/task", "get");
     let task = reply.json();
@@ -234,8 +234,10 @@ async fn a_park_request_goes_once_to_tools_that_offer_to_park() {
 
     let other = Service::start(1 << 20).await;
     other.handle.arm_park();
-    let reply = request(&other.socket(), &simple("GET", "/v1/task", "")).await;
+    // `park=1`: tools that offered the console handshake, which is no longer served.
+    let reply = request(&other.socket(), &simple("GET", "/v1/task?park=1", "")).await;
     assert_eq!(reply.status, 200, "tools that cannot park get the task");
+    assert_conforms(&reply, "/v1/task", "get");
     assert_ne!(
         reply.json()["entropy"],
         entropy.as_str(),

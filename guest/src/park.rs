@@ -80,7 +80,7 @@ mod tests {
         let holder = std::thread::spawn(|| hold(Duration::from_secs(30)));
         assert!(parked(), "PARK waits for the holder");
         assert!(resume());
-        assert!(holder.join().unwrap(), "the holder saw RESUME");
+        assert!(holder.join().expect("the holder"), "the holder saw RESUME");
         assert!(!resume(), "after the hold RESUME is refused again");
         assert!(
             !hold(Duration::from_millis(10)),

@@ -283,6 +283,36 @@ mod tests {
     }
 
     #[test]
+    fn ovmf_defaults_to_debians_files_and_relative_paths_are_the_configs() {
+        let config = parse("").expect("valid").config;
+        assert_eq!(
+            config.firmware.ovmf_code,
+            Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd")
+        );
+        assert_eq!(
+            config.firmware.ovmf_vars,
+            Path::new("/usr/share/OVMF/OVMF_VARS_4M.fd")
+        );
+        let config = parse("firmware: {ovmfCode: fw/CODE.fd}\n")
+            .expect("valid")
+            .config;
+        assert_eq!(config.firmware.ovmf_code, Path::new("/etc/qw/fw/CODE.fd"));
+        assert_eq!(
+            config.firmware.ovmf_vars,
+            Path::new("/usr/share/OVMF/OVMF_VARS_4M.fd")
+        );
+        let found = issues("firmware: {code: /x}\n");
+        assert_eq!(found[0].path, "/firmware/code");
+    }
+
+    #[test]
+    fn a_default_uefi_machine_on_microvm_is_refused() {
+        let found = issues("machine: {firmware: uefi, chipset: microvm, kernel: kernel}\n");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].path, "/machine/firmware");
+    }
+
+    #[test]
     fn a_missing_explicit_file_is_a_read_error() {
         let err = load_config(Some(Path::new("/nonexistent/worker.yml"))).expect_err("missing");
         assert!(matches!(err, ConfigError::Read { .. }));

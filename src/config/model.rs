@@ -30,6 +30,8 @@ pub struct WorkerConfig {
     #[serde(default)]
     pub accelerator: AcceleratorChoice,
     #[serde(default)]
+    pub firmware: FirmwareConfig,
+    #[serde(default)]
     pub images: ImageCacheConfig,
     #[serde(default)]
     pub network: NetworkConfig,
@@ -102,6 +104,38 @@ pub enum AcceleratorChoice {
     Auto,
     Kvm,
     Tcg,
+}
+
+/// The host's UEFI firmware, for machines with `firmware: uefi` (docs/machine.md): OVMF
+/// as Debian's `ovmf` package installs it. Checked when such a VM starts, not at load:
+/// a host that runs only BIOS machines needs no OVMF.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FirmwareConfig {
+    /// The firmware's code, mapped read-only into every UEFI VM.
+    #[serde(default = "default_ovmf_code")]
+    pub ovmf_code: PathBuf,
+    /// The variable store template: each UEFI VM gets a writable copy in its run dir.
+    /// It must be the one made for `ovmfCode` (the same flash size).
+    #[serde(default = "default_ovmf_vars")]
+    pub ovmf_vars: PathBuf,
+}
+
+fn default_ovmf_code() -> PathBuf {
+    PathBuf::from("/usr/share/OVMF/OVMF_CODE_4M.fd")
+}
+
+fn default_ovmf_vars() -> PathBuf {
+    PathBuf::from("/usr/share/OVMF/OVMF_VARS_4M.fd")
+}
+
+impl Default for FirmwareConfig {
+    fn default() -> Self {
+        Self {
+            ovmf_code: default_ovmf_code(),
+            ovmf_vars: default_ovmf_vars(),
+        }
+    }
 }
 
 /// The image cache and where images may come from.
@@ -405,6 +439,8 @@ impl WorkerConfig {
         for dir in &mut self.images.allowed_local_dirs {
             *dir = absolute(dir);
         }
+        self.firmware.ovmf_code = absolute(&self.firmware.ovmf_code);
+        self.firmware.ovmf_vars = absolute(&self.firmware.ovmf_vars);
     }
 
     /// The SQLite queue's database (set once paths are resolved).

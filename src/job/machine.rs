@@ -29,6 +29,16 @@ string_enum! {
 }
 
 string_enum! {
+    /// The firmware the VM starts: `bios` is SeaBIOS (QEMU's own); `uefi` is OVMF from
+    /// the host (worker.yml `firmware`) with a variable store of the VM's own. UEFI needs
+    /// a flash device, which `pc` and `q35` have and `microvm` does not.
+    pub enum Firmware {
+        Bios = "bios",
+        Uefi = "uefi",
+    }
+}
+
+string_enum! {
     /// The CPU model shown to the guest. `host` passes the host CPU through under KVM and
     /// means `max` (every feature the emulator has) under TCG.
     pub enum CpuModel {
@@ -179,6 +189,9 @@ pub struct MachineDefinition {
     pub uuid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chipset: Option<Chipset>,
+    /// `bios` (the default) or `uefi` (extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<Firmware>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<CpuModel>,
     /// Extra CPU flags: accepted for taskcluster-worker compatibility, must be empty.
@@ -273,6 +286,7 @@ impl MachineDefinition {
     pub fn builtin() -> Self {
         Self {
             chipset: Some(Chipset::Pc),
+            firmware: Some(Firmware::Bios),
             cpu: Some(CpuModel::Host),
             usb: Some(UsbController::None),
             network: Some(NetworkDevice::VirtioNet),
@@ -302,6 +316,7 @@ impl MachineDefinition {
                 version,
                 uuid,
                 chipset,
+                firmware,
                 cpu,
                 flags,
                 threads,

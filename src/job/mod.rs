@@ -15,9 +15,9 @@ pub use dir::{FINAL_SCREENSHOT, JobDir};
 pub use identity::Identity;
 pub use limits::{CpuTopology, LimitViolation, MachineLimits, RequestedResources};
 pub use machine::{
-    Chipset, CpuModel, DEFAULT_KERNEL_CMDLINE, GraphicsDevice, InitrdMember, KernelMember,
-    KeyboardDevice, KeyboardLayout, MachineDefinition, MouseDevice, NetworkDevice, SoundDevice,
-    StorageDevice, TabletDevice, UsbController,
+    Chipset, CpuModel, DEFAULT_KERNEL_CMDLINE, Firmware, GraphicsDevice, InitrdMember,
+    KernelMember, KeyboardDevice, KeyboardLayout, MachineDefinition, MouseDevice, NetworkDevice,
+    SoundDevice, StorageDevice, TabletDevice, UsbController,
 };
 pub(crate) use machine::{DISK_SERIAL_PATTERN, MAC_PATTERN, UUID_PATTERN};
 pub use payload::{

@@ -8,9 +8,9 @@ use serde::Serialize;
 use super::identity::Identity;
 use super::limits::{CpuTopology, LimitViolation, MachineLimits, RequestedResources};
 use super::machine::{
-    Chipset, CpuModel, DEFAULT_KERNEL_CMDLINE, GraphicsDevice, KeyboardDevice, KeyboardLayout,
-    MachineDefinition, MouseDevice, NetworkDevice, SoundDevice, StorageDevice, TabletDevice,
-    UsbController,
+    Chipset, CpuModel, DEFAULT_KERNEL_CMDLINE, Firmware, GraphicsDevice, KeyboardDevice,
+    KeyboardLayout, MachineDefinition, MouseDevice, NetworkDevice, SoundDevice, StorageDevice,
+    TabletDevice, UsbController,
 };
 use crate::schema::Issue;
 
@@ -167,6 +167,15 @@ impl MachineLayers {
                     &|m| m.storage.is_some(),
                 );
             }
+            if merged.firmware == Some(Firmware::Uefi) {
+                conflict(
+                    "firmware",
+                    "uefi needs a flash device for OVMF, which microvm does not have \
+                     (use chipset q35 or pc)"
+                        .into(),
+                    &|m| m.firmware.is_some(),
+                );
+            }
         }
         if merged.kernel.is_none() {
             if merged.initrd.is_some() {
@@ -203,6 +212,7 @@ pub struct KernelBoot {
 pub struct Machine {
     pub uuid: String,
     pub chipset: Chipset,
+    pub firmware: Firmware,
     pub cpu: CpuModel,
     pub topology: CpuTopology,
     /// Memory in MiB.
@@ -240,6 +250,7 @@ impl Machine {
         Self {
             uuid: merged.uuid.unwrap_or_else(|| identity.uuid.clone()),
             chipset: merged.chipset.unwrap_or(Chipset::Pc),
+            firmware: merged.firmware.unwrap_or(Firmware::Bios),
             cpu: merged.cpu.unwrap_or(CpuModel::Host),
             topology,
             memory,
@@ -388,6 +399,79 @@ mod tests {
         assert_eq!(machine.mac, "aa:54:1a:30:5c:de");
         assert_eq!(machine.uuid, "52bab607-10f1-4049-a0f8-ee4725cb715b");
         assert_eq!(machine.disk_serial, "pinned-1");
+    }
+
+    #[test]
+    fn firmware_is_bios_unless_a_layer_asks_for_uefi() {
+        assert_eq!(
+            MachineLayers::default()
+                .resolve(&limits(), &identity())
+                .expect("valid")
+                .firmware,
+            Firmware::Bios
+        );
+        let uefi = |firmware| MachineDefinition {
+            firmware: Some(firmware),
+            ..Default::default()
+        };
+        let layers = MachineLayers {
+            worker_config: uefi(Firmware::Uefi),
+            ..Default::default()
+        };
+        let machine = layers.resolve(&limits(), &identity()).expect("valid");
+        assert_eq!(machine.firmware, Firmware::Uefi);
+        // The image's choice wins over worker.yml's, the payload's over both.
+        let layers = MachineLayers {
+            image: uefi(Firmware::Bios),
+            ..layers
+        };
+        let machine = layers.resolve(&limits(), &identity()).expect("valid");
+        assert_eq!(machine.firmware, Firmware::Bios);
+        let layers = MachineLayers {
+            payload: uefi(Firmware::Uefi),
+            ..layers
+        };
+        let machine = layers.resolve(&limits(), &identity()).expect("valid");
+        assert_eq!(machine.firmware, Firmware::Uefi);
+    }
+
+    #[test]
+    fn uefi_boots_a_kernel_directly_on_pc_and_q35_but_not_on_microvm() {
+        for chipset in [Chipset::Pc, Chipset::Q35, Chipset::PcI440fx28] {
+            let layers = MachineLayers {
+                image: MachineDefinition {
+                    chipset: Some(chipset),
+                    firmware: Some(Firmware::Uefi),
+                    kernel: Some(KernelMember::Kernel),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let machine = layers.resolve(&limits(), &identity()).expect("valid");
+            assert_eq!(machine.firmware, Firmware::Uefi, "{chipset}");
+        }
+        let layers = MachineLayers {
+            image: MachineDefinition {
+                chipset: Some(Chipset::Microvm),
+                kernel: Some(KernelMember::Kernel),
+                ..Default::default()
+            },
+            payload: MachineDefinition {
+                firmware: Some(Firmware::Uefi),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let issues = layers
+            .resolve(&limits(), &identity())
+            .expect_err("no flash");
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].path, "/machine/firmware");
+        assert_eq!(
+            issues[0].message,
+            "uefi needs a flash device for OVMF, which microvm does not have \
+             (use chipset q35 or pc) (set by the payload)"
+        );
     }
 
     #[test]

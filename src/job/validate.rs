@@ -519,6 +519,23 @@ mod tests {
     }
 
     #[test]
+    fn a_payload_may_ask_for_uefi_and_only_for_a_known_firmware() {
+        let payload = |firmware: &str| {
+            format!(
+                "image: /srv/images/test.tar.zst\ncommand: [x]\nmaxRunTime: 60\n\
+                 machine: {{chipset: q35, firmware: {firmware}}}\n"
+            )
+        };
+        let result = check(&payload("uefi"));
+        assert!(result.is_valid(), "{:?}", result.issues);
+        let machine = result.machine.expect("resolved");
+        assert_eq!(machine.firmware, crate::job::Firmware::Uefi);
+        let result = check(&payload("efi"));
+        assert_eq!(paths(&result), ["/machine/firmware"]);
+        assert_eq!(result.issues[0].line, Some(4));
+    }
+
+    #[test]
     fn every_mistake_is_reported_with_its_path_and_line() {
         let text = "\
 image: file:///etc/shadow

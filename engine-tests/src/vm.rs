@@ -87,6 +87,7 @@ pub async fn test_launch(
         network,
         accelerator: Accelerator::Tcg,
         max_console: 16 << 20,
+        firmware: &qemu_worker::config::FirmwareConfig::default(),
     })
     .await
     .expect("launch")

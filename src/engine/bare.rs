@@ -77,6 +77,7 @@ impl Engine {
             },
             accelerator,
             max_console: self.config.logs.max_console_size.bytes(),
+            firmware: &self.config.firmware,
         })
         .await
         .map_err(JobError::Launch)?;

@@ -104,6 +104,7 @@ impl Engine {
                 network,
                 accelerator: prepared.accelerator,
                 max_console: self.config.logs.max_console_size.bytes(),
+                firmware: &self.config.firmware,
             },
             snapshots,
         )

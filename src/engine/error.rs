@@ -55,6 +55,9 @@ impl JobError {
         match self {
             Self::Image(e) => e.reason(),
             Self::Machine { .. } => ExceptionReason::MalformedPayload,
+            // The host lacks OVMF (or room for a VM's copy of its variables): another
+            // worker may have it.
+            Self::Launch(VmError::Firmware(_)) => ExceptionReason::ResourceUnavailable,
             Self::Accelerator(_)
             | Self::OutboundNeedsTap
             | Self::Network(_)
@@ -77,5 +80,28 @@ impl JobError {
             Self::Machine { issues } => issues.clone(),
             _ => vec![Issue::new("", display_chain(self))],
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::FirmwareError;
+
+    #[test]
+    fn a_host_without_ovmf_cannot_take_a_uefi_job_but_another_may() {
+        let error = JobError::Launch(VmError::Firmware(FirmwareError::Missing {
+            path: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+            key: "ovmfCode",
+        }));
+        assert_eq!(error.reason(), ExceptionReason::ResourceUnavailable);
+        assert_eq!(
+            error.issues()[0].message,
+            "the VM cannot be prepared: the UEFI firmware file /usr/share/OVMF/OVMF_CODE_4M.fd \
+             does not exist: install Debian's `ovmf` package (apt-get install ovmf), or set \
+             worker.yml `firmware.ovmfCode` to where OVMF is"
+        );
+        let other = JobError::Launch(VmError::QmpTimeout(std::time::Duration::from_secs(10)));
+        assert_eq!(other.reason(), ExceptionReason::InternalError);
     }
 }

@@ -1,4 +1,3 @@
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::boot::Running;
@@ -94,10 +93,7 @@ async fn save_snapshot(
     match parked {
         Park::Sent => {
             let started = Instant::now();
-            let serial = PathBuf::from(vm.run_dir().serial_log());
-            let agent = PathBuf::from(vm.run_dir().agent_socket());
-            let overlay = vm.run_dir().path().join("overlay.qcow2");
-            match store.take(key, vm.qmp(), &agent, &serial, &overlay).await {
+            match store.take(key, vm.qmp(), vm.run_dir()).await {
                 Ok(_) => {
                     ctx.note(&format!(
                         "saved boot snapshot {key} in {} ms; later jobs on this image and machine resume it",

@@ -1,7 +1,9 @@
+use std::path::Path;
+
 use super::run_dir::RunDir;
 use crate::image::{BootDisk, DiskFormat, KernelFiles};
 use crate::job::{
-    Chipset, CpuModel, DEFAULT_KERNEL_CMDLINE, GraphicsDevice, KeyboardDevice, Machine,
+    Chipset, CpuModel, DEFAULT_KERNEL_CMDLINE, Firmware, GraphicsDevice, KeyboardDevice, Machine,
     MouseDevice, NetworkDevice, SoundDevice, StorageDevice, TabletDevice, UsbController,
 };
 
@@ -53,6 +55,9 @@ pub struct VmSpec<'a> {
     pub run_dir: &'a RunDir,
     pub disk: &'a BootDisk,
     pub kernel: Option<&'a KernelFiles>,
+    /// OVMF's code (worker.yml `firmware.ovmfCode`), used when the machine is `uefi`; its
+    /// variable store is the run dir's.
+    pub ovmf_code: &'a Path,
     pub network: &'a NetworkAttachment,
     pub accelerator: Accelerator,
     /// A boot snapshot's saved state to load (`-incoming`) instead of booting; the
@@ -79,7 +84,12 @@ pub fn qemu_argv(spec: &VmSpec<'_>) -> Vec<String> {
     // elevateprivileges=deny the helper dies and the guest never gets an answer).
     argv.push("-sandbox", "on,obsolete=deny,resourcecontrol=deny");
     argv.push("-msg", "timestamp=on");
-    argv.push("-machine", machine_type(m.chipset));
+    let mut machine = machine_type(m.chipset).to_owned();
+    if m.firmware == Firmware::Uefi {
+        firmware_args(&mut argv, spec.ovmf_code, spec.run_dir);
+        machine.push_str(",pflash0=firmware-code,pflash1=firmware-vars");
+    }
+    argv.push("-machine", machine);
     argv.push("-accel", spec.accelerator.as_str());
     argv.push("-cpu", cpu_model(m.cpu, spec.accelerator));
     let t = m.topology;
@@ -146,6 +156,32 @@ fn machine_type(chipset: Chipset) -> &'static str {
         // PCIe on microvm lets the same PCI devices serve every chipset.
         Chipset::Microvm => "microvm,pcie=on",
         Chipset::PcI440fx28 => "pc-i440fx-2.8",
+    }
+}
+
+/// OVMF as the machine's two flash devices (`pflash0`, `pflash1` name the nodes): its
+/// code read-only, the VM's own variable store writable, both raw (never probed). BIOS
+/// needs nothing: SeaBIOS is QEMU's default.
+fn firmware_args(argv: &mut Args, code: &Path, run_dir: &RunDir) {
+    let vars = run_dir.uefi_vars();
+    for (name, path, read_only) in [
+        ("firmware-code", code.display().to_string(), true),
+        ("firmware-vars", vars, false),
+    ] {
+        let file = serde_json::json!({
+            "driver": "file",
+            "filename": path,
+            "node-name": format!("{name}-file"),
+            "read-only": read_only,
+        });
+        let format = serde_json::json!({
+            "driver": "raw",
+            "file": format!("{name}-file"),
+            "node-name": name,
+            "read-only": read_only,
+        });
+        argv.push("-blockdev", file.to_string());
+        argv.push("-blockdev", format.to_string());
     }
 }
 

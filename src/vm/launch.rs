@@ -1,12 +1,14 @@
 use std::path::{Path, PathBuf};
 
 use super::argv::{Accelerator, NetworkAttachment, VmSpec, qemu_argv};
+use super::firmware;
 use super::run_dir::RunDir;
 use super::snapshot::{Lookup, Snapshot, SnapshotStore, Volatile};
 use super::supervisor::{VmError, VmLaunch, create_run_dir};
+use crate::config::FirmwareConfig;
 use crate::error_chain::DisplayChain;
 use crate::image::{BootDisk, ImageLease, KernelFiles, QemuImgError};
-use crate::job::{JobDir, Machine};
+use crate::job::{Firmware, JobDir, Machine};
 
 /// Everything needed to start a VM from a cached image.
 #[derive(Debug)]
@@ -21,6 +23,8 @@ pub struct LaunchPlan<'a> {
     pub accelerator: Accelerator,
     /// The serial log's cap (worker.yml `logs.maxConsoleSize`).
     pub max_console: u64,
+    /// OVMF's files (worker.yml `firmware`), for a `uefi` machine.
+    pub firmware: &'a FirmwareConfig,
 }
 
 /// What a launch does about boot snapshots (see `snapshot.rs`).
@@ -34,8 +38,9 @@ pub enum SnapshotPlan {
     Resume(Snapshot),
 }
 
-/// Creates the run dir (0700) with the job's overlay in it, and builds QEMU's command
-/// line. The overlay goes away with the run dir when the VM is torn down.
+/// Creates the run dir (0700) with the job's overlay in it (and a UEFI machine's variable
+/// store), and builds QEMU's command line. Both go away with the run dir when the VM is
+/// torn down.
 pub async fn prepare_launch(plan: LaunchPlan<'_>) -> Result<VmLaunch, VmError> {
     prepare_launch_with_snapshots(plan, None)
         .await
@@ -50,7 +55,12 @@ pub async fn prepare_launch_with_snapshots(
     snapshots: Option<&SnapshotStore>,
 ) -> Result<(VmLaunch, SnapshotPlan), VmError> {
     create_run_dir(plan.run_dir.path())?;
-    let overlay = plan.run_dir.path().join("overlay.qcow2");
+    let uefi = plan.machine.firmware == Firmware::Uefi;
+    if uefi && let Err(e) = firmware::check_code(plan.firmware) {
+        let _ = tokio::fs::remove_dir_all(plan.run_dir.path()).await;
+        return Err(e.into());
+    }
+    let overlay = plan.run_dir.overlay();
     // Direct boot only when the resolved machine asks for it (a payload may turn it off).
     let kernel = plan
         .machine
@@ -72,6 +82,7 @@ pub async fn prepare_launch_with_snapshots(
                 uuid: &m.uuid,
                 disk_serial: &m.disk_serial,
             },
+            uefi.then_some(plan.firmware.ovmf_code.as_path()),
         );
         // The lookup reads the snapshot directory: on the blocking pool.
         let (looking, wanted) = (store.clone(), key.clone());
@@ -122,6 +133,12 @@ pub async fn prepare_launch_with_snapshots(
                     });
                 }
             };
+            if uefi
+                && let Err(e) = firmware::install_template_vars(plan.firmware, &plan.run_dir).await
+            {
+                let _ = tokio::fs::remove_dir_all(plan.run_dir.path()).await;
+                return Err(e.into());
+            }
             (disk, None)
         }
     };
@@ -142,7 +159,7 @@ pub async fn prepare_launch_with_snapshots(
     ))
 }
 
-/// Why a boot snapshot's disk and console cannot be set up for a job.
+/// Why a boot snapshot's disk, console or variable store cannot be set up for a job.
 #[derive(Debug, thiserror::Error)]
 enum ResumeDiskError {
     #[error(transparent)]
@@ -153,10 +170,17 @@ enum ResumeDiskError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot copy the saved UEFI variable store {}", path.display())]
+    UefiVars {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-/// The job's overlay over the snapshot's saved disk (over the image's disk), and the
-/// console so far in the run dir's serial log.
+/// The job's overlay over the snapshot's saved disk (over the image's disk), the
+/// console so far in the run dir's serial log, and a UEFI machine's variable store as
+/// it was saved (the migrated flash must find the store it was saved with).
 async fn resume_disk(
     plan: &LaunchPlan<'_>,
     saved: &Snapshot,
@@ -174,6 +198,12 @@ async fn resume_disk(
             path: console,
             source,
         })?;
+    if plan.machine.firmware == Firmware::Uefi {
+        let vars = saved.uefi_vars();
+        firmware::copy_vars(&vars, &plan.run_dir)
+            .await
+            .map_err(|source| ResumeDiskError::UefiVars { path: vars, source })?;
+    }
     Ok(disk)
 }
 
@@ -189,6 +219,7 @@ fn spec<'a>(
         run_dir: &plan.run_dir,
         disk,
         kernel,
+        ovmf_code: &plan.firmware.ovmf_code,
         network: &plan.network,
         accelerator: plan.accelerator,
         resume,

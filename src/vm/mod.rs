@@ -5,6 +5,7 @@
 mod accel;
 mod argv;
 mod console;
+mod firmware;
 mod in_drop;
 mod launch;
 mod network;
@@ -19,6 +20,7 @@ pub use accel::{
 };
 pub use argv::{AGENT_PORT_NAME, Accelerator, NetworkAttachment, QGA_PORT_NAME, VmSpec, qemu_argv};
 pub use console::ConsoleUsage;
+pub use firmware::FirmwareError;
 pub use launch::{LaunchPlan, SnapshotPlan, prepare_launch, prepare_launch_with_snapshots};
 pub use network::{NetworkError, TAP_DEVICE, TapNetwork};
 pub use run_dir::{RunDir, RunDirError};

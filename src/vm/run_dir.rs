@@ -5,7 +5,8 @@ const MAX_SOCKET_PATH: usize = 107;
 /// The longest file name the run dir holds a socket under.
 const LONGEST_SOCKET_NAME: &str = "serial.sock";
 
-/// The per-VM directory: QEMU's sockets, the serial console, its output.
+/// The per-VM directory: QEMU's sockets, the serial console, the disk overlay and a UEFI
+/// VM's variable store.
 ///
 /// Constructed only for paths whose sockets fit in a unix socket address, so that a long
 /// state directory fails at start-up with a clear message rather than at bind time.
@@ -84,6 +85,17 @@ impl RunDir {
     /// Where the metadata service of this VM listens for the guestfwd helper.
     pub fn metadata_socket(&self) -> String {
         self.file("meta.sock")
+    }
+
+    /// The job's copy-on-write disk overlay over the image (or a boot snapshot's disk).
+    pub fn overlay(&self) -> PathBuf {
+        self.path().join("overlay.qcow2")
+    }
+
+    /// A UEFI VM's own variable store: a copy of OVMF's template (or of a boot
+    /// snapshot's store), mapped writable as the second flash device.
+    pub fn uefi_vars(&self) -> String {
+        self.file("uefi-vars.fd")
     }
 
     /// The guest's first serial port, as the worker keeps it (capped).

@@ -16,14 +16,18 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use super::run_dir::RunDir;
 use super::supervisor::VmError;
 use crate::error_chain::DisplayChain;
 use crate::qemu::{QmpClient, QmpError};
 
 use crate::artifacts::{AgentClient, AgentError};
 use qemu_worker_protocol::agent::{PARK, RESUME};
-/// Bumped when what a snapshot holds changes meaning (the park protocol, the layout):
-/// v2 parks over the agent port and waits there for `RESUME`.
+/// Bumped when what a snapshot holds changes meaning (the park protocol, the layout of
+/// existing snapshots): v2 parks over the agent port and waits there for `RESUME`. A
+/// bump orphans every saved snapshot, and orphans count against `MAX_PER_IMAGE` until
+/// their image leaves the cache. UEFI machines added `uefi-vars.fd` without a bump:
+/// their keys are new, and no saved snapshot changes meaning.
 const FORMAT: &str = "qemu-worker boot snapshot v2";
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the guest tools may take to answer on the agent port (connecting includes
@@ -114,7 +118,8 @@ pub struct SnapshotStore {
 }
 
 /// One saved VM: `vmstate` (QEMU's migration stream), `disk.qcow2` (the overlay at the
-/// moment of the save, over the image's disk), `console.log` (the boot up to it).
+/// moment of the save, over the image's disk), `console.log` (the boot up to it), and a
+/// UEFI machine's variable store `uefi-vars.fd`.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub key: String,
@@ -133,7 +138,15 @@ impl Snapshot {
     pub fn console(&self) -> PathBuf {
         self.dir.join("console.log")
     }
+
+    /// The saved VM's UEFI variable store (UEFI machines only).
+    pub fn uefi_vars(&self) -> PathBuf {
+        self.dir.join(UEFI_VARS)
+    }
 }
+
+/// A snapshot's copy of the VM's UEFI variable store.
+const UEFI_VARS: &str = "uefi-vars.fd";
 
 /// What the store has for a key.
 #[derive(Debug, Clone)]
@@ -165,12 +178,18 @@ impl SnapshotStore {
     }
 
     /// The key of a cold boot's command line: everything that shapes the guest (machine,
-    /// devices, kernel, disk chain, QEMU binary), not the per-job paths and names.
-    pub fn key(argv: &[String], volatile: Volatile<'_>) -> String {
+    /// devices, kernel, disk chain, QEMU binary, and the UEFI firmware `ovmf_code` of a
+    /// UEFI machine), not the per-job paths and names.
+    pub fn key(argv: &[String], volatile: Volatile<'_>, ovmf_code: Option<&Path>) -> String {
         let run_dir = volatile.run_dir.display().to_string();
         let mut hash = Sha256::new();
         hash.update(FORMAT);
         hash.update(qemu_binary_identity());
+        // The command line names the firmware's file; a new ovmf package makes new
+        // snapshots, as a new QEMU does (the saved guest runs the firmware it booted).
+        if let Some(code) = ovmf_code {
+            hash.update(file_identity(code).unwrap_or_default());
+        }
         for arg in argv {
             let mut arg = arg.replace(&run_dir, "{run}");
             for (value, placeholder) in [
@@ -260,24 +279,22 @@ impl SnapshotStore {
     }
 
     /// Saves the VM whose guest was just told to park, then lets it go on (`cont`, and
-    /// `RESUME` to the guest tools) whatever happened. `agent_socket`, `serial_log` and
-    /// `overlay` are the VM's own.
+    /// `RESUME` to the guest tools) whatever happened. `run_dir` is the VM's: its agent
+    /// port is used, its serial log, overlay and (UEFI) variable store are saved.
     pub async fn take(
         &self,
         key: &str,
         qmp: &QmpClient,
-        agent_socket: &Path,
-        serial_log: &Path,
-        overlay: &Path,
+        run_dir: &RunDir,
     ) -> Result<Snapshot, SaveError> {
         let started = Instant::now();
         // Not marked unsupported when the tools do not answer: a guest this slow may be a
         // loaded host's.
-        let mut agent = AgentClient::connect(agent_socket, PARK_TIMEOUT)
+        let mut agent = AgentClient::connect(Path::new(&run_dir.agent_socket()), PARK_TIMEOUT)
             .await
             .map_err(|source| SaveError::NotParked { source })?;
         let taken = match agent.handshake(PARK, PARK_TIMEOUT).await {
-            Ok(()) => self.save(key, qmp, serial_log, overlay).await,
+            Ok(()) => self.save(key, qmp, run_dir).await,
             Err(source) => Err(SaveError::NotParked { source }),
         };
         if let Err(source) = qmp.cont(QMP_TIMEOUT).await {
@@ -303,8 +320,7 @@ impl SnapshotStore {
         &self,
         key: &str,
         qmp: &QmpClient,
-        serial_log: &Path,
-        overlay: &Path,
+        run_dir: &RunDir,
     ) -> Result<Snapshot, SaveError> {
         qmp.execute("stop", None, QMP_TIMEOUT).await?;
         let in_dir = |source: std::io::Error| SaveError::Io {
@@ -322,8 +338,9 @@ impl SnapshotStore {
         let files = SnapshotFiles {
             key: key.to_owned(),
             dir: self.dir.join(key),
-            overlay: overlay.to_path_buf(),
-            serial_log: serial_log.to_path_buf(),
+            overlay: run_dir.overlay(),
+            serial_log: PathBuf::from(run_dir.serial_log()),
+            uefi_vars: PathBuf::from(run_dir.uefi_vars()),
             qemu: qmp.qemu_version().to_owned(),
         };
         // Copying the overlay, or removing a part-written vmstate with `tmp`, is large
@@ -368,18 +385,27 @@ struct SnapshotFiles {
     dir: PathBuf,
     overlay: PathBuf,
     serial_log: PathBuf,
+    /// The VM's UEFI variable store: a UEFI VM's run dir has one, a BIOS VM's none.
+    uefi_vars: PathBuf,
     qemu: String,
 }
 
 impl SnapshotFiles {
-    /// Copies the VM's overlay and console next to the vmstate in `tmp`, describes the
-    /// snapshot, and moves it into place (blocking).
+    /// Copies the VM's overlay, console and UEFI variable store next to the vmstate in
+    /// `tmp`, describes the snapshot, and moves it into place (blocking).
     fn persist(self, tmp: tempfile::TempDir) -> Result<Snapshot, SaveError> {
-        // The migration flushed the disk and handed it over: the overlay is consistent.
+        // The migration flushed the disk and the flash and handed them over: the overlay
+        // and the variable store are consistent. (The vmstate carries the flash's
+        // contents too, but QEMU maps the store's file at start and must find the one
+        // the state was saved with: same size, same variables.)
+        let uefi_vars = Some((&self.uefi_vars, UEFI_VARS)).filter(|(vars, _)| vars.exists());
         for (from, to) in [
             (&self.overlay, "disk.qcow2"),
             (&self.serial_log, "console.log"),
-        ] {
+        ]
+        .into_iter()
+        .chain(uefi_vars)
+        {
             let copied = match std::fs::copy(from, tmp.path().join(to)) {
                 // A machine without a serial console has no log: the snapshot's is empty.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && to == "console.log" => {
@@ -476,21 +502,49 @@ fn qemu_binary_identity() -> String {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .map(|dir| dir.join("qemu-system-x86_64"))
-        .find_map(|candidate| std::fs::metadata(&candidate).ok().map(|m| (candidate, m)))
-        .map(|(path, m)| {
-            let modified = m
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_nanos());
-            format!("{} {} {modified}", path.display(), m.len())
-        })
+        .find_map(|candidate| file_identity(&candidate))
         .unwrap_or_default()
+}
+
+/// A file's path, size and modification time: what changes when a package replaces it.
+fn file_identity(path: &Path) -> Option<String> {
+    let m = std::fs::metadata(path).ok()?;
+    let modified = m
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    Some(format!("{} {} {modified}", path.display(), m.len()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snapshot_carries_the_vms_uefi_variable_store_when_it_has_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let run = dir.path().join("run");
+        std::fs::create_dir(&run).expect("run dir");
+        std::fs::write(run.join("overlay.qcow2"), b"disk").expect("overlay");
+        std::fs::write(run.join("serial.log"), b"boot").expect("console");
+        let files = |key: &str| SnapshotFiles {
+            key: key.to_owned(),
+            dir: dir.path().join("sha").join(key),
+            overlay: run.join("overlay.qcow2"),
+            serial_log: run.join("serial.log"),
+            uefi_vars: run.join("uefi-vars.fd"),
+            qemu: "7.2".into(),
+        };
+        std::fs::create_dir(dir.path().join("sha")).expect("store");
+        let tmp = || tempfile::tempdir_in(dir.path().join("sha")).expect("tmp");
+        let bios = files("bios").persist(tmp()).expect("saved");
+        assert_eq!(std::fs::read(bios.disk()).expect("disk"), b"disk");
+        assert!(!bios.uefi_vars().exists());
+        std::fs::write(run.join("uefi-vars.fd"), b"vars").expect("vars");
+        let uefi = files("uefi").persist(tmp()).expect("saved");
+        assert_eq!(std::fs::read(uefi.uefi_vars()).expect("vars"), b"vars");
+    }
 
     #[test]
     fn an_image_keeps_at_most_max_per_image_snapshots() {

@@ -75,6 +75,8 @@ pub enum VmError {
         #[source]
         source: crate::image::QemuImgError,
     },
+    #[error(transparent)]
+    Firmware(#[from] super::firmware::FirmwareError),
     #[error("failed to start qemu-system-x86_64 (install the qemu-system-x86 package)")]
     Spawn {
         #[source]

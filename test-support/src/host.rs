@@ -18,6 +18,17 @@ pub fn require(program: &str, package: &str) {
     );
 }
 
+/// Fails the test with the package to install when the file `path` is missing (OVMF's
+/// firmware files, for one).
+pub fn require_file(path: &Path, package: &str) {
+    assert!(
+        path.is_file(),
+        "{} is missing: install it with `apt-get install {package}` \
+         (scripts/setup-host installs everything the tests need)",
+        path.display()
+    );
+}
+
 /// Processes whose command line mentions `dir` (QEMU, the guestfwd helpers, which run in
 /// a session of their own, workers), as "PID: command line", this process excluded.
 /// Tests give every VM paths under their own scratch directory, so this finds exactly

@@ -12,4 +12,4 @@ pub mod figure;
 pub mod host;
 pub mod postgres;
 
-pub use host::{processes_under, require, rss_kib};
+pub use host::{processes_under, require, require_file, rss_kib};

@@ -11,4 +11,5 @@ mod qemu_argv;
 mod qmp;
 mod queue;
 mod schemas;
+mod uefi_firmware;
 mod vm_runtime;

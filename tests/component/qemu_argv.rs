@@ -7,14 +7,16 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use qemu_worker::config::FirmwareConfig;
 use qemu_worker::image::{BootDisk, DiskFormat, DiskLayer, KernelFiles};
 use qemu_worker::job::{
-    Chipset, CpuModel, GraphicsDevice, Identity, InitrdMember, KernelMember, KeyboardDevice,
-    KeyboardLayout, Machine, MachineDefinition, MachineLayers, MachineLimits, MouseDevice,
-    NetworkDevice, SoundDevice, StorageDevice, TabletDevice, UsbController, load_machine_json,
+    Chipset, CpuModel, Firmware, GraphicsDevice, Identity, InitrdMember, KernelMember,
+    KeyboardDevice, KeyboardLayout, Machine, MachineDefinition, MachineLayers, MachineLimits,
+    MouseDevice, NetworkDevice, SoundDevice, StorageDevice, TabletDevice, UsbController,
+    load_machine_json,
 };
 use qemu_worker::vm::{Accelerator, NetworkAttachment, RunDir, VmSpec, qemu_argv};
-use test_support::require;
+use test_support::{require, require_file};
 
 use crate::qmp::TestQmp;
 
@@ -85,6 +87,19 @@ fn representatives() -> Vec<Representative> {
             },
             kernel: true,
             initrd: true,
+            layers: &[DiskFormat::Qcow2, DiskFormat::Qcow2],
+            network: Network::User,
+            accelerator: Accelerator::Tcg,
+        },
+        Representative {
+            name: "q35-uefi",
+            machine: MachineDefinition {
+                chipset: Some(Chipset::Q35),
+                firmware: Some(Firmware::Uefi),
+                ..Default::default()
+            },
+            kernel: false,
+            initrd: false,
             layers: &[DiskFormat::Qcow2, DiskFormat::Qcow2],
             network: Network::User,
             accelerator: Accelerator::Tcg,
@@ -170,6 +185,7 @@ fn argv_resuming(
         run_dir: &run_dir,
         disk: &disk,
         kernel: kernel.as_ref(),
+        ovmf_code: &FirmwareConfig::default().ovmf_code,
         network: &network,
         accelerator: rep.accelerator,
         resume,
@@ -366,6 +382,31 @@ fn cases(reps: &[Representative]) -> Vec<Case> {
             ));
         }
     }
+    for &firmware in Firmware::ALL {
+        cases.push(on_default(
+            format!("firmware={firmware}"),
+            MachineDefinition {
+                firmware: Some(firmware),
+                ..base()
+            },
+        ));
+    }
+    // OVMF boots a kernel directly too (fw_cfg), on both chipsets.
+    let kernel_rep = reps
+        .iter()
+        .position(|rep| rep.name == "q35-nvme-kernel")
+        .expect("the kernel representative");
+    for chipset in [Chipset::Q35, Chipset::Pc] {
+        cases.push(Case {
+            label: format!("firmware=uefi chipset={chipset} kernel"),
+            rep_index: kernel_rep,
+            machine: MachineDefinition {
+                firmware: Some(Firmware::Uefi),
+                chipset: Some(chipset),
+                ..reps[kernel_rep].machine.clone()
+            },
+        });
+    }
     for &cpu in CpuModel::ALL {
         cases.push(on_default(
             format!("cpu={cpu}"),
@@ -491,7 +532,11 @@ fn qemu_accepts_every_emitted_device_combination() {
                     let dir = scratch.join(format!("w{worker}-{index}"));
                     std::fs::create_dir_all(&dir).expect("case dir");
                     let files = make_files(&dir, rep);
-                    let argv = argv_for(rep, &resolve(&case.machine), &dir, &files);
+                    let machine = resolve(&case.machine);
+                    if machine.firmware == Firmware::Uefi {
+                        give_uefi_vars(&dir);
+                    }
+                    let argv = argv_for(rep, &machine, &dir, &files);
                     // Tap devices need a prepared netdev; QEMU's acceptance of the rest of
                     // the argv is what this test is about, so swap in user networking.
                     let argv = without_tap(argv);
@@ -524,6 +569,14 @@ fn qemu_accepts_every_emitted_device_combination() {
         cases.len(),
         failures.join("\n")
     );
+}
+
+/// The run dir's copy of OVMF's variable store, as `prepare_launch` makes it.
+fn give_uefi_vars(dir: &Path) {
+    let template = FirmwareConfig::default().ovmf_vars;
+    require_file(&template, "ovmf");
+    std::fs::create_dir_all(dir.join("run")).expect("run dir");
+    std::fs::copy(&template, dir.join("run/uefi-vars.fd")).expect("copy OVMF's variables");
 }
 
 fn without_tap(argv: Vec<String>) -> Vec<String> {

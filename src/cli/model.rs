@@ -116,6 +116,9 @@ pub(super) enum VmCommand {
 
 #[derive(Debug, Subcommand)]
 pub(super) enum ImageCommand {
+    /// Build an image from a recipe (docs/image-recipes.md): a Debian base from
+    /// mmdebstrap, copy and run steps, a disk and boot members, packed as `pack` does.
+    Build { recipe: PathBuf, out: PathBuf },
     /// Pack an image directory (machine.json, disk, optional kernel/initrd) into a
     /// deterministic, sparse-aware .tar.zst, after the same checks a worker makes.
     Pack { dir: PathBuf, out: PathBuf },

@@ -1,6 +1,7 @@
 //! VM images: the archive format and its checks, single-pass unpacking, packing, fetching
 //! with verification, the content-addressed cache and per-job overlays.
 
+pub mod build;
 mod cache;
 mod contents;
 mod disk;

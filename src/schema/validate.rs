@@ -17,15 +17,17 @@ pub enum SchemaKind {
     WorkerConfig,
     ResultReport,
     ValidationReport,
+    Recipe,
 }
 
 impl SchemaKind {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Payload,
         Self::Machine,
         Self::WorkerConfig,
         Self::ResultReport,
         Self::ValidationReport,
+        Self::Recipe,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -35,6 +37,7 @@ impl SchemaKind {
             Self::WorkerConfig => "worker-config.schema.json",
             Self::ResultReport => "result-report.schema.json",
             Self::ValidationReport => "validation-report.schema.json",
+            Self::Recipe => "image-recipe.schema.json",
         }
     }
 
@@ -47,12 +50,13 @@ impl SchemaKind {
             Self::WorkerConfig => generate::<WorkerConfig>(name),
             Self::ResultReport => generate::<ResultReport>(name),
             Self::ValidationReport => generate::<ValidationReport>(name),
+            Self::Recipe => generate::<crate::image::build::Recipe>(name),
         }
     }
 
     /// The compiled validator, built once per process.
     fn validator(self) -> &'static Validator {
-        static CELLS: [OnceLock<Validator>; 5] = [const { OnceLock::new() }; 5];
+        static CELLS: [OnceLock<Validator>; 6] = [const { OnceLock::new() }; 6];
         let index = Self::ALL
             .iter()
             .position(|k| *k == self)

@@ -5,6 +5,7 @@
 
 mod cli;
 mod image_archive;
+mod image_build;
 mod image_cache;
 mod metadata;
 mod qemu_argv;

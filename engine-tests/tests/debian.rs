@@ -1,0 +1,70 @@
+//! The debian-12-ci image (images/recipes/debian-12-ci.yml, built by `image build`):
+//! systemd, networkd DHCP, qemu-ga and the guest tools as the documented unit, whose
+//! output goes to the journal and never to the console. A CI job compiles and tests a C
+//! program with its artifacts; the first job saves a boot snapshot, the next resumes it.
+
+use engine_tests::{Job, Worker, assets, base_config, with_setting};
+use qemu_worker::job::ResultState;
+
+fn worker() -> Worker {
+    let config = with_setting(
+        &base_config(),
+        "limits",
+        "{maxMemory: 512, maxCPUs: 1, defaultThreads: 1}",
+    );
+    Worker::with_config(&format!("{config}snapshots: {{enabled: true}}\n"))
+}
+
+/// A small C project: a Makefile whose `test` target builds with gcc, runs the program
+/// and writes a report.
+const BUILD_AND_TEST: &str = r#"set -e
+mkdir -p /root/project/out && cd /root/project
+cat > add.c <<'C'
+#include <stdio.h>
+int main(void) { printf("2+3=%d\n", 2 + 3); return 0; }
+C
+printf 'test: add\n\t./add > out/report.txt\n\tgrep -q "2+3=5" out/report.txt\nadd: add.c\n\tgcc -O2 -o add add.c\n' > Makefile
+make test
+gcc --version | head -1 > out/gcc.txt
+echo "system=$(systemctl is-system-running --wait)"
+echo "unit=$(systemctl show -p StandardOutput --value qemu-worker-guest.service)"
+"#;
+
+fn job(image: &str) -> Job {
+    Job::script(BUILD_AND_TEST)
+        .image(image)
+        .max_run_time(600)
+        .file_artifact("/root/project/out/report.txt", "report.txt")
+        .directory_artifact("/root/project/out", "out")
+}
+
+#[test]
+fn a_ci_job_builds_and_tests_c_and_the_second_job_resumes_the_boot_snapshot() {
+    let worker = worker();
+    let image = assets::debian_ci_image().display().to_string();
+
+    let first = job(&image).run(&worker);
+    assert_eq!(first.state(), ResultState::Completed, "{first}");
+    let log = first.log();
+    assert!(log.contains("system=running"), "{log}");
+    // The unit as documented: its output goes to the journal, so the snapshot's
+    // handshake cannot have been read off the console.
+    assert!(log.contains("unit=journal"), "{log}");
+    assert!(log.contains("saved boot snapshot"), "{log}");
+    assert_eq!(first.artifact("report.txt"), Some(b"2+3=5\n".to_vec()));
+    let gcc = first.artifact("out/gcc.txt").expect("out/gcc.txt");
+    assert!(String::from_utf8_lossy(&gcc).starts_with("gcc"), "{gcc:?}");
+    let console = std::fs::read_to_string(first.job_dir.join("console.log")).expect("console");
+    assert!(
+        !console.contains("qemu-worker-guest ["),
+        "the tools' output reached the console: {console}"
+    );
+
+    let second = job(&image).run(&worker);
+    assert_eq!(second.state(), ResultState::Completed, "{second}");
+    let log = second.log();
+    assert!(log.contains("resumed from boot snapshot"), "{log}");
+    assert!(log.contains("system=running"), "{log}");
+    assert_eq!(second.artifact("report.txt"), Some(b"2+3=5\n".to_vec()));
+    worker.assert_clean();
+}

@@ -1,0 +1,313 @@
+//! The image recipe (`qemu-worker image build RECIPE OUT`): a base, steps, and what the
+//! output is. YAML or JSON; its schema is `schemas/image-recipe.schema.json`. Checked
+//! like payloads: every problem at once, each with its JSON pointer and line.
+
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::ByteSize;
+use crate::job::MachineDefinition;
+use crate::schema::{Document, Issue, SchemaKind, validate_against};
+
+/// A recipe is a small document.
+const MAX_RECIPE_BYTES: usize = 1 << 20;
+/// The smallest root file system a build makes.
+const MIN_DISK_SIZE: u64 = 64 << 20;
+
+/// How to build a VM image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[schemars(title = "Image recipe")]
+pub struct Recipe {
+    /// What the image starts from.
+    pub base: Base,
+    /// Applied in order: `copy` and `run` to the root file system tree, then `boot`.
+    #[serde(default)]
+    #[schemars(length(max = 256))]
+    pub steps: Vec<Step>,
+    /// The image's boot mode, disk and machine definition.
+    pub output: Output,
+}
+
+/// The base: a Debian tree built with mmdebstrap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub enum Base {
+    /// A Debian root built by `mmdebstrap --mode=root` from the archive the host's apt
+    /// uses (its `sources.list` / `.sources` files).
+    Debian(DebianBase),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DebianBase {
+    /// The suite, e.g. `bookworm`.
+    #[schemars(regex(pattern = r"^[a-z][a-z0-9-]{1,31}$"))]
+    pub suite: String,
+    /// mmdebstrap's variant: `apt` (Essential and apt; the default), `minbase`,
+    /// `required` or `important`.
+    #[serde(default)]
+    pub variant: Variant,
+    /// Packages installed on top (`name` or `name=version`).
+    #[serde(default)]
+    #[schemars(length(max = 1024))]
+    pub packages: Vec<Package>,
+}
+
+/// A Debian package name, optionally `=version`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct Package(
+    #[schemars(regex(pattern = r"^[a-z0-9][a-z0-9+.-]{1,127}(=[A-Za-z0-9.+~:-]{1,127})?$"))]
+    pub  String,
+);
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Variant {
+    #[default]
+    Apt,
+    Minbase,
+    Required,
+    Important,
+}
+
+impl Variant {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Apt => "apt",
+            Self::Minbase => "minbase",
+            Self::Required => "required",
+            Self::Important => "important",
+        }
+    }
+}
+
+/// One step of a recipe: exactly one of its keys. (A struct rather than an enum, so that
+/// a mistake inside a step is reported at its own path, not as "no form matches".)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[schemars(extend("minProperties" = 1, "maxProperties" = 1))]
+pub struct Step {
+    /// A host file into the tree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy: Option<CopyStep>,
+    /// A shell command (`sh -ec`) run on the host in the tree's directory, with `ROOT`
+    /// set to it: `chroot "$ROOT" …` runs a program of the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 65536))]
+    pub run: Option<String>,
+}
+
+/// What a step does.
+#[derive(Debug, Clone, Copy)]
+pub enum StepKind<'a> {
+    Copy(&'a CopyStep),
+    Run(&'a str),
+}
+
+impl Step {
+    pub fn kind(&self) -> StepKind<'_> {
+        match (&self.copy, &self.run) {
+            (Some(copy), _) => StepKind::Copy(copy),
+            (None, Some(run)) => StepKind::Run(run),
+            // The schema admits exactly one key.
+            (None, None) => StepKind::Run("true"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CopyStep {
+    /// A host file, relative to the recipe's directory (or absolute).
+    #[schemars(length(min = 1, max = 4096))]
+    pub from: String,
+    /// Where it goes in the image: an absolute path.
+    #[schemars(length(min = 2, max = 4096), regex(pattern = r"^/"))]
+    pub to: String,
+    /// Its mode, in octal (`"0644"`, `"0755"`).
+    #[serde(default = "default_mode")]
+    #[schemars(regex(pattern = r"^0?[0-7]{3}$"))]
+    pub mode: String,
+}
+
+fn default_mode() -> String {
+    "0644".into()
+}
+
+/// How the image boots.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BootMode {
+    /// Direct kernel boot: the tree's `/boot/vmlinuz-*` and `/boot/initrd.img-*` become
+    /// the image's `kernel` and `initrd`, the tree its ext4 root on `/dev/vda`.
+    #[default]
+    Kernel,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Output {
+    #[serde(default)]
+    pub boot: BootMode,
+    /// The root file system's size (`"4 GiB"`); the disk is sparse.
+    pub disk_size: ByteSize,
+    /// Kernel command line (kernel boot); `root=/dev/vda rw` is put first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub cmdline: Option<String>,
+    /// The image's `machine.json` (the boot members are filled in by the build).
+    #[serde(default)]
+    pub machine: MachineDefinition,
+}
+
+/// A recipe that passed every check, with the directory its paths are relative to.
+#[derive(Debug, Clone)]
+pub struct CheckedRecipe {
+    pub recipe: Recipe,
+    pub dir: PathBuf,
+}
+
+impl CheckedRecipe {
+    /// Where a `copy` step's `from` is on the host.
+    pub fn host_path(&self, from: &str) -> PathBuf {
+        self.dir.join(from)
+    }
+}
+
+/// Parses and checks a recipe; `dir` is where its relative paths start. Every problem
+/// is returned at once: the rules beyond the schema read the document itself, so a
+/// schema error elsewhere hides none of them.
+pub fn check_recipe(text: &str, dir: &Path) -> Result<CheckedRecipe, Vec<Issue>> {
+    let document = Document::parse(text, MAX_RECIPE_BYTES).map_err(|e| vec![e.to_issue()])?;
+    let value = document.value();
+    let mut issues = document.duplicate_keys().to_vec();
+    issues.extend(validate_against(SchemaKind::Recipe, value));
+    issues.extend(semantic_issues(value, dir));
+    if issues.is_empty() {
+        match serde_json::from_value::<Recipe>(value.clone()) {
+            Ok(recipe) => {
+                return Ok(CheckedRecipe {
+                    recipe,
+                    dir: dir.to_path_buf(),
+                });
+            }
+            // The schema is generated from this type, so this is a bug; still report it.
+            Err(e) => issues.push(Issue::new("", format!("recipe does not decode: {e}"))),
+        }
+    }
+    issues.dedup();
+    document.annotate(&mut issues);
+    issues.sort_by_key(|issue| issue.line.unwrap_or(u64::MAX));
+    Err(issues)
+}
+
+fn semantic_issues(value: &Value, dir: &Path) -> Vec<Issue> {
+    let mut issues = Vec::new();
+    let steps = value.get("steps").and_then(Value::as_array);
+    for (n, step) in steps.into_iter().flatten().enumerate() {
+        let Some(copy) = step.get("copy") else {
+            continue;
+        };
+        if let Some(from) = copy.get("from").and_then(Value::as_str) {
+            let from = dir.join(from);
+            match std::fs::metadata(&from) {
+                Ok(meta) if meta.is_file() => {}
+                Ok(_) => issues.push(Issue::new(
+                    format!("/steps/{n}/copy/from"),
+                    format!("{} is not a regular file", from.display()),
+                )),
+                Err(e) => issues.push(Issue::new(
+                    format!("/steps/{n}/copy/from"),
+                    format!("cannot read {}: {e}", from.display()),
+                )),
+            }
+        }
+        if let Some(to) = copy.get("to").and_then(Value::as_str)
+            && to.starts_with('/')
+            && (to.split('/').any(|part| part == ".." || part == ".") || to.ends_with('/'))
+        {
+            issues.push(Issue::new(
+                format!("/steps/{n}/copy/to"),
+                format!(
+                    "`{to}` must name a file by a plain absolute path (no `.`, `..` or trailing `/`)"
+                ),
+            ));
+        }
+    }
+    let size = value
+        .pointer("/output/diskSize")
+        .and_then(|v| serde_json::from_value::<ByteSize>(v.clone()).ok());
+    if let Some(size) = size.map(ByteSize::bytes)
+        && size < MIN_DISK_SIZE
+    {
+        issues.push(Issue::new(
+            "/output/diskSize",
+            format!("a disk of {size} bytes is smaller than the smallest root file system, 64 MiB"),
+        ));
+    }
+    for field in ["kernel", "initrd", "cmdline"] {
+        if value.pointer(&format!("/output/machine/{field}")).is_some() {
+            issues.push(Issue::new(
+                format!("/output/machine/{field}"),
+                "set by the build from the boot mode; use /output/cmdline for the command line",
+            ));
+        }
+    }
+    issues
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_problem_of_a_recipe_is_reported_with_its_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("a-dir")).expect("dir");
+        let text = "base: {debian: {suite: bookworm, packages: [ok-pkg, 'Bad Name']}}\n\
+                    steps:\n  - copy: {from: missing.txt, to: /etc/x}\n  - copy: {from: a-dir, to: /etc/../y}\n  - run: ''\n\
+                    output: {diskSize: 1 MiB, machine: {memory: 512, kernel: kernel}}\n";
+        let issues = check_recipe(text, dir.path()).expect_err("invalid");
+        let paths: Vec<&str> = issues.iter().map(|i| i.path.as_str()).collect();
+        for expected in [
+            "/base/debian/packages/1",
+            "/steps/0/copy/from",
+            "/steps/1/copy/from",
+            "/steps/1/copy/to",
+            "/steps/2/run",
+            "/output/diskSize",
+            "/output/machine/kernel",
+        ] {
+            assert!(paths.contains(&expected), "{expected} in {issues:?}");
+        }
+        assert!(issues.iter().all(|i| i.line.is_some()), "{issues:?}");
+        let missing = issues
+            .iter()
+            .find(|i| i.path == "/steps/0/copy/from")
+            .expect("from");
+        assert!(missing.message.contains("missing.txt"), "{issues:?}");
+    }
+
+    #[test]
+    fn a_good_recipe_decodes_with_its_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("unit"), "x").expect("file");
+        let text = r#"{"base": {"debian": {"suite": "bookworm", "packages": ["curl", "git=1:2.39.5-0+deb12u2"]}},
+            "steps": [{"copy": {"from": "unit", "to": "/etc/unit"}}, {"run": "echo hi"}],
+            "output": {"diskSize": "2 GiB", "machine": {"memory": 1024}}}"#;
+        let checked = check_recipe(text, dir.path()).expect("valid");
+        let Base::Debian(base) = &checked.recipe.base;
+        assert_eq!(base.variant, Variant::Apt);
+        assert_eq!(checked.recipe.output.boot, BootMode::Kernel);
+        let StepKind::Copy(copy) = checked.recipe.steps[0].kind() else {
+            panic!("a copy step")
+        };
+        assert_eq!(copy.mode, "0644");
+        assert_eq!(checked.host_path("unit"), dir.path().join("unit"));
+    }
+}

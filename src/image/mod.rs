@@ -10,6 +10,7 @@ mod inspect;
 mod member;
 mod pack;
 mod qemu_img;
+mod stream;
 mod unpack;
 
 pub use cache::{

@@ -361,12 +361,11 @@ impl Fetcher {
                     limit: limits.max_image_bytes,
                 });
             }
-            unpack_archive(io::BufReader::with_capacity(1 << 20, file), &dest, limits).map_err(
-                |e| match e {
-                    UnpackError::Source { source } => unreadable(source),
-                    other => from_unpack(other),
-                },
-            )
+            // Unbuffered: unpacking reads its source in large chunks already.
+            unpack_archive(file, &dest, limits).map_err(|e| match e {
+                UnpackError::Source { source } => unreadable(source),
+                other => from_unpack(other),
+            })
         })
         .await
         .map_err(|source| FetchError::BlockingTask { source })??;

@@ -11,8 +11,9 @@ use sha2::{Digest, Sha256};
 /// Bytes in one chunk between two stages: big enough that a channel hand-off costs
 /// nothing next to the chunk's work, small enough to stay in a core's cache.
 const CHUNK: usize = 256 << 10;
-/// Chunks queued between two stages; with the spares this bounds a pipe's memory to
-/// about `2 * DEPTH + 2` chunks.
+/// Chunks queued between two stages. A pipe never holds more than `DEPTH + 2` chunks:
+/// a new one is made only when no spare came back, and then at most `DEPTH` are queued
+/// and one is read.
 const DEPTH: usize = 4;
 
 /// What happened to the source stream, as seen by the stage that reads it: the error

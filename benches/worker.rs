@@ -7,8 +7,14 @@
 //!    (every job boots), interleaved round by round.
 //! 2. Worker RSS (`qemu-worker serve`, QEMU excluded): idle, and with 4 jobs running.
 //!    Goal: ≤ 30 MiB idle, ≤ 3 MiB per job.
+//! 3. debian-12-ci (systemd, built by `image build`): a trivial job resumed from the
+//!    boot snapshot, run start → first output, next to a bare QEMU boot of the same
+//!    kernel, initramfs and disk whose init is the command (goal ≤ 1 s); the whole
+//!    trivial job (goal ≤ 2 s); its teardown phase (goal ≤ 300 ms); the first job, which
+//!    boots systemd and saves the snapshot.
 //!
-//! `cargo bench --bench worker` (needs images/build-test-image).
+//! `cargo bench --bench worker` (needs images/build-test-image and
+//! `images/build-image images/recipes/debian-12-ci.yml`).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -347,6 +353,190 @@ fn main() {
         .prefix("qw-bw")
         .tempdir_in("/tmp")
         .expect("tempdir");
-    job_overhead(&dir.path().join("overhead"));
-    worker_rss(&dir.path().join("rss"));
+    // `cargo bench --bench worker -- debian` runs only the parts named (overhead, rss,
+    // debian); cargo's own `--bench` argument is not a part.
+    let parts: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wanted = |part: &str| parts.is_empty() || parts.iter().any(|p| p == part);
+    if wanted("overhead") {
+        job_overhead(&dir.path().join("overhead"));
+    }
+    if wanted("rss") {
+        worker_rss(&dir.path().join("rss"));
+    }
+    if wanted("debian") {
+        debian_job(&dir.path().join("debian"));
+    }
+}
+
+/// One `qemu-worker run --json` of `payload`: seconds to the marker on the live log,
+/// seconds to the end, and the report's teardown phase in ms.
+fn timed_run(config: &Path, payload: &Path) -> (f64, f64, f64) {
+    let start = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qemu-worker"))
+        .arg("--config")
+        .arg(config)
+        .args(["run", "--json"])
+        .arg(payload)
+        .env("QEMU_WORKER_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let marker = std::thread::spawn(move || {
+        let mut seen = None;
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if seen.is_none() && line.contains(MARKER) {
+                seen = Some(start.elapsed().as_secs_f64());
+            }
+        }
+        seen
+    });
+    let output = child.wait_with_output().expect("run");
+    let whole = start.elapsed().as_secs_f64();
+    let first = marker.join().expect("reader").expect("the marker appeared");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("--json report");
+    let teardown = report["timings"]
+        .as_array()
+        .and_then(|t| t.iter().find(|p| p["phase"] == "teardown"))
+        .and_then(|p| p["millis"].as_f64())
+        .expect("a teardown phase");
+    (first, whole, teardown)
+}
+
+fn debian_job(dir: &Path) {
+    const ROUNDS: usize = 5;
+    let image = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/out/debian-12-ci.tar.zst");
+    assert!(
+        image.is_file(),
+        "debian-12-ci is missing: run images/build-image images/recipes/debian-12-ci.yml"
+    );
+    std::fs::create_dir_all(dir).expect("bench dir");
+    let config = dir.join("worker.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "accelerator: tcg\ncapacity: 1\nlimits: {{maxMemory: 512, maxCPUs: 1, defaultThreads: 1}}\n\
+             images: {{allowedLocalDirs: [{}]}}\nsnapshots: {{enabled: true}}\nstateDir: state\n",
+            image.parent().expect("dir").display()
+        ),
+    )
+    .expect("config");
+    let payload = dir.join("job.yml");
+    std::fs::write(
+        &payload,
+        format!(
+            "image: {}\ncommand: [/bin/echo, {MARKER}]\nmaxRunTime: 120\n",
+            image.display()
+        ),
+    )
+    .expect("payload");
+    // The first job unpacks the image, boots systemd and saves the boot snapshot.
+    let (first_output, first_whole, _) = timed_run(&config, &payload);
+
+    let bare = dir.join("bare");
+    std::fs::create_dir_all(&bare).expect("bare dir");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "zstd -qdc '{}' | tar -xSf - -C '{}'",
+            image.display(),
+            bare.display()
+        ))
+        .status()
+        .expect("unpack");
+    assert!(status.success());
+    let machine: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bare.join("machine.json")).expect("machine.json"))
+            .expect("machine.json is JSON");
+    let cmdline = machine["cmdline"].as_str().expect("cmdline").to_owned();
+    let (mut firsts, mut wholes, mut teardowns, mut baseline) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let (first, whole, teardown) = timed_run(&config, &payload);
+        firsts.push(first * 1000.0);
+        wholes.push(whole * 1000.0);
+        teardowns.push(teardown);
+        let mut qemu = Command::new("qemu-system-x86_64");
+        qemu.args(["-accel", "tcg", "-M", "q35", "-cpu", "qemu64", "-m", "512"])
+            .args([
+                "-nodefaults",
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+                "-kernel",
+            ])
+            .arg(bare.join("kernel"))
+            .arg("-initrd")
+            .arg(bare.join("initrd"))
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=raw,if=none,id=d0,snapshot=on",
+                bare.join("disk.img").display()
+            ))
+            .args(["-device", "virtio-blk-pci,drive=d0,serial=bare"])
+            .arg("-append")
+            .arg(format!("{cmdline} init=/bin/echo -- {MARKER}"));
+        baseline.push(time_to_marker(qemu, false, MARKER) * 1000.0);
+    }
+    let (f, b) = (median(firsts.clone()), median(baseline.clone()));
+    println!("debian-12-ci ({ROUNDS} rounds, ms)");
+    println!(
+        "  first job: first output {:.0}, whole {:.0} (boots systemd, saves the snapshot)",
+        first_output * 1000.0,
+        first_whole * 1000.0
+    );
+    println!("  resumed trivial job, first output median {f:.0}  (all: {firsts:.0?})");
+    println!("  bare QEMU boot, init = echo      median {b:.0}  (all: {baseline:.0?})");
+    println!("  whole job {wholes:.0?}, teardown {teardowns:.0?}");
+    let baseline_name =
+        "bare QEMU boot of debian-12-ci's kernel, initramfs and disk, init runs the command";
+    figure::Figure {
+        figure: "debian-12-ci: trivial job, run start to first output (boot snapshots on)",
+        unit: "ms",
+        samples: &firsts,
+        baseline_name,
+        baseline: &baseline,
+        goal: "<= 1 s extra",
+        met: Some(f - b <= 1000.0),
+        note: "the job resumes the image's boot snapshot; the baseline boots the kernel and Debian's initramfs and runs the command as init (no systemd)",
+        ..Default::default()
+    }
+    .emit();
+    figure::Figure {
+        figure: "debian-12-ci: whole trivial job (run start to exit)",
+        unit: "ms",
+        samples: &wholes,
+        goal: "<= 2 s",
+        met: Some(median(wholes.clone()) <= 2000.0),
+        note: "resumed from the boot snapshot; includes artifacts, screenshot and teardown",
+        ..Default::default()
+    }
+    .emit();
+    figure::Figure {
+        figure: "debian-12-ci: teardown phase (result in to VM gone)",
+        unit: "ms",
+        samples: &teardowns,
+        goal: "<= 300 ms",
+        met: Some(median(teardowns.clone()) <= 300.0),
+        note: "QMP quit, no guest power-off",
+        ..Default::default()
+    }
+    .emit();
+    figure::Figure {
+        figure: "debian-12-ci: first job (boots systemd, saves the snapshot), run start to exit",
+        unit: "ms",
+        samples: &[first_whole * 1000.0],
+        note: &format!(
+            "first output after {:.0} ms; paid once per image and machine",
+            first_output * 1000.0
+        ),
+        ..Default::default()
+    }
+    .emit();
 }

@@ -95,6 +95,26 @@ fn time_to_marker(mut command: Command, stderr: bool, marker: &str) -> f64 {
     seen.expect("the marker appeared")
 }
 
+/// `image` unpacked into `dir/bare` for a bare QEMU boot, and its machine.json.
+fn unpack_for_bare_boot(image: &Path, dir: &Path) -> (PathBuf, serde_json::Value) {
+    let bare = dir.join("bare");
+    std::fs::create_dir_all(&bare).expect("bare dir");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "zstd -qdc '{}' | tar -xSf - -C '{}'",
+            image.display(),
+            bare.display()
+        ))
+        .status()
+        .expect("unpack");
+    assert!(status.success());
+    let machine =
+        serde_json::from_slice(&std::fs::read(bare.join("machine.json")).expect("machine.json"))
+            .expect("machine.json is JSON");
+    (bare, machine)
+}
+
 fn job_overhead(dir: &Path) {
     const ROUNDS: usize = 9;
     let image = test_image();
@@ -109,24 +129,9 @@ fn job_overhead(dir: &Path) {
         ),
     )
     .expect("payload");
-    // Unpack the same image for the bare boot.
-    let bare = dir.join("bare");
-    std::fs::create_dir_all(&bare).expect("bare dir");
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "zstd -qdc '{}' | tar -xf - -C '{}'",
-            image.display(),
-            bare.display()
-        ))
-        .status()
-        .expect("unpack");
-    assert!(status.success());
-    // The image's own machine: chipset, storage, initrd, kernel command line (the last
-    // `init=` wins).
-    let machine: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(bare.join("machine.json")).expect("machine.json"))
-            .expect("machine.json is JSON");
+    // Unpack the same image for the bare boot. The image's own machine: chipset,
+    // storage, initrd, kernel command line (the last `init=` wins).
+    let (bare, machine) = unpack_for_bare_boot(&image, dir);
     let field = |name: &str| {
         machine[name]
             .as_str()
@@ -438,21 +443,7 @@ fn debian_job(dir: &Path) {
     // The first job unpacks the image, boots systemd and saves the boot snapshot.
     let (first_output, first_whole, _) = timed_run(&config, &payload);
 
-    let bare = dir.join("bare");
-    std::fs::create_dir_all(&bare).expect("bare dir");
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "zstd -qdc '{}' | tar -xSf - -C '{}'",
-            image.display(),
-            bare.display()
-        ))
-        .status()
-        .expect("unpack");
-    assert!(status.success());
-    let machine: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(bare.join("machine.json")).expect("machine.json"))
-            .expect("machine.json is JSON");
+    let (bare, machine) = unpack_for_bare_boot(&image, dir);
     let cmdline = machine["cmdline"].as_str().expect("cmdline").to_owned();
     let (mut firsts, mut wholes, mut teardowns, mut baseline) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());

@@ -8,6 +8,7 @@ pub mod artifacts;
 pub mod config;
 pub mod engine;
 pub mod error_chain;
+pub mod host_path;
 pub mod image;
 pub mod job;
 pub mod metadata;

@@ -161,11 +161,7 @@ struct StoredVerdict {
 /// What identifies this boot and this QEMU binary.
 fn verdict_key() -> Option<(String, String)> {
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-    let qemu = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join("qemu-system-x86_64"))
-            .find(|p| p.is_file())
-    })?;
+    let qemu = crate::host_path::find_on_path("qemu-system-x86_64")?;
     let meta = std::fs::metadata(&qemu).ok()?;
     use std::os::unix::fs::MetadataExt;
     Some((

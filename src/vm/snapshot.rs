@@ -499,10 +499,8 @@ fn free_space(dir: &Path) -> u64 {
 /// Size and modification time of the QEMU found on PATH: another QEMU build may lay out
 /// its migration stream differently.
 fn qemu_binary_identity() -> String {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("qemu-system-x86_64"))
-        .find_map(|candidate| file_identity(&candidate))
+    crate::host_path::find_on_path("qemu-system-x86_64")
+        .and_then(|qemu| file_identity(&qemu))
         .unwrap_or_default()
 }
 

@@ -45,12 +45,9 @@ pub(super) fn checked(what: &str, command: &mut Command) -> Result<(), BuildErro
 }
 
 pub(super) fn require(program: &'static str, package: &'static str) -> Result<(), BuildError> {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()));
-    if found {
-        Ok(())
-    } else {
-        Err(BuildError::Missing { program, package })
+    match crate::host_path::find_on_path(program) {
+        Some(_) => Ok(()),
+        None => Err(BuildError::Missing { program, package }),
     }
 }
 

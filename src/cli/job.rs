@@ -30,25 +30,7 @@ pub(super) async fn run_job(
         cache: cache.clone(),
         helper: std::env::current_exe().exit_with(EXIT_OTHER)?,
     };
-    // Ctrl-C cancels the job, SIGTERM is a shutdown: either way the engine tears the VM
-    // down (exiting on the signal would leave QEMU running in its own process group).
-    let (cancel, cancel_rx) = tokio::sync::watch::channel(None);
-    let signals = tokio::spawn(async move {
-        use qemu_worker::job::ExceptionReason;
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut int), Ok(mut term)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
-            return;
-        };
-        let reason = tokio::select! {
-            _ = int.recv() => ExceptionReason::Canceled,
-            _ = term.recv() => ExceptionReason::WorkerShutdown,
-        };
-        eprintln!("qemu-worker: stopping the job ({reason})");
-        let _ = cancel.send(Some(reason));
-    });
+    let (signals, cancel_rx) = cancel_on_signals("the job");
     let report = engine
         .run(&JobRun {
             job_id: job_id.clone(),
@@ -57,6 +39,7 @@ pub(super) async fn run_job(
             job_dir: job_dir.clone(),
             live_log: true,
             cancel: cancel_rx,
+            keep_disk: None,
         })
         .await;
     signals.abort();
@@ -142,4 +125,33 @@ fn human_report(path: &Path, check: &PayloadCheck) -> String {
         out.push_str(&format!("  {issue}\n"));
     }
     out
+}
+
+/// Ctrl-C cancels, SIGTERM is a shutdown: either way the engine tears its VM down
+/// (exiting on the signal would leave QEMU running in its own process group). Abort the
+/// returned task when the work is done.
+pub(super) fn cancel_on_signals(
+    what: &'static str,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::watch::Receiver<Option<qemu_worker::job::ExceptionReason>>,
+) {
+    let (cancel, cancel_rx) = tokio::sync::watch::channel(None);
+    let signals = tokio::spawn(async move {
+        use qemu_worker::job::ExceptionReason;
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        let reason = tokio::select! {
+            _ = int.recv() => ExceptionReason::Canceled,
+            _ = term.recv() => ExceptionReason::WorkerShutdown,
+        };
+        eprintln!("qemu-worker: stopping {what} ({reason})");
+        let _ = cancel.send(Some(reason));
+    });
+    (signals, cancel_rx)
 }

@@ -47,6 +47,15 @@ pub enum JobError {
     Start(#[source] VmError),
     #[error("the VM did not resume after start")]
     Continue(#[source] QmpError),
+    /// A disk to keep (an image build's `boot` step) needs a clean power-off first.
+    #[error("the guest did not power off after its command ({exit}); its disk is not kept")]
+    NoPowerOff { exit: crate::vm::VmExit },
+    #[error("the guest's disk cannot be written to {}", path.display())]
+    KeepDisk {
+        path: PathBuf,
+        #[source]
+        source: crate::image::QemuImgError,
+    },
 }
 
 impl JobError {
@@ -68,7 +77,9 @@ impl JobError {
             | Self::RunDir(_)
             | Self::Launch(_)
             | Self::Start(_)
-            | Self::Continue(_) => ExceptionReason::InternalError,
+            | Self::Continue(_)
+            | Self::NoPowerOff { .. }
+            | Self::KeepDisk { .. } => ExceptionReason::InternalError,
         }
     }
 

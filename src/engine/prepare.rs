@@ -70,8 +70,10 @@ impl Engine {
             .map_err(Ending::Rejected)?;
         ctx.phase("machine");
 
-        // Snapshots need the user network (a tap VM's addresses are per VM).
+        // Snapshots need the user network (a tap VM's addresses are per VM); a disk that
+        // is kept starts from the image itself.
         let snapshots = (self.config.snapshots.enabled
+            && ctx.job.keep_disk.is_none()
             && self.config.network.backend == NetworkBackend::User
             && !payload.wants_outbound())
         .then(|| SnapshotStore::new(lease.snapshot_dir()));

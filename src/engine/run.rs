@@ -21,6 +21,10 @@ pub struct JobRun {
     /// Becomes `Some(reason)` to stop the job early (canceled, worker shutting down);
     /// the VM is torn down and the job resolved with that reason.
     pub cancel: tokio::sync::watch::Receiver<Option<ExceptionReason>>,
+    /// An image build's `boot` step: the job neither resumes nor saves a boot snapshot,
+    /// and once its command exits 0 the guest is asked to power off (within
+    /// `shutdownSeconds`) and its whole disk is written here as one raw file.
+    pub keep_disk: Option<PathBuf>,
 }
 
 /// What the engine needs besides the job: the configuration, the image cache, and the
@@ -75,6 +79,13 @@ impl Engine {
                 prepared.payload.max_run_time,
             )
             .await;
+        let ending = match (&ctx.job.keep_disk, ending) {
+            (Some(path), Ending::Exited(0)) => match self.keep_disk(&mut running, path).await {
+                Ok(()) => Ending::Exited(0),
+                Err(error) => Ending::Error(error),
+            },
+            (_, ending) => ending,
+        };
         let (collection, screenshot) =
             if ending.collects() && running.vm.wait(Duration::ZERO).await.is_none() {
                 let (collection, screenshot) = self.collect(ctx, &prepared, &running).await;

@@ -171,6 +171,7 @@ async fn run_claimed(
             job_dir,
             live_log: false,
             cancel: cancel_rx,
+            keep_disk: None,
         })
         .await;
     watcher.abort();

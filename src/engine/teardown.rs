@@ -1,11 +1,17 @@
+use std::path::Path;
 use std::time::Duration;
 
 use super::boot::Running;
 use super::context::JobContext;
+use super::error::JobError;
 use super::resolve::ConsoleSummary;
 use super::run::Engine;
+use crate::image::flatten_to_raw;
 use crate::metadata::MetadataUsage;
 use crate::vm::VmExit;
+
+/// Writing a kept disk reads all of it: allow for a big one on a slow disk.
+const FLATTEN_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// What teardown learned for the resolution.
 #[derive(Debug)]
@@ -15,6 +21,29 @@ pub struct TornDown {
 }
 
 impl Engine {
+    /// An image build's `boot` step after its command succeeded: the guest powers off
+    /// (ACPI, repeated, within `shutdownSeconds`: its file systems must be clean), then
+    /// the image's disk with the job's overlay on top is written to `path` as one raw
+    /// disk. The VM has ended either way; tear down releases the rest.
+    pub(super) async fn keep_disk(
+        &self,
+        running: &mut Running,
+        path: &Path,
+    ) -> Result<(), JobError> {
+        let exit = running.vm.stop().await;
+        if !matches!(exit, VmExit::PoweredOff { .. }) {
+            return Err(JobError::NoPowerOff { exit });
+        }
+        // The overlay's backing chain is the leased image's disk: `drive` holds the
+        // lease until the job ends.
+        flatten_to_raw(&running.vm.run_dir().overlay(), path, FLATTEN_TIMEOUT)
+            .await
+            .map_err(|source| JobError::KeepDisk {
+                path: path.to_path_buf(),
+                source,
+            })
+    }
+
     /// Phase *tear down*: quits the VM (its overlay is discarded, so the guest is not
     /// asked to power off), then stops its metadata service and its network.
     /// Budgets are read here, at the very end: connections refused during the

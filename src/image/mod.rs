@@ -24,5 +24,5 @@ pub use fetch::{FetchError, FetchPolicy, Fetcher, HttpOutcome, Progress, Validat
 pub use inspect::inspect_archive;
 pub use member::{ImageProblem, Member};
 pub use pack::{PackError, pack_image};
-pub use qemu_img::QemuImgError;
+pub use qemu_img::{QemuImgError, flatten_to_raw};
 pub use unpack::{UnpackError, Unpacked, unpack_archive};

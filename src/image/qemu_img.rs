@@ -72,11 +72,35 @@ pub async fn create_overlay(
     backing: &Path,
     backing_format: DiskFormat,
 ) -> Result<(), QemuImgError> {
-    let child = tokio::process::Command::new("qemu-img")
+    let mut command = tokio::process::Command::new("qemu-img");
+    command
         .args(["create", "-q", "-f", DiskFormat::Qcow2.as_str()])
         .args(["-F", backing_format.as_str(), "-b"])
         .arg(backing)
-        .arg(overlay)
+        .arg(overlay);
+    run_async(command, "create", overlay, QEMU_IMG_TIMEOUT).await
+}
+
+/// Writes the whole chain under the qcow2 `top` (its backing files included) as one
+/// sparse raw disk at `out`: an image build's booted disk. Bounded by `timeout`, which
+/// must allow for the disk's size.
+pub async fn flatten_to_raw(top: &Path, out: &Path, timeout: Duration) -> Result<(), QemuImgError> {
+    let mut command = tokio::process::Command::new("qemu-img");
+    command
+        .args(["convert", "-q", "-f", DiskFormat::Qcow2.as_str()])
+        .args(["-O", DiskFormat::Raw.as_str(), "-S", "4k"])
+        .arg(top)
+        .arg(out);
+    run_async(command, "convert", top, timeout).await
+}
+
+async fn run_async(
+    mut command: tokio::process::Command,
+    action: &'static str,
+    path: &Path,
+    timeout: Duration,
+) -> Result<(), QemuImgError> {
+    let child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -84,13 +108,11 @@ pub async fn create_overlay(
         .kill_on_drop(true)
         .spawn()
         .map_err(|source| QemuImgError::Spawn { source })?;
-    let output = tokio::time::timeout(QEMU_IMG_TIMEOUT, child.wait_with_output())
+    let output = tokio::time::timeout(timeout, child.wait_with_output())
         .await
-        .map_err(|_| QemuImgError::Timeout {
-            timeout: QEMU_IMG_TIMEOUT,
-        })?
+        .map_err(|_| QemuImgError::Timeout { timeout })?
         .map_err(|source| QemuImgError::Spawn { source })?;
-    succeeded(output, "create", overlay).map(drop)
+    succeeded(output, action, path).map(drop)
 }
 
 fn run(mut command: Command, action: &'static str, path: &Path) -> Result<Output, QemuImgError> {

@@ -254,3 +254,16 @@ pub fn debian_ci_image() -> PathBuf {
     );
     path
 }
+
+/// `images/out/debian-12-ci-uefi.tar.zst`: debian-12-ci as a UEFI disk, built by
+/// `images/build-image images/recipes/debian-12-ci-uefi.yml` (after debian-12-ci).
+pub fn debian_ci_uefi_image() -> PathBuf {
+    let path = super::workspace().join("images/out/debian-12-ci-uefi.tar.zst");
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `images/build-image images/recipes/debian-12-ci-uefi.yml` \
+         (after debian-12-ci.yml; needs `apt-get install fdisk dosfstools mtools systemd-boot-efi ovmf`)",
+        path.display()
+    );
+    path
+}

@@ -2,6 +2,8 @@
 //! systemd, networkd DHCP, qemu-ga and the guest tools as the documented unit, whose
 //! output goes to the journal and never to the console. A CI job compiles and tests a C
 //! program with its artifacts; the first job saves a boot snapshot, the next resumes it.
+//! The same system as a UEFI disk (images/recipes/debian-12-ci-uefi.yml: a GPT, an EFI
+//! system partition with systemd-boot, no kernel member) boots with OVMF and resumes too.
 
 use engine_tests::{Job, Worker, assets, base_config, with_setting};
 use qemu_worker::job::ResultState;
@@ -66,5 +68,35 @@ fn a_ci_job_builds_and_tests_c_and_the_second_job_resumes_the_boot_snapshot() {
     assert!(log.contains("resumed from boot snapshot"), "{log}");
     assert!(log.contains("system=running"), "{log}");
     assert_eq!(second.artifact("report.txt"), Some(b"2+3=5\n".to_vec()));
+    worker.assert_clean();
+}
+
+#[test]
+fn the_uefi_disk_variant_boots_with_ovmf_runs_the_job_and_resumes() {
+    let worker = worker();
+    let image = assets::debian_ci_uefi_image().display().to_string();
+    let probe = "echo firmware=$(test -d /sys/firmware/efi && echo efi || echo bios); \
+                 echo root=$(findmnt -no SOURCE /); echo kernel-args=$(cat /proc/cmdline)";
+
+    let first = job(&image).run(&worker);
+    assert_eq!(first.state(), ResultState::Completed, "{first}");
+    assert!(
+        first.log().contains("saved boot snapshot"),
+        "{}",
+        first.log()
+    );
+    assert_eq!(first.artifact("report.txt"), Some(b"2+3=5\n".to_vec()));
+
+    let second = Job::script(probe)
+        .image(&image)
+        .max_run_time(300)
+        .run(&worker);
+    assert_eq!(second.state(), ResultState::Completed, "{second}");
+    let log = second.log();
+    assert!(log.contains("resumed from boot snapshot"), "{log}");
+    // Booted by OVMF and systemd-boot from the disk's own partitions.
+    assert!(log.contains("firmware=efi"), "{log}");
+    assert!(log.contains("root=/dev/vda2"), "{log}");
+    assert!(log.contains("root=PARTUUID="), "{log}");
     worker.assert_clean();
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use qemu_worker::config::LoadedConfig;
 use qemu_worker::error_chain::display_chain;
-use qemu_worker::image::build::{build_image, check_recipe};
+use qemu_worker::image::build::{BuildWorker, Report, build_image, check_recipe};
 use qemu_worker::image::{
     CacheSettings, FetchError, FetchPolicy, Fetcher, ImageCache, ImageProblem, ImageRequest,
     Progress, inspect_archive, pack_image,
@@ -43,7 +43,7 @@ pub(super) async fn image(
             ))?;
             Ok(ExitCode::SUCCESS)
         }
-        ImageCommand::Build { recipe, out } => build(&settings, &recipe, &out).await,
+        ImageCommand::Build { recipe, out } => build(loaded, &recipe, &out).await,
         ImageCommand::Inspect { archive, json } => inspect(&settings, &archive, json).await,
         ImageCommand::Pull { reference, sha256 } => {
             let source = cli_image_source(&reference)?;
@@ -244,7 +244,7 @@ fn human_inspect(report: &InspectReport) -> String {
 
 /// `image build RECIPE OUT`: a bad recipe exits 2 with every problem listed; a failed
 /// build exits 3 and leaves nothing at `out`.
-async fn build(settings: &CacheSettings, recipe: &Path, out: &Path) -> Result<ExitCode, Failure> {
+async fn build(loaded: &LoadedConfig, recipe: &Path, out: &Path) -> Result<ExitCode, Failure> {
     let text = std::fs::read_to_string(recipe).map_err(|e| {
         Failure::new(
             EXIT_USAGE,
@@ -267,23 +267,25 @@ async fn build(settings: &CacheSettings, recipe: &Path, out: &Path) -> Result<Ex
             ),
         )
     })?;
-    let limits = settings.limits;
-    let to = out.to_path_buf();
     let started = std::time::Instant::now();
     let tty = std::io::stderr().is_terminal();
-    let built = tokio::task::spawn_blocking(move || {
-        let report = |line: &str| {
-            if tty {
-                eprintln!(
-                    "image build [{:>5.1}s] {line}",
-                    started.elapsed().as_secs_f64()
-                );
-            }
-        };
-        build_image(&checked, &to, limits, &report)
-    })
-    .await
-    .exit_with(EXIT_OTHER)?;
+    let report: Report = Arc::new(move |line: &str| {
+        if tty {
+            eprintln!(
+                "image build [{:>5.1}s] {line}",
+                started.elapsed().as_secs_f64()
+            );
+        }
+    });
+    let (signals, cancel) = super::job::cancel_on_signals("the image build");
+    let worker = BuildWorker {
+        config: loaded.config.clone(),
+        helper: std::env::current_exe().exit_with(EXIT_OTHER)?,
+        live_log: tty,
+        cancel,
+    };
+    let built = build_image(&checked, out, &worker, report).await;
+    signals.abort();
     let contents = built.map_err(|e| {
         Failure::new(
             EXIT_OTHER,

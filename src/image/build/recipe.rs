@@ -9,13 +9,16 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::ByteSize;
-use crate::job::MachineDefinition;
+use crate::job::{ImageReference, MachineDefinition};
 use crate::schema::{Document, Issue, SchemaKind, validate_against};
 
 /// A recipe is a small document.
 const MAX_RECIPE_BYTES: usize = 1 << 20;
 /// The smallest root file system a build makes.
 const MIN_DISK_SIZE: u64 = 64 << 20;
+/// A `boot` step's default and largest run time, in seconds.
+const DEFAULT_BOOT_SECONDS: u64 = 1800;
+const MAX_BOOT_SECONDS: u64 = 86_400;
 
 /// How to build a VM image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -24,7 +27,8 @@ const MIN_DISK_SIZE: u64 = 64 << 20;
 pub struct Recipe {
     /// What the image starts from.
     pub base: Base,
-    /// Applied in order: `copy` and `run` to the root file system tree, then `boot`.
+    /// Applied in order: `copy` and `run` to a Debian base's root tree, then `boot` steps
+    /// in the booted image.
     #[serde(default)]
     #[schemars(length(max = 256))]
     pub steps: Vec<Step>,
@@ -32,13 +36,39 @@ pub struct Recipe {
     pub output: Output,
 }
 
-/// The base: a Debian tree built with mmdebstrap.
+/// The base: exactly one of its keys. (A struct rather than an enum, as for steps: a
+/// mistake inside it is reported at its own path.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub enum Base {
+#[schemars(extend("minProperties" = 1, "maxProperties" = 1))]
+pub struct Base {
     /// A Debian root built by `mmdebstrap --mode=root` from the archive the host's apt
     /// uses (its `sources.list` / `.sources` files).
-    Debian(DebianBase),
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debian: Option<DebianBase>,
+    /// An existing image archive, named as a payload names one (an `http(s)://` URL or
+    /// a path, here relative to the recipe's directory; with its sha256 or not). It takes
+    /// `boot` steps only: its disk is used as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageReference>,
+}
+
+/// What the base is.
+#[derive(Debug, Clone, Copy)]
+pub enum BaseKind<'a> {
+    Debian(&'a DebianBase),
+    Image(&'a ImageReference),
+}
+
+impl Base {
+    pub fn kind(&self) -> BaseKind<'_> {
+        match (&self.debian, &self.image) {
+            (Some(debian), _) => BaseKind::Debian(debian),
+            (None, Some(image)) => BaseKind::Image(image),
+            // The schema admits exactly one key.
+            (None, None) => unreachable!("check_recipe admits a base with one key"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -100,6 +130,26 @@ pub struct Step {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 65536))]
     pub run: Option<String>,
+    /// The image booted by the worker's engine with this script as a job's command; once
+    /// it exits 0 the guest powers off and its disk becomes the image's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootStep>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BootStep {
+    /// A shell script, run in the guest as root by `sh -ec`.
+    #[schemars(length(min = 1, max = 65536))]
+    pub script: String,
+    /// Seconds the step may take (the job's `maxRunTime`).
+    #[serde(default = "default_boot_seconds")]
+    #[schemars(range(min = 1, max = MAX_BOOT_SECONDS))]
+    pub max_run_time: u64,
+}
+
+fn default_boot_seconds() -> u64 {
+    DEFAULT_BOOT_SECONDS
 }
 
 /// What a step does.
@@ -107,15 +157,17 @@ pub struct Step {
 pub enum StepKind<'a> {
     Copy(&'a CopyStep),
     Run(&'a str),
+    Boot(&'a BootStep),
 }
 
 impl Step {
     pub fn kind(&self) -> StepKind<'_> {
-        match (&self.copy, &self.run) {
-            (Some(copy), _) => StepKind::Copy(copy),
-            (None, Some(run)) => StepKind::Run(run),
+        match (&self.copy, &self.run, &self.boot) {
+            (Some(copy), _, _) => StepKind::Copy(copy),
+            (None, Some(run), _) => StepKind::Run(run),
+            (None, None, Some(boot)) => StepKind::Boot(boot),
             // The schema admits exactly one key.
-            (None, None) => StepKind::Run("true"),
+            (None, None, None) => StepKind::Run("true"),
         }
     }
 }
@@ -147,22 +199,31 @@ pub enum BootMode {
     /// the image's `kernel` and `initrd`, the tree its ext4 root on `/dev/vda`.
     #[default]
     Kernel,
+    /// A stock cloud image's shape, booted by OVMF with no kernel member: a GPT disk with
+    /// an EFI system partition (systemd-boot, the kernel and the initramfs) and the ext4
+    /// root partition. The machine gets `firmware: uefi`.
+    Uefi,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Output {
-    #[serde(default)]
-    pub boot: BootMode,
-    /// The root file system's size (`"4 GiB"`); the disk is sparse.
-    pub disk_size: ByteSize,
-    /// Kernel command line (kernel boot); `root=/dev/vda rw` is put first.
+    /// By default the base's: `kernel` for a Debian base, an image base's own shape.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootMode>,
+    /// The disk's size (`"4 GiB"`; sparse), for a Debian base: the root file system's
+    /// with `kernel`, the whole GPT disk's with `uefi`. An image base keeps its disk's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_size: Option<ByteSize>,
+    /// Kernel arguments after the ones the build puts first (`root=… rw` and the
+    /// consoles); an image base's own arguments other than `root=` are kept before them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 4096))]
     pub cmdline: Option<String>,
-    /// The image's `machine.json` (the boot members are filled in by the build).
-    #[serde(default)]
-    pub machine: MachineDefinition,
+    /// The image's `machine.json` (the boot members and the firmware are filled in by
+    /// the build); by default an image base's own, else the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<MachineDefinition>,
 }
 
 /// A recipe that passed every check, with the directory its paths are relative to.
@@ -208,8 +269,25 @@ pub fn check_recipe(text: &str, dir: &Path) -> Result<CheckedRecipe, Vec<Issue>>
 
 fn semantic_issues(value: &Value, dir: &Path) -> Vec<Issue> {
     let mut issues = Vec::new();
+    let image_base = value.pointer("/base/image").is_some();
     let steps = value.get("steps").and_then(Value::as_array);
+    let mut booted = false;
     for (n, step) in steps.into_iter().flatten().enumerate() {
+        if step.get("boot").is_some() {
+            booted = true;
+            continue;
+        }
+        if image_base {
+            issues.push(Issue::new(
+                format!("/steps/{n}"),
+                "an image base takes `boot` steps only (`copy` and `run` change a Debian base's tree before its disk is made)",
+            ));
+        } else if booted {
+            issues.push(Issue::new(
+                format!("/steps/{n}"),
+                "`copy` and `run` steps come before the first `boot` step (the tree becomes the disk that boots)",
+            ));
+        }
         let Some(copy) = step.get("copy") else {
             continue;
         };
@@ -242,19 +320,38 @@ fn semantic_issues(value: &Value, dir: &Path) -> Vec<Issue> {
     let size = value
         .pointer("/output/diskSize")
         .and_then(|v| serde_json::from_value::<ByteSize>(v.clone()).ok());
+    let has_size = value.pointer("/output/diskSize").is_some();
+    if image_base && has_size {
+        issues.push(Issue::new(
+            "/output/diskSize",
+            "an image base keeps its disk as it is: remove diskSize",
+        ));
+    } else if !image_base && !has_size && value.pointer("/base/debian").is_some() {
+        issues.push(Issue::new(
+            "/output/diskSize",
+            "a Debian base needs the disk's size (e.g. `4 GiB`)",
+        ));
+    }
+    let smallest = match value.pointer("/output/boot").and_then(Value::as_str) {
+        Some("uefi") => MIN_DISK_SIZE + super::assemble::GPT_OVERHEAD,
+        _ => MIN_DISK_SIZE,
+    };
     if let Some(size) = size.map(ByteSize::bytes)
-        && size < MIN_DISK_SIZE
+        && size < smallest
     {
         issues.push(Issue::new(
             "/output/diskSize",
-            format!("a disk of {size} bytes is smaller than the smallest root file system, 64 MiB"),
+            format!(
+                "a disk of {size} bytes is smaller than the smallest this boot mode makes, {} MiB",
+                smallest >> 20
+            ),
         ));
     }
-    for field in ["kernel", "initrd", "cmdline"] {
+    for field in ["kernel", "initrd", "cmdline", "firmware"] {
         if value.pointer(&format!("/output/machine/{field}")).is_some() {
             issues.push(Issue::new(
                 format!("/output/machine/{field}"),
-                "set by the build from the boot mode; use /output/cmdline for the command line",
+                "set by the build from the boot mode (/output/boot); use /output/cmdline for kernel arguments",
             ));
         }
     }
@@ -294,6 +391,43 @@ mod tests {
     }
 
     #[test]
+    fn an_image_base_takes_boot_steps_only_and_keeps_its_disk_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("f"), "x").expect("file");
+        let text = "base: {image: base.tar.zst}\n\
+                    steps:\n  - boot: {script: 'apt-get install -y foo'}\n  - run: echo no\n\
+                    output: {boot: uefi, diskSize: 8 GiB, machine: {firmware: bios}}\n";
+        let issues = check_recipe(text, dir.path()).expect_err("invalid");
+        let paths: Vec<&str> = issues.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["/steps/1", "/output/diskSize", "/output/machine/firmware"],
+            "{issues:?}"
+        );
+
+        let debian = "base: {debian: {suite: bookworm}}\n\
+                      steps:\n  - boot: {script: 'true', maxRunTime: 0}\n  - copy: {from: f, to: /f}\n\
+                      output: {boot: uefi, diskSize: 100 MiB}\n";
+        let issues = check_recipe(debian, dir.path()).expect_err("invalid");
+        let paths: Vec<&str> = issues.iter().map(|i| i.path.as_str()).collect();
+        for expected in ["/steps/0/boot/maxRunTime", "/steps/1", "/output/diskSize"] {
+            assert!(paths.contains(&expected), "{expected} in {issues:?}");
+        }
+        let no_size = "base: {debian: {suite: bookworm}}\noutput: {}\n";
+        let issues = check_recipe(no_size, dir.path()).expect_err("invalid");
+        assert_eq!(issues[0].path, "/output/diskSize", "{issues:?}");
+
+        let good = "base: {image: {url: 'https://example.org/ci.tar.zst', sha256: '%'}}\n\
+                    steps: [{boot: {script: 'echo hi'}}]\noutput: {boot: uefi}\n"
+            .replace('%', &"a".repeat(64));
+        let checked = check_recipe(&good, dir.path()).expect("valid");
+        let StepKind::Boot(boot) = checked.recipe.steps[0].kind() else {
+            panic!("a boot step")
+        };
+        assert_eq!(boot.max_run_time, DEFAULT_BOOT_SECONDS);
+    }
+
+    #[test]
     fn a_good_recipe_decodes_with_its_defaults() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("unit"), "x").expect("file");
@@ -301,9 +435,11 @@ mod tests {
             "steps": [{"copy": {"from": "unit", "to": "/etc/unit"}}, {"run": "echo hi"}],
             "output": {"diskSize": "2 GiB", "machine": {"memory": 1024}}}"#;
         let checked = check_recipe(text, dir.path()).expect("valid");
-        let Base::Debian(base) = &checked.recipe.base;
+        let BaseKind::Debian(base) = checked.recipe.base.kind() else {
+            panic!("a Debian base")
+        };
         assert_eq!(base.variant, Variant::Apt);
-        assert_eq!(checked.recipe.output.boot, BootMode::Kernel);
+        assert_eq!(checked.recipe.output.boot, None);
         let StepKind::Copy(copy) = checked.recipe.steps[0].kind() else {
             panic!("a copy step")
         };

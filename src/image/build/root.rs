@@ -22,10 +22,19 @@ const UNREPRODUCIBLE: &[&str] = &[
     "var/log/bootstrap.log",
 ];
 
-/// Runs `command`, capturing its output for the error.
+/// Runs `command` (no input), capturing its output for the error.
 pub(super) fn checked(what: &str, command: &mut Command) -> Result<(), BuildError> {
+    checked_with_input(what, command, Stdio::null())
+}
+
+/// As `checked`, with `stdin` as the command's input.
+pub(super) fn checked_with_input(
+    what: &str,
+    command: &mut Command,
+    stdin: Stdio,
+) -> Result<(), BuildError> {
     let output = command
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .output()
         .map_err(|source| BuildError::Io {
             what: "cannot run",

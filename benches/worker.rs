@@ -12,9 +12,18 @@
 //!    kernel, initramfs and disk whose init is the command (goal ≤ 1 s); the whole
 //!    trivial job (goal ≤ 2 s); its teardown phase (goal ≤ 300 ms); the first job, which
 //!    boots systemd and saves the snapshot.
+//! 4. The cold path of a big image: the first job on a debian-12-ci archive the worker
+//!    has never seen, served over HTTP on loopback (run start → first output, snapshots
+//!    off so that both sides boot), next to `curl | zstd -d | tar -xS` of the same URL
+//!    followed by a bare QEMU boot of the unpacked image, with its own init (systemd)
+//!    and a NIC, to its serial login banner. Goal ≤ 1.1×.
+//! 5. `image build` of debian-12-ci next to its base stage alone (mmdebstrap with the
+//!    same packages, archive and package cache): what the steps, the file system and
+//!    the packing cost on top.
 //!
-//! `cargo bench --bench worker` (needs images/build-test-image and
-//! `images/build-image images/recipes/debian-12-ci.yml`).
+//! `cargo bench --bench worker [-- PART…]` with parts overhead, rss, debian, cold, build
+//! (needs images/build-test-image and `images/build-image
+//! images/recipes/debian-12-ci.yml`; `build` needs root and mmdebstrap).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -374,6 +383,12 @@ fn main() {
     if wanted("debian") {
         debian_job(&dir.path().join("debian"));
     }
+    if wanted("cold") {
+        cold_first_job(&dir.path().join("cold"));
+    }
+    if wanted("build") {
+        image_build(&dir.path().join("build"));
+    }
 }
 
 /// One `qemu-worker run --json` of `payload`: seconds to the marker on the live log,
@@ -413,13 +428,19 @@ fn timed_run(config: &Path, payload: &Path) -> (f64, f64, f64) {
     (first, whole, teardown)
 }
 
-fn debian_job(dir: &Path) {
-    const ROUNDS: usize = 5;
+/// `images/out/debian-12-ci.tar.zst`, built by images/build-image.
+fn debian_image() -> PathBuf {
     let image = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/out/debian-12-ci.tar.zst");
     assert!(
         image.is_file(),
         "debian-12-ci is missing: run images/build-image images/recipes/debian-12-ci.yml"
     );
+    image
+}
+
+fn debian_job(dir: &Path) {
+    const ROUNDS: usize = 5;
+    let image = debian_image();
     std::fs::create_dir_all(dir).expect("bench dir");
     let config = dir.join("worker.yml");
     std::fs::write(
@@ -527,6 +548,186 @@ fn debian_job(dir: &Path) {
             "first output after {:.0} ms; paid once per image and machine",
             first_output * 1000.0
         ),
+        ..Default::default()
+    }
+    .emit();
+}
+
+/// A static file server on a loopback port (python3's http.server over `dir`); killed
+/// on drop.
+struct LoopbackHttp {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl LoopbackHttp {
+    fn serve(dir: &Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                &port.to_string(),
+            ])
+            .arg("--directory")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 -m http.server (apt-get install python3)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the HTTP server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, port }
+    }
+}
+
+impl Drop for LoopbackHttp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn cold_first_job(dir: &Path) {
+    const ROUNDS: usize = 2;
+    let image = debian_image();
+    let http = LoopbackHttp::serve(image.parent().expect("dir"));
+    let url = format!("http://127.0.0.1:{}/debian-12-ci.tar.zst", http.port);
+    std::fs::create_dir_all(dir).expect("bench dir");
+    let payload = dir.join("job.yml");
+    std::fs::write(
+        &payload,
+        format!("image: {url}\ncommand: [/bin/echo, {MARKER}]\nmaxRunTime: 300\n"),
+    )
+    .expect("payload");
+    let (mut firsts, mut baseline, mut fetches) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        // A new state directory: the worker has never seen the archive.
+        let config = dir.join(format!("worker-{round}.yml"));
+        std::fs::write(
+            &config,
+            format!(
+                "accelerator: tcg\ncapacity: 1\nlimits: {{maxMemory: 512, maxCPUs: 1, defaultThreads: 1}}\n\
+                 snapshots: {{enabled: false}}\nstateDir: state-{round}\n"
+            ),
+        )
+        .expect("config");
+        let (first, _, _) = timed_run(&config, &payload);
+        firsts.push(first * 1000.0);
+
+        let bare = dir.join(format!("bare-{round}"));
+        std::fs::create_dir_all(&bare).expect("bare dir");
+        let start = Instant::now();
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "curl -sf '{url}' | zstd -qd | tar -xSf - -C '{}'",
+                bare.display()
+            ))
+            .status()
+            .expect("curl | zstd | tar (apt-get install curl zstd)");
+        assert!(status.success());
+        let fetched = start.elapsed().as_secs_f64();
+        fetches.push(fetched * 1000.0);
+        let machine: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(bare.join("machine.json")).expect("machine"))
+                .expect("machine.json is JSON");
+        let cmdline = machine["cmdline"].as_str().expect("cmdline");
+        let mut qemu = Command::new("qemu-system-x86_64");
+        qemu.args(["-accel", "tcg", "-M", "q35", "-cpu", "qemu64", "-m", "512"])
+            .args(["-nodefaults", "-display", "none", "-serial", "stdio"])
+            .arg("-kernel")
+            .arg(bare.join("kernel"))
+            .arg("-initrd")
+            .arg(bare.join("initrd"))
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=raw,if=none,id=d0",
+                bare.join("disk.img").display()
+            ))
+            .args(["-device", "virtio-blk-pci,drive=d0,serial=bare"])
+            .args([
+                "-netdev",
+                "user,id=n0",
+                "-device",
+                "virtio-net-pci,netdev=n0",
+            ])
+            .arg("-append")
+            .arg(cmdline);
+        // /etc/issue's first line, which the serial getty prints when the system is up.
+        let booted = time_to_marker(qemu, false, "GNU/Linux 12");
+        baseline.push((fetched + booted) * 1000.0);
+        let _ = std::fs::remove_dir_all(&bare);
+        let _ = std::fs::remove_dir_all(dir.join(format!("state-{round}")));
+    }
+    let (f, b) = (median(firsts.clone()), median(baseline.clone()));
+    println!("cold first job on debian-12-ci over HTTP ({ROUNDS} rounds, ms)");
+    println!("  qemu-worker run, first output      median {f:.0}  (all: {firsts:.0?})");
+    println!(
+        "  curl | zstd -d | tar, bare boot    median {b:.0}  (all: {baseline:.0?}; fetch and unpack {fetches:.0?})"
+    );
+    figure::Figure {
+        figure: "debian-12-ci: cold first job over HTTP (a new archive), run start to first output",
+        unit: "ms",
+        samples: &firsts,
+        baseline_name: "curl | zstd -d | tar -xS of the same URL, then a bare QEMU boot of the image's own init (systemd) to its login banner",
+        baseline: &baseline,
+        goal: "<= 1.1x",
+        met: Some(f <= 1.1 * b),
+        note: "snapshots off on both sides; loopback HTTP from python3's http.server",
+        ..Default::default()
+    }
+    .emit();
+}
+
+fn image_build(dir: &Path) {
+    let recipe_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/recipes/debian-12-ci.yml");
+    let debs = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/out/cache/debs");
+    std::fs::create_dir_all(dir).expect("bench dir");
+    let text = std::fs::read_to_string(&recipe_path).expect("recipe");
+    let checked =
+        qemu_worker::image::build::check_recipe(&text, recipe_path.parent().expect("recipe dir"))
+            .expect("the shipped recipe is valid");
+    let qemu_worker::image::build::BaseKind::Debian(base) = checked.recipe.base.kind() else {
+        panic!("debian-12-ci has a Debian base")
+    };
+    // The base stage alone, with the same archive and package cache.
+    let tree = dir.join("tree");
+    // SAFETY: set before any other thread of this bench reads the environment.
+    unsafe { std::env::set_var("QEMU_WORKER_DEB_CACHE", &debs) };
+    let start = Instant::now();
+    qemu_worker::image::build::debian_tree(base, &tree).expect("mmdebstrap");
+    let alone = start.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&tree);
+
+    let out = dir.join("debian-12-ci.tar.zst");
+    let start = Instant::now();
+    let status = Command::new(env!("CARGO_BIN_EXE_qemu-worker"))
+        .args(["image", "build"])
+        .arg(&recipe_path)
+        .arg(&out)
+        .env("QEMU_WORKER_DEB_CACHE", &debs)
+        .stdout(Stdio::null())
+        .status()
+        .expect("image build");
+    assert!(status.success(), "image build failed");
+    let built = start.elapsed().as_secs_f64();
+    println!("image build of debian-12-ci (s): {built:.1}; mmdebstrap alone {alone:.1}");
+    figure::Figure {
+        figure: "image build of debian-12-ci (package cache warm)",
+        unit: "s",
+        samples: &[built],
+        baseline_name: "its base stage alone: mmdebstrap with the same packages, archive and package cache",
+        baseline: &[alone],
+        note: "on top: the copy and run steps, mkfs.ext4 -d, zeroing ctimes, packing (zstd, sha256)",
         ..Default::default()
     }
     .emit();

@@ -109,3 +109,117 @@ fn the_same_recipe_builds_the_same_image_and_a_failing_step_leaves_nothing() {
         .collect();
     assert!(left.is_empty(), "scratch left: {left:?}");
 }
+
+/// The test image (built by images/build-test-image) as an image base, laid out as a
+/// UEFI disk twice: the same sha256, a GPT with the EFI system partition and the root,
+/// systemd-boot and a loader entry naming the root by its partition UUID, and a machine
+/// that boots with OVMF and no kernel member. No guest is booted.
+#[test]
+fn a_uefi_disk_from_an_image_base_is_reproducible_and_laid_out_for_ovmf() {
+    for (program, package) in [("sfdisk", "fdisk"), ("mtype", "mtools")] {
+        test_support::host::require(program, package);
+    }
+    // mkfs.fat has no --version to probe it with.
+    test_support::host::require_file(Path::new("/usr/sbin/mkfs.fat"), "dosfstools");
+    test_support::host::require_file(
+        Path::new("/usr/lib/systemd/boot/efi/systemd-bootx64.efi"),
+        "systemd-boot-efi",
+    );
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/out/qemu-worker-test.tar.zst");
+    assert!(
+        base.is_file(),
+        "{} is missing: run images/build-test-image",
+        base.display()
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recipe = dir.path().join("uefi.yml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "base: {{image: {}}}\noutput: {{boot: uefi, cmdline: extra.arg=1}}\n",
+            base.display()
+        ),
+    )
+    .expect("recipe");
+    let mut hashes = Vec::new();
+    for n in 0..2 {
+        let out = dir.path().join(format!("uefi-{n}.tar.zst"));
+        let output = build(&recipe.display().to_string(), &out);
+        assert!(output.status.success(), "{}", text(&output));
+        let digest = sha2::Sha256::digest(std::fs::read(&out).expect("the image"));
+        hashes.push(digest.to_vec());
+    }
+    assert_eq!(hashes[0], hashes[1], "two builds of one recipe differ");
+
+    let unpacked = dir.path().join("unpacked");
+    std::fs::create_dir(&unpacked).expect("dir");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "zstd -qdc '{}' | tar -xSf - -C '{}'",
+            dir.path().join("uefi-0.tar.zst").display(),
+            unpacked.display()
+        ))
+        .status()
+        .expect("zstd | tar");
+    assert!(status.success());
+    let mut members: Vec<String> = std::fs::read_dir(&unpacked)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    members.sort();
+    assert_eq!(members, ["disk.img", "machine.json"]);
+    let machine: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(unpacked.join("machine.json")).expect("machine"))
+            .expect("JSON");
+    assert_eq!(machine["firmware"], "uefi", "{machine}");
+    assert!(
+        machine.get("kernel").is_none() && machine.get("cmdline").is_none(),
+        "{machine}"
+    );
+
+    let disk = unpacked.join("disk.img");
+    let table = Command::new("sfdisk")
+        .arg("-d")
+        .arg(&disk)
+        .output()
+        .expect("sfdisk");
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(table.contains("label: gpt"), "{table}");
+    assert!(
+        table.contains(
+            "start=        2048, size=      262144, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+        ),
+        "{table}"
+    );
+    assert!(
+        table.contains(
+            "type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, uuid=7A1B2C3D-4E5F-4A6B-8C7D-9E0F1A2B3C4D"
+        ),
+        "{table}"
+    );
+    let esp = format!("{}@@1M", disk.display());
+    let read = |path: &str| {
+        let output = Command::new("mtype")
+            .args(["-i", &esp, path])
+            .output()
+            .expect("mtype");
+        assert!(output.status.success(), "{path}: {}", text(&output));
+        output.stdout
+    };
+    let entry = String::from_utf8(read("::/loader/entries/qemu-worker.conf")).expect("text");
+    assert!(
+        entry.contains("options root=PARTUUID=7a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d rw ")
+            && entry.contains("init=/init")
+            && entry.ends_with(" extra.arg=1\n")
+            && !entry.contains("root=/dev/vda"),
+        "{entry}"
+    );
+    let loader = read("::/EFI/BOOT/BOOTX64.EFI");
+    assert_eq!(&loader[..2], b"MZ", "systemd-boot is a PE binary");
+    // The root partition is the base's file system: ext4's magic at 1080.
+    let root = std::fs::read(&disk).expect("disk");
+    let at = (129 << 20) + 1080;
+    assert_eq!(&root[at..at + 2], [0x53, 0xef]);
+}

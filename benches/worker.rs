@@ -473,27 +473,11 @@ fn debian_job(dir: &Path) {
         firsts.push(first * 1000.0);
         wholes.push(whole * 1000.0);
         teardowns.push(teardown);
-        let mut qemu = Command::new("qemu-system-x86_64");
-        qemu.args(["-accel", "tcg", "-M", "q35", "-cpu", "qemu64", "-m", "512"])
-            .args([
-                "-nodefaults",
-                "-display",
-                "none",
-                "-serial",
-                "stdio",
-                "-kernel",
-            ])
-            .arg(bare.join("kernel"))
-            .arg("-initrd")
-            .arg(bare.join("initrd"))
-            .arg("-drive")
-            .arg(format!(
-                "file={},format=raw,if=none,id=d0,snapshot=on",
-                bare.join("disk.img").display()
-            ))
-            .args(["-device", "virtio-blk-pci,drive=d0,serial=bare"])
-            .arg("-append")
-            .arg(format!("{cmdline} init=/bin/echo -- {MARKER}"));
+        let qemu = bare_debian_qemu(
+            &bare,
+            &format!("{cmdline} init=/bin/echo -- {MARKER}"),
+            false,
+        );
         baseline.push(time_to_marker(qemu, false, MARKER) * 1000.0);
     }
     let (f, b) = (median(firsts.clone()), median(baseline.clone()));
@@ -551,6 +535,35 @@ fn debian_job(dir: &Path) {
         ..Default::default()
     }
     .emit();
+}
+
+/// A bare QEMU boot of debian-12-ci unpacked in `bare` (its kernel, initramfs and disk,
+/// the disk's writes thrown away) with the kernel arguments `append`, the serial
+/// console on stdout, and a virtio NIC on QEMU's user network when `nic`.
+fn bare_debian_qemu(bare: &Path, append: &str, nic: bool) -> Command {
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-accel", "tcg", "-M", "q35", "-cpu", "qemu64", "-m", "512"])
+        .args(["-nodefaults", "-display", "none", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(bare.join("kernel"))
+        .arg("-initrd")
+        .arg(bare.join("initrd"))
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=none,id=d0,snapshot=on",
+            bare.join("disk.img").display()
+        ))
+        .args(["-device", "virtio-blk-pci,drive=d0,serial=bare"]);
+    if nic {
+        qemu.args([
+            "-netdev",
+            "user,id=n0",
+            "-device",
+            "virtio-net-pci,netdev=n0",
+        ]);
+    }
+    qemu.arg("-append").arg(append);
+    qemu
 }
 
 /// A static file server on a loopback port (python3's http.server over `dir`); killed
@@ -641,27 +654,7 @@ fn cold_first_job(dir: &Path) {
             serde_json::from_slice(&std::fs::read(bare.join("machine.json")).expect("machine"))
                 .expect("machine.json is JSON");
         let cmdline = machine["cmdline"].as_str().expect("cmdline");
-        let mut qemu = Command::new("qemu-system-x86_64");
-        qemu.args(["-accel", "tcg", "-M", "q35", "-cpu", "qemu64", "-m", "512"])
-            .args(["-nodefaults", "-display", "none", "-serial", "stdio"])
-            .arg("-kernel")
-            .arg(bare.join("kernel"))
-            .arg("-initrd")
-            .arg(bare.join("initrd"))
-            .arg("-drive")
-            .arg(format!(
-                "file={},format=raw,if=none,id=d0",
-                bare.join("disk.img").display()
-            ))
-            .args(["-device", "virtio-blk-pci,drive=d0,serial=bare"])
-            .args([
-                "-netdev",
-                "user,id=n0",
-                "-device",
-                "virtio-net-pci,netdev=n0",
-            ])
-            .arg("-append")
-            .arg(cmdline);
+        let qemu = bare_debian_qemu(&bare, cmdline, true);
         // /etc/issue's first line, which the serial getty prints when the system is up.
         let booted = time_to_marker(qemu, false, "GNU/Linux 12");
         baseline.push((fetched + booted) * 1000.0);

@@ -18,6 +18,20 @@ fn recipe(worker: &Worker, steps: &str) -> std::path::PathBuf {
     path
 }
 
+/// `image build RECIPE DIR/built.tar.zst` with the worker's configuration: the output's
+/// path, the exit code and stderr.
+fn build(worker: &Worker, recipe: &Path) -> (std::path::PathBuf, Option<i32>, String) {
+    let out = worker.dir().join("built.tar.zst");
+    let built = worker.cli(&[
+        "image",
+        "build",
+        &recipe.display().to_string(),
+        &out.display().to_string(),
+    ]);
+    let stderr = String::from_utf8_lossy(&built.stderr).into_owned();
+    (out, built.status.code(), stderr)
+}
+
 /// What a build may leave in the output's directory besides the output: nothing.
 fn scratch_left(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
@@ -35,15 +49,8 @@ fn a_boot_step_writes_into_the_image_and_a_job_on_the_built_image_sees_it() {
         &worker,
         "  - boot: {script: 'echo made-by-a-boot-step > /etc/qw-marker; rm /etc/motd || true', maxRunTime: 120}\n",
     );
-    let out = worker.dir().join("built.tar.zst");
-    let built = worker.cli(&[
-        "image",
-        "build",
-        &recipe.display().to_string(),
-        &out.display().to_string(),
-    ]);
-    let stderr = String::from_utf8_lossy(&built.stderr);
-    assert!(built.status.success(), "image build failed: {stderr}");
+    let (out, code, stderr) = build(&worker, &recipe);
+    assert_eq!(code, Some(0), "image build failed: {stderr}");
     assert!(out.is_file(), "{stderr}");
     assert!(scratch_left(worker.dir()).is_empty(), "{stderr}");
 
@@ -77,15 +84,8 @@ fn a_boot_step_that_fails_fails_the_build_and_leaves_nothing() {
         &worker,
         "  - boot: {script: 'echo half-done > /etc/partial; echo about to fail; exit 7', maxRunTime: 120}\n",
     );
-    let out = worker.dir().join("built.tar.zst");
-    let built = worker.cli(&[
-        "image",
-        "build",
-        &recipe.display().to_string(),
-        &out.display().to_string(),
-    ]);
-    let stderr = String::from_utf8_lossy(&built.stderr);
-    assert_eq!(built.status.code(), Some(3), "{stderr}");
+    let (out, code, stderr) = build(&worker, &recipe);
+    assert_eq!(code, Some(3), "{stderr}");
     assert!(
         stderr.contains("boot step 0 (echo half-done") && stderr.contains("the script exited 7"),
         "{stderr}"

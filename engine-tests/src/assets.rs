@@ -96,10 +96,41 @@ pub fn pinned(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 /// feature (guest/src/hostile.rs) put in place of the real tools (`swapped_image`).
 pub fn hostile_image() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT.get_or_init(build_hostile_image).clone()
+    BUILT
+        .get_or_init(|| swapped_image("hostile", &[(hostile_tools(), GUEST_TOOLS)]))
+        .clone()
 }
 
-fn build_hostile_image() -> PathBuf {
+/// [`hostile_image`] whose tools answer the boot snapshot handshake as `mode` says
+/// (`park-silent`, `resume-wrong-frame`, ...: guest/src/hostile/handshake.rs), named in
+/// the image's `/etc/qw-hostile-park`: the handshake comes at boot, before a job's
+/// command could tell the tools anything.
+pub fn hostile_park_image(mode: &str) -> PathBuf {
+    let dir = super::workspace().join("target/hostile-park");
+    std::fs::create_dir_all(&dir).expect("target/hostile-park");
+    let file = dir.join(mode);
+    std::fs::write(&file, format!("{mode}\n")).expect("the mode file");
+    swapped_image(
+        &format!("hostile-park-{mode}"),
+        &[
+            (hostile_tools(), GUEST_TOOLS),
+            (file, "/etc/qw-hostile-park"),
+        ],
+    )
+}
+
+/// Where the test image has the guest tools.
+const GUEST_TOOLS: &str = "/usr/bin/qemu-worker-guest";
+
+/// The guest tools built with the `hostile` feature, once per process (the build itself
+/// is cargo's: it does nothing when the sources did not change; the images made from
+/// them are named after their hash).
+fn hostile_tools() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(build_hostile_tools).clone()
+}
+
+fn build_hostile_tools() -> PathBuf {
     use std::process::Command;
     super::require("zstd", "zstd");
     let workspace = super::workspace();
@@ -136,9 +167,7 @@ fn build_hostile_image() -> PathBuf {
         .status()
         .expect("cargo runs");
     assert!(status.success(), "building the hostile guest tools failed");
-    let tools = target_dir.join("x86_64-unknown-linux-gnu/release/qemu-worker-guest");
-
-    swapped_image("hostile", &[(tools, "/usr/bin/qemu-worker-guest")])
+    target_dir.join("x86_64-unknown-linux-gnu/release/qemu-worker-guest")
 }
 
 /// The test image whose init sends the guest tools' output nowhere, as systemd sends a

@@ -1,8 +1,11 @@
 //! Hostile guest tools, for the worker's tests only (feature `hostile`): the agent port
 //! answers a request the way an adversary's tools would, for the paths the job lists in
-//! `/tmp/qw-hostile` as `PATH MODE` lines. Everything else behaves as in the real tools.
-//! The guest is root and may replace the tools with anything; these are the cases the
-//! host must survive with its budgets (docs/security.md).
+//! `/tmp/qw-hostile` as `PATH MODE` lines; and, in an image that names a mode in
+//! `/etc/qw-hostile-park`, the boot snapshot handshake is answered as that mode says
+//! (`handshake` below: it comes at boot, before the job could write anything).
+//! Everything else behaves as in the real tools. The guest is root and may replace the
+//! tools with anything; these are the cases the host must survive with its budgets
+//! (docs/security.md).
 
 use std::io::{self, Write};
 use std::time::Duration;
@@ -12,6 +15,8 @@ use serde_json::{Value, json};
 use qemu_worker_protocol::agent::{DATA, DONE, END, FILE, REFUSE, SKIP};
 
 use crate::agent::write_frame;
+
+mod handshake;
 
 const MODES: &str = "/tmp/qw-hostile";
 

@@ -186,3 +186,18 @@ fn a_resume_never_answered_drops_the_resumed_vm_and_boots() {
         "the guest tools did not answer the R frame on the agent port within 10s",
     );
 }
+
+/// The saved VM's own RESUME answered badly (the tools go on all the same): its log
+/// says there is no snapshot, and there is none — a VM resumed from it would start
+/// from the state that just failed to take RESUME.
+#[test]
+fn a_saved_vms_resume_answered_badly_leaves_no_snapshot() {
+    let worker = worker();
+    let outcome = job("save-resume-wrong-frame").run(&worker);
+    assert_completed(&outcome);
+    let log = outcome.log();
+    let line = "[qemu-worker] no boot snapshot of this machine: the guest tools did not take RESUME after the save: the guest broke the agent protocol: a 21-byte frame of type 90 in answer to R\n";
+    assert!(log.contains(line), "{line:?} in the log:\n{log}");
+    assert_eq!(store(&worker), Vec::<String>::new());
+    worker.assert_clean();
+}

@@ -241,7 +241,8 @@ impl SnapshotStore {
         Lookup::Missing
     }
 
-    /// Removes a snapshot that failed to load, so that the next job saves a new one.
+    /// Removes a snapshot that failed to load (or whose saved VM did not take RESUME), so
+    /// that the next job saves a new one.
     pub async fn discard(&self, snapshot: &Snapshot) {
         let dir = snapshot.dir.clone();
         // A saved disk and vmstate are large: removed on the blocking pool.
@@ -303,7 +304,12 @@ impl SnapshotStore {
         // Tools that did not park may still hold still: they are told to go on too.
         let resumed = agent.handshake(RESUME, PARK_TIMEOUT).await;
         match (&taken, resumed) {
-            (Ok(_), Err(source)) => return Err(SaveError::NotResumed { source }),
+            // Every VM resumed from the snapshot would start from the state that just
+            // failed to take RESUME: it is dropped, as the job's log line says.
+            (Ok(snapshot), Err(source)) => {
+                self.discard(snapshot).await;
+                return Err(SaveError::NotResumed { source });
+            }
             (Ok(snapshot), Ok(())) => tracing::info!(
                 key,
                 dir = %snapshot.dir.display(),

@@ -174,32 +174,16 @@ fn job_overhead(dir: &Path) {
     for _ in 0..ROUNDS {
         worker.push(time_to_marker(run(&config), true, MARKER));
         cold.push(time_to_marker(run(&cold_config), true, MARKER));
-        let mut qemu = Command::new("qemu-system-x86_64");
-        qemu.args([
-            "-accel",
-            "tcg",
-            "-M",
-            &chipset,
-            "-cpu",
-            "qemu64",
-            "-m",
-            "256",
-            "-nodefaults",
-            "-display",
-            "none",
-        ])
-        .args(["-serial", "stdio", "-kernel"])
-        .arg(bare.join("kernel"))
-        .arg("-initrd")
-        .arg(bare.join("initrd"))
-        .arg("-drive")
-        .arg(format!(
-            "file={},format=raw,if=none,id=d0,snapshot=on",
-            bare.join("disk.img").display()
-        ))
-        .args(["-device", &format!("{storage},drive=d0,serial=bare")])
-        .arg("-append")
-        .arg(format!("{cmdline} init=/bin/echo -- {MARKER}"));
+        let qemu = bare_qemu(
+            &bare,
+            BareMachine {
+                chipset: &chipset,
+                memory: 256,
+                storage: &storage,
+                nic: false,
+            },
+            &format!("{cmdline} init=/bin/echo -- {MARKER}"),
+        );
         baseline.push(time_to_marker(qemu, false, MARKER));
     }
     let (w, c, b) = (
@@ -473,10 +457,10 @@ fn debian_job(dir: &Path) {
         firsts.push(first * 1000.0);
         wholes.push(whole * 1000.0);
         teardowns.push(teardown);
-        let qemu = bare_debian_qemu(
+        let qemu = bare_qemu(
             &bare,
+            DEBIAN,
             &format!("{cmdline} init=/bin/echo -- {MARKER}"),
-            false,
         );
         baseline.push(time_to_marker(qemu, false, MARKER) * 1000.0);
     }
@@ -537,12 +521,22 @@ fn debian_job(dir: &Path) {
     .emit();
 }
 
-/// A bare QEMU boot of debian-12-ci unpacked in `bare` (its kernel, initramfs and disk,
-/// the disk's writes thrown away) with the kernel arguments `append`, the serial
-/// console on stdout, and a virtio NIC on QEMU's user network when `nic`.
-fn bare_debian_qemu(bare: &Path, append: &str, nic: bool) -> Command {
+/// What a bare boot's QEMU gets besides the image's files.
+struct BareMachine<'a> {
+    chipset: &'a str,
+    memory: u32,
+    storage: &'a str,
+    /// A virtio NIC on QEMU's user network.
+    nic: bool,
+}
+
+/// A bare QEMU boot of an image unpacked in `bare` (its kernel, initramfs and disk, the
+/// disk's writes thrown away) with the kernel arguments `append` and the serial console
+/// on stdout.
+fn bare_qemu(bare: &Path, machine: BareMachine<'_>, append: &str) -> Command {
     let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-accel", "tcg", "-M", "q35", "-cpu", "qemu64", "-m", "512"])
+    qemu.args(["-accel", "tcg", "-M", machine.chipset, "-cpu", "qemu64"])
+        .args(["-m", &machine.memory.to_string()])
         .args(["-nodefaults", "-display", "none", "-serial", "stdio"])
         .arg("-kernel")
         .arg(bare.join("kernel"))
@@ -553,8 +547,11 @@ fn bare_debian_qemu(bare: &Path, append: &str, nic: bool) -> Command {
             "file={},format=raw,if=none,id=d0,snapshot=on",
             bare.join("disk.img").display()
         ))
-        .args(["-device", "virtio-blk-pci,drive=d0,serial=bare"]);
-    if nic {
+        .args([
+            "-device",
+            &format!("{},drive=d0,serial=bare", machine.storage),
+        ]);
+    if machine.nic {
         qemu.args([
             "-netdev",
             "user,id=n0",
@@ -565,6 +562,14 @@ fn bare_debian_qemu(bare: &Path, append: &str, nic: bool) -> Command {
     qemu.arg("-append").arg(append);
     qemu
 }
+
+/// debian-12-ci's machine (images/recipes/debian-12-ci.yml).
+const DEBIAN: BareMachine<'static> = BareMachine {
+    chipset: "q35",
+    memory: 512,
+    storage: "virtio-blk-pci",
+    nic: false,
+};
 
 /// A static file server on a loopback port (python3's http.server over `dir`); killed
 /// on drop.
@@ -654,7 +659,14 @@ fn cold_first_job(dir: &Path) {
             serde_json::from_slice(&std::fs::read(bare.join("machine.json")).expect("machine"))
                 .expect("machine.json is JSON");
         let cmdline = machine["cmdline"].as_str().expect("cmdline");
-        let qemu = bare_debian_qemu(&bare, cmdline, true);
+        let qemu = bare_qemu(
+            &bare,
+            BareMachine {
+                nic: true,
+                ..DEBIAN
+            },
+            cmdline,
+        );
         // /etc/issue's first line, which the serial getty prints when the system is up.
         let booted = time_to_marker(qemu, false, "GNU/Linux 12");
         baseline.push((fetched + booted) * 1000.0);

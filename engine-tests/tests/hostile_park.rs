@@ -140,8 +140,8 @@ fn a_park_never_answered_costs_only_the_snapshot() {
 /// Two jobs on tools that answer PARK and the saved VM's RESUME honestly, and a resumed
 /// VM's RESUME as `mode` says: the first saves the snapshot; the second resumes it, is
 /// refused, drops the resumed VM and the snapshot, boots, and completes, its log naming
-/// `why`.
-fn resume_answered_badly(mode: &str, why: &str) {
+/// `why`. Returns the second job's log.
+fn resume_answered_badly(mode: &str, why: &str) -> String {
     let worker = worker();
     let first = job(mode).run(&worker);
     assert_completed(&first);
@@ -169,11 +169,12 @@ fn resume_answered_badly(mode: &str, why: &str) {
     assert_eq!(store(&worker), Vec::<String>::new());
     // The refused VM's QEMU is gone with the rest.
     worker.assert_clean();
+    log
 }
 
 #[test]
 fn a_resume_answered_with_a_frame_of_another_kind_drops_the_resumed_vm_and_boots() {
-    resume_answered_badly(
+    let _ = resume_answered_badly(
         "resume-wrong-frame",
         "the guest broke the agent protocol: a 21-byte frame of type 90 in answer to R",
     );
@@ -181,9 +182,25 @@ fn a_resume_answered_with_a_frame_of_another_kind_drops_the_resumed_vm_and_boots
 
 #[test]
 fn a_resume_never_answered_drops_the_resumed_vm_and_boots() {
-    resume_answered_badly(
+    let _ = resume_answered_badly(
         "resume-silent",
         "the guest tools did not answer the R frame on the agent port within 10s",
+    );
+}
+
+/// Tools that skip a resumed VM's RESUME echo and fetch their task at once: the task
+/// is held until the worker releases the VM, which it never does, so the command runs
+/// once, in the VM that booted instead, and never in the discarded one.
+#[test]
+fn tools_that_skip_the_resume_echo_never_run_the_command_in_the_discarded_vm() {
+    let log = resume_answered_badly(
+        "resume-run-silent",
+        "the guest tools did not answer the R frame on the agent port within 10s",
+    );
+    assert_eq!(
+        log.matches(OUTPUT).count(),
+        1,
+        "the command ran once:\n{log}"
     );
 }
 

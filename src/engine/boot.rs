@@ -132,6 +132,9 @@ impl Engine {
             }
             (Err(e), _) => return Err(JobError::Start(e)),
         };
+        if resumed.is_some() {
+            service.hold_task();
+        }
         let vm = let_run(vm).await?;
         if let Some(snapshot) = resumed {
             let agent_socket = vm.run_dir().agent_socket();
@@ -139,6 +142,7 @@ impl Engine {
                 vm.discard().await;
                 return Ok(Started::ResumeFailed { snapshot, why });
             }
+            service.release_task();
             ctx.note(&format!(
                 "resumed from boot snapshot {} instead of booting",
                 snapshot.key

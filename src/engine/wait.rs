@@ -111,6 +111,7 @@ async fn save_snapshot(
             }
         }
         Park::Refused => store.refuse(key).await,
-        Park::Off | Park::Armed => {}
+        // A VM that saves is never held (only resumed ones are).
+        Park::Off | Park::Armed | Park::Held => {}
     }
 }

@@ -45,7 +45,8 @@ pub fn openapi_document() -> Value {
                     "schema": {"type": "string"}}],
                 "responses": {
                     "200": reply("The task.", "TaskReply"),
-                    "202": error(&format!("Only to a caller that sent {PARK_QUERY}, at most once per VM: hold still for a boot snapshot. The connection is closed. The worker then sends PARK on the agent port (echo it once no connection is held), saves the VM, and sends RESUME (echo it, then ask again); see docs/snapshots.md."))
+                    "202": error(&format!("Only to a caller that sent {PARK_QUERY}, at most once per VM: hold still for a boot snapshot. The connection is closed. The worker then sends PARK on the agent port (echo it once no connection is held), saves the VM, and sends RESUME (echo it, then ask again); see docs/snapshots.md.")),
+                    "503": error("In a VM resumed from a boot snapshot whose RESUME the guest tools have not echoed: the request waited 30 s for it (code held).")
                 }
             }},
             (LOG_PATH): {"post": {

@@ -58,7 +58,15 @@ pub enum Park {
     Sent,
     /// The guest fetched its task without offering to park (guest tools too old).
     Refused,
+    /// A VM resumed from a boot snapshot that the worker has not released yet: a task
+    /// fetch waits (bounded by `TASK_HOLD`) until it is, so that tools which skip the
+    /// RESUME echo cannot run the command in a VM that is then discarded.
+    Held,
 }
+
+/// The longest a task fetch waits for a held VM's release: beyond the worker's own wait
+/// for the RESUME echo, after which it discards the VM.
+const TASK_HOLD: Duration = Duration::from_secs(30);
 
 struct State {
     task: Task,
@@ -121,6 +129,18 @@ impl MetadataHandle {
     /// (if it offers to; see `Park`).
     pub fn arm_park(&self) {
         self.park.send_replace(Park::Armed);
+    }
+
+    /// Holds the task of a VM resumed from a boot snapshot until `release_task`.
+    pub fn hold_task(&self) {
+        self.park.send_replace(Park::Held);
+    }
+
+    /// Serves the task of a held VM (its guest tools took the RESUME), and the fetches
+    /// waiting for it.
+    pub fn release_task(&self) {
+        self.park
+            .send_if_modified(|park| std::mem::replace(park, Park::Off) == Park::Held);
     }
 
     /// Waits until the guest was told to park, or fetched its task without offering to;
@@ -361,13 +381,25 @@ async fn route(state: &State, request: Request<Incoming>) -> Reply {
                 status: "ok".into(),
             },
         ),
-        TASK_PATH => serve_task(state, request.uri().query()),
+        TASK_PATH => serve_task(state, request.uri().query()).await,
         LOG_PATH => stream_log(state, request.into_body()).await,
         _ => report_result(state, request.into_body()).await,
     }
 }
 
-fn serve_task(state: &State, query: Option<&str>) -> Reply {
+async fn serve_task(state: &State, query: Option<&str>) -> Reply {
+    let mut park = state.park.subscribe();
+    // The guard `wait_for` returns is dropped at once: it holds the value's read lock.
+    let released = tokio::time::timeout(TASK_HOLD, park.wait_for(|p| *p != Park::Held))
+        .await
+        .is_ok_and(|changed| changed.is_ok());
+    if !released {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "held",
+            "this VM was resumed from a boot snapshot and the worker has not released it: echo RESUME on the agent port first",
+        );
+    }
     let can_park = query.is_some_and(|q| q.split('&').any(|pair| pair == PARK_QUERY));
     let mut parked = false;
     state.park.send_if_modified(|park| match (*park, can_park) {

@@ -246,6 +246,32 @@ async fn a_park_request_goes_once_to_tools_that_offer_to_park() {
     assert_eq!(other.handle.park_outcome().await, Park::Refused);
 }
 
+/// A VM resumed from a boot snapshot: its task waits until the worker released it (the
+/// guest tools echoed RESUME), so tools that skip the echo never run the command in a
+/// VM that is then discarded.
+#[tokio::test]
+async fn a_held_task_is_served_only_once_the_vm_is_released() {
+    let mut service = Service::start(1 << 20).await;
+    let socket = service.socket();
+    service.handle.hold_task();
+    let fetch = tokio::spawn(async move { request(&socket, &simple("GET", "/v1/task", "")).await });
+    let mut fetch = std::pin::pin!(fetch);
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(300), &mut fetch)
+            .await
+            .is_err(),
+        "a held task was served"
+    );
+    let ping = request(&service.socket(), &simple("GET", "/v1/ping", "")).await;
+    assert_eq!(ping.status, 200, "only the task waits");
+    service.handle.release_task();
+    let reply = fetch.await.expect("the fetch");
+    assert_eq!(reply.status, 200);
+    assert_conforms(&reply, "/v1/task", "get");
+    assert_eq!(reply.json()["command"][2], "echo hi");
+    assert!(service.handle.task_fetched().await);
+}
+
 #[tokio::test]
 async fn bad_requests_get_json_errors_and_never_break_the_service() {
     let service = Service::start(1 << 20).await;

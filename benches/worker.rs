@@ -5,6 +5,7 @@
 //!    whose init runs the same command at once. Goal: ≤ 5 % and ≤ 300 ms extra. Measured
 //!    with boot snapshots on (the shipped worker.yml), and for the record with them off
 //!    (every job boots), interleaved round by round.
+//!    Its teardown phase (result in → VM gone; goal ≤ 300 ms), from the report.
 //! 2. Worker RSS (`qemu-worker serve`, QEMU excluded): idle, and with 4 jobs running.
 //!    Goal: ≤ 30 MiB idle, ≤ 3 MiB per job.
 //! 3. debian-12-ci (systemd, built by `image build`): a trivial job resumed from the
@@ -244,6 +245,19 @@ fn job_overhead(dir: &Path) {
         unit: "ms",
         samples: &[save_ms],
         note: "park the guest, save ~100 MB of VM state, copy the overlay; paid once",
+        ..Default::default()
+    }
+    .emit();
+    // The teardown phase of the same trivial job (resumed), from its report.
+    let teardowns: Vec<f64> = (0..5).map(|_| timed_run(&config, &payload).2).collect();
+    println!("  teardown phase (ms): {teardowns:.0?}");
+    figure::Figure {
+        figure: "test image: teardown phase (result in to VM gone)",
+        unit: "ms",
+        samples: &teardowns,
+        goal: "<= 300 ms",
+        met: Some(median(teardowns.clone()) <= 300.0),
+        note: "QMP quit, no guest power-off",
         ..Default::default()
     }
     .emit();

@@ -251,12 +251,20 @@ fn job_overhead(dir: &Path) {
     // The teardown phase of the same trivial job (resumed), from its report.
     let teardowns: Vec<f64> = (0..5).map(|_| timed_run(&config, &payload).2).collect();
     println!("  teardown phase (ms): {teardowns:.0?}");
+    teardown_figure(
+        "test image: teardown phase (result in to VM gone)",
+        &teardowns,
+    );
+}
+
+/// A job's teardown phase (from its report), against the 300 ms goal.
+fn teardown_figure(figure: &str, teardowns: &[f64]) {
     figure::Figure {
-        figure: "test image: teardown phase (result in to VM gone)",
+        figure,
         unit: "ms",
-        samples: &teardowns,
+        samples: teardowns,
         goal: "<= 300 ms",
-        met: Some(median(teardowns.clone()) <= 300.0),
+        met: Some(median(teardowns.to_vec()) <= 300.0),
         note: "QMP quit, no guest power-off",
         ..Default::default()
     }
@@ -512,16 +520,10 @@ fn debian_job(dir: &Path) {
         ..Default::default()
     }
     .emit();
-    figure::Figure {
-        figure: "debian-12-ci: teardown phase (result in to VM gone)",
-        unit: "ms",
-        samples: &teardowns,
-        goal: "<= 300 ms",
-        met: Some(median(teardowns.clone()) <= 300.0),
-        note: "QMP quit, no guest power-off",
-        ..Default::default()
-    }
-    .emit();
+    teardown_figure(
+        "debian-12-ci: teardown phase (result in to VM gone)",
+        &teardowns,
+    );
     figure::Figure {
         figure: "debian-12-ci: first job (boots systemd, saves the snapshot), run start to exit",
         unit: "ms",

@@ -284,14 +284,16 @@ pub fn debian_ci_image() -> PathBuf {
     path
 }
 
-/// `images/out/debian-12-ci-uefi.tar.zst`: debian-12-ci as a UEFI disk, built by
-/// `images/build-image images/recipes/debian-12-ci-uefi.yml` (after debian-12-ci).
-pub fn debian_ci_uefi_image() -> PathBuf {
-    let path = super::workspace().join("images/out/debian-12-ci-uefi.tar.zst");
+/// `images/out/debian-12-ci-FIRMWARE.tar.zst` (`uefi` or `bios`): debian-12-ci as a GPT
+/// disk, built by `images/build-image images/recipes/debian-12-ci-FIRMWARE.yml` (after
+/// debian-12-ci).
+pub fn debian_ci_disk_image(firmware: &str) -> PathBuf {
+    let path = super::workspace().join(format!("images/out/debian-12-ci-{firmware}.tar.zst"));
     assert!(
         path.is_file(),
-        "{} is missing: build it with `images/build-image images/recipes/debian-12-ci-uefi.yml` \
-         (after debian-12-ci.yml; needs `apt-get install fdisk dosfstools mtools systemd-boot-efi ovmf`)",
+        "{} is missing: build it with `images/build-image images/recipes/debian-12-ci-{firmware}.yml` \
+         (after debian-12-ci.yml; needs `apt-get install fdisk dosfstools mtools systemd-boot-efi \
+         syslinux syslinux-common ovmf`, which scripts/setup-host installs)",
         path.display()
     );
     path

@@ -2,8 +2,9 @@
 //! systemd, networkd DHCP, qemu-ga and the guest tools as the documented unit, whose
 //! output goes to the journal and never to the console. A CI job compiles and tests a C
 //! program with its artifacts; the first job saves a boot snapshot, the next resumes it.
-//! The same system as a UEFI disk (images/recipes/debian-12-ci-uefi.yml: a GPT, an EFI
-//! system partition with systemd-boot, no kernel member) boots with OVMF and resumes too.
+//! The same system as a GPT disk with no kernel member (images/recipes/
+//! debian-12-ci-uefi.yml and -bios.yml: an EFI system partition with systemd-boot, and
+//! syslinux for BIOS) boots with OVMF and with SeaBIOS, and resumes too.
 
 use engine_tests::{Job, Worker, assets, base_config, with_setting};
 use qemu_worker::job::ResultState;
@@ -71,10 +72,11 @@ fn a_ci_job_builds_and_tests_c_and_the_second_job_resumes_the_boot_snapshot() {
     worker.assert_clean();
 }
 
-#[test]
-fn the_uefi_disk_variant_boots_with_ovmf_runs_the_job_and_resumes() {
+/// A GPT disk variant of debian-12-ci (no kernel member) booted by `firmware`: the CI
+/// job runs and saves a snapshot, the second job resumes it and sees how it booted.
+fn disk_variant_runs_and_resumes(firmware: &str, efi: bool) {
     let worker = worker();
-    let image = assets::debian_ci_uefi_image().display().to_string();
+    let image = assets::debian_ci_disk_image(firmware).display().to_string();
     let probe = "echo firmware=$(test -d /sys/firmware/efi && echo efi || echo bios); \
                  echo root=$(findmnt -no SOURCE /); echo kernel-args=$(cat /proc/cmdline)";
 
@@ -94,9 +96,20 @@ fn the_uefi_disk_variant_boots_with_ovmf_runs_the_job_and_resumes() {
     assert_eq!(second.state(), ResultState::Completed, "{second}");
     let log = second.log();
     assert!(log.contains("resumed from boot snapshot"), "{log}");
-    // Booted by OVMF and systemd-boot from the disk's own partitions.
-    assert!(log.contains("firmware=efi"), "{log}");
+    // Booted from the disk's own partitions by its boot loader.
+    let expected = if efi { "firmware=efi" } else { "firmware=bios" };
+    assert!(log.contains(expected), "{log}");
     assert!(log.contains("root=/dev/vda2"), "{log}");
     assert!(log.contains("root=PARTUUID="), "{log}");
     worker.assert_clean();
+}
+
+#[test]
+fn the_uefi_disk_variant_boots_with_ovmf_runs_the_job_and_resumes() {
+    disk_variant_runs_and_resumes("uefi", true);
+}
+
+#[test]
+fn the_bios_disk_variant_boots_with_seabios_runs_the_job_and_resumes() {
+    disk_variant_runs_and_resumes("bios", false);
 }

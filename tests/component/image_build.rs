@@ -110,17 +110,33 @@ fn the_same_recipe_builds_the_same_image_and_a_failing_step_leaves_nothing() {
     assert!(left.is_empty(), "scratch left: {left:?}");
 }
 
-/// The test image (built by images/build-test-image) as an image base, laid out as a
-/// UEFI disk twice: the same sha256, a GPT with the EFI system partition and the root,
-/// systemd-boot and a loader entry naming the root by its partition UUID, and a machine
-/// that boots with OVMF and no kernel member. No guest is booted.
 #[test]
 fn a_uefi_disk_from_an_image_base_is_reproducible_and_laid_out_for_ovmf() {
+    disk_from_an_image_base("uefi");
+}
+
+#[test]
+fn a_bios_disk_from_an_image_base_is_reproducible_and_laid_out_for_seabios() {
+    disk_from_an_image_base("bios");
+}
+
+/// The test image (built by images/build-test-image) as an image base, laid out as a
+/// GPT disk (`boot`: uefi or bios) twice: the same sha256, a GPT with the EFI system
+/// partition and the root, systemd-boot and a loader entry naming the root by its
+/// partition UUID, and a machine with that firmware and no kernel member; for BIOS also
+/// syslinux on the partition, marked legacy-BIOS-bootable, and syslinux's GPT boot code
+/// in the MBR. No guest is booted (engine-tests boot debian-12-ci's disks).
+fn disk_from_an_image_base(boot: &str) {
     for (program, package) in [("sfdisk", "fdisk"), ("mtype", "mtools")] {
         test_support::host::require(program, package);
     }
     // mkfs.fat has no --version to probe it with.
     test_support::host::require_file(Path::new("/usr/sbin/mkfs.fat"), "dosfstools");
+    let gpt_mbr = Path::new("/usr/lib/syslinux/mbr/gptmbr.bin");
+    if boot == "bios" {
+        test_support::host::require("syslinux", "syslinux");
+        test_support::host::require_file(gpt_mbr, "syslinux-common");
+    }
     test_support::host::require_file(
         Path::new("/usr/lib/systemd/boot/efi/systemd-bootx64.efi"),
         "systemd-boot-efi",
@@ -132,18 +148,18 @@ fn a_uefi_disk_from_an_image_base_is_reproducible_and_laid_out_for_ovmf() {
         base.display()
     );
     let dir = tempfile::tempdir().expect("tempdir");
-    let recipe = dir.path().join("uefi.yml");
+    let recipe = dir.path().join("disk.yml");
     std::fs::write(
         &recipe,
         format!(
-            "base: {{image: {}}}\noutput: {{boot: uefi, cmdline: extra.arg=1}}\n",
+            "base: {{image: {}}}\noutput: {{boot: {boot}, cmdline: extra.arg=1}}\n",
             base.display()
         ),
     )
     .expect("recipe");
     let mut hashes = Vec::new();
     for n in 0..2 {
-        let out = dir.path().join(format!("uefi-{n}.tar.zst"));
+        let out = dir.path().join(format!("disk-{n}.tar.zst"));
         let output = build(&recipe.display().to_string(), &out);
         assert!(output.status.success(), "{}", text(&output));
         let digest = sha2::Sha256::digest(std::fs::read(&out).expect("the image"));
@@ -157,7 +173,7 @@ fn a_uefi_disk_from_an_image_base_is_reproducible_and_laid_out_for_ovmf() {
         .arg("-c")
         .arg(format!(
             "zstd -qdc '{}' | tar -xSf - -C '{}'",
-            dir.path().join("uefi-0.tar.zst").display(),
+            dir.path().join("disk-0.tar.zst").display(),
             unpacked.display()
         ))
         .status()
@@ -173,7 +189,7 @@ fn a_uefi_disk_from_an_image_base_is_reproducible_and_laid_out_for_ovmf() {
     let machine: serde_json::Value =
         serde_json::from_slice(&std::fs::read(unpacked.join("machine.json")).expect("machine"))
             .expect("JSON");
-    assert_eq!(machine["firmware"], "uefi", "{machine}");
+    assert_eq!(machine["firmware"], boot, "{machine}");
     assert!(
         machine.get("kernel").is_none() && machine.get("cmdline").is_none(),
         "{machine}"
@@ -218,6 +234,24 @@ fn a_uefi_disk_from_an_image_base_is_reproducible_and_laid_out_for_ovmf() {
     );
     let loader = read("::/EFI/BOOT/BOOTX64.EFI");
     assert_eq!(&loader[..2], b"MZ", "systemd-boot is a PE binary");
+    if boot == "bios" {
+        assert!(table.contains("attrs=\"LegacyBIOSBootable\""), "{table}");
+        let config = String::from_utf8(read("::/syslinux.cfg")).expect("text");
+        assert!(
+            config.contains("APPEND root=PARTUUID=7a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d rw "),
+            "{config}"
+        );
+        assert!(!read("::/ldlinux.sys").is_empty(), "syslinux is installed");
+        let code = std::fs::read(gpt_mbr).expect("gptmbr.bin");
+        let mbr = std::fs::read(&disk).expect("disk");
+        assert_eq!(
+            mbr[..440],
+            code[..440],
+            "syslinux's GPT boot code in the MBR"
+        );
+    } else {
+        assert!(!table.contains("LegacyBIOSBootable"), "{table}");
+    }
     // The root partition is the base's file system: ext4's magic at 1080.
     let root = std::fs::read(&disk).expect("disk");
     let at = (129 << 20) + 1080;

@@ -3,9 +3,11 @@
 //! seed is fixed, so the same inputs give the same bytes.
 //!
 //! A kernel-boot image is `machine.json`, `kernel`, `initrd` and a raw `disk.img` that
-//! is the ext4 root file system itself. A UEFI image is `machine.json` and a raw
-//! `disk.img` with a GPT: an EFI system partition holding systemd-boot, the kernel and
-//! the initramfs, then the root file system as the second partition.
+//! is the ext4 root file system itself. A disk image (`uefi` or `bios`) is
+//! `machine.json` and a raw `disk.img` with a GPT: an EFI system partition holding
+//! systemd-boot, the kernel and the initramfs (and for `bios` syslinux, the partition
+//! marked legacy-BIOS-bootable and syslinux's GPT boot code in the MBR), then the root
+//! file system as the second partition.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -45,6 +47,11 @@ const ROOT_TYPE: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
 const SYSTEMD_BOOT: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
 /// FAT cannot hold dates before 1980; mtools stamps every entry with this.
 const FAT_EPOCH: &str = "315532800";
+/// syslinux's boot code for a GPT disk's protective MBR (Debian's `syslinux-common`): it
+/// chains to the partition marked legacy-BIOS-bootable.
+const GPT_MBR: &str = "/usr/lib/syslinux/mbr/gptmbr.bin";
+/// The boot code's share of the MBR (the partition table follows).
+const MBR_CODE: usize = 440;
 
 fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BuildError {
     let path = path.to_path_buf();
@@ -135,24 +142,36 @@ pub(super) fn write_machine(machine: &MachineDefinition, image: &Path) -> Result
     std::fs::write(&path, json).map_err(io_error("cannot write", &path))
 }
 
+fn require_file(path: &'static str, package: &'static str) -> Result<(), BuildError> {
+    if Path::new(path).is_file() {
+        Ok(())
+    } else {
+        Err(BuildError::Missing {
+            program: path,
+            package,
+        })
+    }
+}
+
 /// Re-lays a kernel-boot image directory (`staged`, with `machine` as its definition)
-/// out as a UEFI image in `image`: the kernel, the initramfs and systemd-boot on an EFI
-/// system partition, `staged`'s disk as the root partition, the machine without boot
-/// members and with `firmware: uefi`. The kernel arguments are `machine`'s, with the
-/// root named by its partition's UUID.
-pub(super) fn uefi_image(
+/// out as a disk image in `image` that `firmware` boots: the kernel, the initramfs and
+/// systemd-boot (and for BIOS syslinux) on an EFI system partition, `staged`'s disk as
+/// the root partition, the machine without boot members and with that firmware. The
+/// kernel arguments are `machine`'s, with the root named by its partition's UUID.
+pub(super) fn disk_image(
     staged: &Path,
     machine: &MachineDefinition,
+    firmware: Firmware,
     image: &Path,
 ) -> Result<(), BuildError> {
+    let bios = firmware == Firmware::Bios;
     require("sfdisk", "fdisk")?;
     require("mkfs.vfat", "dosfstools")?;
     require("mcopy", "mtools")?;
-    if !Path::new(SYSTEMD_BOOT).is_file() {
-        return Err(BuildError::Missing {
-            program: SYSTEMD_BOOT,
-            package: "systemd-boot-efi",
-        });
+    require_file(SYSTEMD_BOOT, "systemd-boot-efi")?;
+    if bios {
+        require("syslinux", "syslinux")?;
+        require_file(GPT_MBR, "syslinux-common")?;
     }
     std::fs::create_dir_all(image).map_err(io_error("cannot make", image))?;
     let root = staged.join(Member::DiskImg.name());
@@ -165,10 +184,13 @@ pub(super) fn uefi_image(
 
     let esp = image.join("esp.img");
     let options = loader_options(machine.cmdline.as_deref().unwrap_or_default());
-    let made = make_esp(staged, &options, &esp);
+    let made = make_esp(staged, &options, bios, &esp);
     let disk = image.join(Member::DiskImg.name());
     let result = made.and_then(|()| {
-        partition(&disk, root_size)?;
+        partition(&disk, root_size, bios)?;
+        if bios {
+            write_mbr_code(&disk)?;
+        }
         splice(&esp, &disk, MIB)?;
         splice(&root, &disk, MIB + ESP_SIZE)
     });
@@ -179,7 +201,7 @@ pub(super) fn uefi_image(
     machine.kernel = None;
     machine.initrd = None;
     machine.cmdline = None;
-    machine.firmware = Some(Firmware::Uefi);
+    machine.firmware = Some(firmware);
     write_machine(&machine, image)
 }
 
@@ -215,8 +237,9 @@ fn check_root_fs(disk: &Path) -> Result<(), BuildError> {
 }
 
 /// The EFI system partition as a FAT32 file: `/EFI/BOOT/BOOTX64.EFI` (systemd-boot),
-/// its loader configuration and one entry, the kernel and the initramfs.
-fn make_esp(staged: &Path, options: &str, esp: &Path) -> Result<(), BuildError> {
+/// its loader configuration and one entry, the kernel and the initramfs; with `bios`,
+/// syslinux and its configuration too.
+fn make_esp(staged: &Path, options: &str, bios: bool, esp: &Path) -> Result<(), BuildError> {
     let scratch = esp.with_extension("d");
     std::fs::create_dir_all(&scratch).map_err(io_error("cannot make", &scratch))?;
     let write = |name: &str, text: &str| {
@@ -233,7 +256,13 @@ fn make_esp(staged: &Path, options: &str, esp: &Path) -> Result<(), BuildError> 
             "title qemu-worker image\nlinux /vmlinuz\ninitrd /initrd.img\noptions {options}\n"
         ),
     )?;
-    let files: [(PathBuf, &str); 5] = [
+    write(
+        "syslinux.cfg",
+        &format!(
+            "DEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n  LINUX /vmlinuz\n  INITRD /initrd.img\n  APPEND {options}\n"
+        ),
+    )?;
+    let mut files: Vec<(PathBuf, &str)> = vec![
         (PathBuf::from(SYSTEMD_BOOT), "::/EFI/BOOT/BOOTX64.EFI"),
         (scratch.join("loader.conf"), "::/loader/loader.conf"),
         (
@@ -243,6 +272,9 @@ fn make_esp(staged: &Path, options: &str, esp: &Path) -> Result<(), BuildError> 
         (staged.join(Member::Kernel.name()), "::/vmlinuz"),
         (staged.join(Member::Initrd.name()), "::/initrd.img"),
     ];
+    if bios {
+        files.push((scratch.join("syslinux.cfg"), "::/syslinux.cfg"));
+    }
     let mut total = 0;
     for (from, _) in &files {
         total += std::fs::metadata(from)
@@ -283,23 +315,39 @@ fn make_esp(staged: &Path, options: &str, esp: &Path) -> Result<(), BuildError> 
                     .env("SOURCE_DATE_EPOCH", FAT_EPOCH),
             )?;
         }
+        if bios {
+            // ldlinux.sys and ldlinux.c32 into the file system and its boot sector.
+            checked(
+                "syslinux (into the EFI system partition)",
+                Command::new("syslinux")
+                    .arg("--install")
+                    .arg(esp)
+                    .env("SOURCE_DATE_EPOCH", FAT_EPOCH),
+            )?;
+        }
         Ok(())
     })();
     let _ = std::fs::remove_dir_all(&scratch);
     result
 }
 
-/// A sparse `disk` with a GPT of two partitions: the EFI system partition from 1 MiB,
-/// then the root partition of `root_size` bytes.
-fn partition(disk: &Path, root_size: u64) -> Result<(), BuildError> {
+/// A sparse `disk` with a GPT of two partitions: the EFI system partition from 1 MiB
+/// (marked legacy-BIOS-bootable for `bios`), then the root partition of `root_size`
+/// bytes.
+fn partition(disk: &Path, root_size: u64, bios: bool) -> Result<(), BuildError> {
     let size = root_size + GPT_OVERHEAD;
     let file = std::fs::File::create(disk).map_err(io_error("cannot make", disk))?;
     file.set_len(size).map_err(io_error("cannot size", disk))?;
     drop(file);
     let sector = |bytes: u64| bytes / 512;
+    let attrs = if bios {
+        ", attrs=\"LegacyBIOSBootable\""
+    } else {
+        ""
+    };
     let script = format!(
         "label: gpt\nlabel-id: {DISK_GUID}\nunit: sectors\nfirst-lba: 2048\n\
-         start={}, size={}, type={ESP_TYPE}, uuid={ESP_GUID}, name=\"EFI system\"\n\
+         start={}, size={}, type={ESP_TYPE}, uuid={ESP_GUID}, name=\"EFI system\"{attrs}\n\
          start={}, size={}, type={ROOT_TYPE}, uuid={ROOT_GUID}, name=\"root\"\n",
         sector(MIB),
         sector(ESP_SIZE),
@@ -320,6 +368,22 @@ fn partition(disk: &Path, root_size: u64) -> Result<(), BuildError> {
     });
     let _ = std::fs::remove_file(&script_path);
     result
+}
+
+/// syslinux's GPT boot code into the first 440 bytes of `disk` (its protective MBR's
+/// partition entries stay as sfdisk wrote them).
+fn write_mbr_code(disk: &Path) -> Result<(), BuildError> {
+    let code = std::fs::read(GPT_MBR).map_err(io_error("cannot read", Path::new(GPT_MBR)))?;
+    let code = code.get(..MBR_CODE).ok_or_else(|| BuildError::Io {
+        what: "is shorter than an MBR's boot code",
+        path: GPT_MBR.into(),
+        source: std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+    })?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk)
+        .map_err(io_error("cannot open", disk))?;
+    file.write_all(code).map_err(io_error("cannot write", disk))
 }
 
 /// Copies `part` into `disk` at `offset`, leaving its zero blocks as holes.

@@ -162,7 +162,7 @@ pub async fn build_image(
             let machine = output.machine.clone().unwrap_or_default();
             let (base, steps, dir) = (base.clone(), recipe.steps.clone(), checked.clone());
             let root_size = match (output.boot, output.disk_size) {
-                (Some(BootMode::Uefi), Some(size)) => {
+                (Some(BootMode::Uefi | BootMode::Bios), Some(size)) => {
                     (size.bytes() - assemble::GPT_OVERHEAD) / (1 << 20) * (1 << 20)
                 }
                 (_, Some(size)) => size.bytes(),
@@ -301,16 +301,26 @@ fn shape_output(
     let has_kernel = staged.join(super::Member::Kernel.name()).is_file();
     let raw = staged.join(super::Member::DiskImg.name()).is_file()
         && !staged.join(super::Member::LayerQcow2.name()).exists();
+    let firmware = machine.firmware.unwrap_or(Firmware::Bios);
     match wanted {
-        Some(BootMode::Uefi) if has_kernel && !raw => Err(BuildError::Shape {
-            wanted: "uefi",
-            why: "the base's disk is qcow2 or layered; a UEFI disk is laid out from a raw disk.img",
-        }),
-        Some(BootMode::Uefi) if has_kernel => assemble::uefi_image(staged, machine, image),
-        Some(BootMode::Uefi) if machine.firmware != Some(Firmware::Uefi) => {
+        Some(mode @ (BootMode::Uefi | BootMode::Bios)) if has_kernel && !raw => {
             Err(BuildError::Shape {
-                wanted: "uefi",
-                why: "the base boots from its disk with BIOS, and has no kernel member to lay out a UEFI disk with",
+                wanted: mode.as_str(),
+                why: "the base's disk is qcow2 or layered; a GPT disk is laid out from a raw disk.img",
+            })
+        }
+        Some(BootMode::Uefi) if has_kernel => {
+            assemble::disk_image(staged, machine, Firmware::Uefi, image)
+        }
+        Some(BootMode::Bios) if has_kernel => {
+            assemble::disk_image(staged, machine, Firmware::Bios, image)
+        }
+        Some(mode @ (BootMode::Uefi | BootMode::Bios))
+            if (mode == BootMode::Uefi) != (firmware == Firmware::Uefi) =>
+        {
+            Err(BuildError::Shape {
+                wanted: mode.as_str(),
+                why: "the base boots from its disk with the other firmware, and has no kernel member to lay out a disk with",
             })
         }
         Some(BootMode::Kernel) if !has_kernel => Err(BuildError::Shape {

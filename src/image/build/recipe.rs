@@ -203,6 +203,20 @@ pub enum BootMode {
     /// an EFI system partition (systemd-boot, the kernel and the initramfs) and the ext4
     /// root partition. The machine gets `firmware: uefi`.
     Uefi,
+    /// The same GPT disk, which SeaBIOS boots too: syslinux on the EFI system partition
+    /// (marked legacy-BIOS-bootable) and syslinux's GPT boot code in the protective MBR.
+    /// The machine gets `firmware: bios`.
+    Bios,
+}
+
+impl BootMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kernel => "kernel",
+            Self::Uefi => "uefi",
+            Self::Bios => "bios",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -212,7 +226,8 @@ pub struct Output {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot: Option<BootMode>,
     /// The disk's size (`"4 GiB"`; sparse), for a Debian base: the root file system's
-    /// with `kernel`, the whole GPT disk's with `uefi`. An image base keeps its disk's.
+    /// with `kernel`, the whole GPT disk's with `uefi` or `bios`. An image base keeps its
+    /// disk's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_size: Option<ByteSize>,
     /// Kernel arguments after the ones the build puts first (`root=… rw` and the
@@ -333,7 +348,7 @@ fn semantic_issues(value: &Value, dir: &Path) -> Vec<Issue> {
         ));
     }
     let smallest = match value.pointer("/output/boot").and_then(Value::as_str) {
-        Some("uefi") => MIN_DISK_SIZE + super::assemble::GPT_OVERHEAD,
+        Some("uefi" | "bios") => MIN_DISK_SIZE + super::assemble::GPT_OVERHEAD,
         _ => MIN_DISK_SIZE,
     };
     if let Some(size) = size.map(ByteSize::bytes)

@@ -35,14 +35,16 @@ use test_support::figure;
 
 const MARKER: &str = "FIRST-OUTPUT";
 
+/// `images/out/NAME.tar.zst`, which `how` builds.
+fn built_image(name: &str, how: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("images/out/{name}.tar.zst"));
+    assert!(path.is_file(), "{name} is missing: run {how}");
+    path
+}
+
 /// The test image built by `images/build-test-image`.
 fn test_image() -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/out/qemu-worker-test.tar.zst");
-    assert!(
-        path.is_file(),
-        "the test image is missing: run images/build-test-image"
-    );
-    path
+    built_image("qemu-worker-test", "images/build-test-image")
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -436,12 +438,10 @@ fn timed_run(config: &Path, payload: &Path) -> (f64, f64, f64) {
 
 /// `images/out/debian-12-ci.tar.zst`, built by images/build-image.
 fn debian_image() -> PathBuf {
-    let image = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/out/debian-12-ci.tar.zst");
-    assert!(
-        image.is_file(),
-        "debian-12-ci is missing: run images/build-image images/recipes/debian-12-ci.yml"
-    );
-    image
+    built_image(
+        "debian-12-ci",
+        "images/build-image images/recipes/debian-12-ci.yml",
+    )
 }
 
 fn debian_job(dir: &Path) {

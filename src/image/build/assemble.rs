@@ -84,14 +84,15 @@ fn boot_file(tree: &Path, prefix: &str, what: &'static str) -> Result<PathBuf, B
 
 /// The kernel-boot image directory of a Debian tree: the tree's kernel and initramfs as
 /// members, the tree as an ext4 `disk.img` of `root_size` bytes (sparse), and
-/// `machine` with the boot members and the command line (`CMDLINE`, then `extra`).
+/// `machine` with the boot members and the command line (`CMDLINE`, then `extra`), which
+/// it returns.
 pub(super) fn kernel_image(
     tree: &Path,
     root_size: u64,
     machine: &MachineDefinition,
     extra: Option<&str>,
     image: &Path,
-) -> Result<(), BuildError> {
+) -> Result<MachineDefinition, BuildError> {
     require("mkfs.ext4", "e2fsprogs")?;
     require("debugfs", "e2fsprogs")?;
     std::fs::create_dir_all(image).map_err(io_error("cannot make", image))?;
@@ -129,7 +130,8 @@ pub(super) fn kernel_image(
         Some(extra) => format!("{CMDLINE} {extra}"),
         None => CMDLINE.to_owned(),
     });
-    write_machine(&machine, image)
+    write_machine(&machine, image)?;
+    Ok(machine)
 }
 
 /// Writes `machine.json` (format version 1) into `image`.

@@ -108,14 +108,10 @@ pub(super) async fn acquire(
     reference: &ImageReference,
     dir: &Path,
 ) -> Result<ImageLease, BuildError> {
+    let location = absolute_location(reference, dir);
     let request = ImageRequest {
-        source: crate::job::ImageSource::parse(&absolute_location(reference, dir)).map_err(
-            |e| BuildError::Io {
-                what: "the base image's location is not usable",
-                path: PathBuf::from(reference.location()),
-                source: std::io::Error::other(e.to_string()),
-            },
-        )?,
+        source: crate::job::ImageSource::parse(&location)
+            .map_err(|source| BuildError::BaseLocation { location, source })?,
         sha256: reference.sha256().map(str::to_owned),
     };
     engine

@@ -62,6 +62,12 @@ pub enum BuildError {
         wanted: &'static str,
         why: &'static str,
     },
+    #[error("the base image's location `{location}` is not usable")]
+    BaseLocation {
+        location: String,
+        #[source]
+        source: crate::job::ImageLocationError,
+    },
     #[error("the base image is not available")]
     Base(#[source] super::ImageError),
     #[error("the image cache for the build cannot be opened")]
@@ -171,7 +177,7 @@ pub async fn build_image(
             };
             let (report, to, staged_machine) = (report.clone(), staged.clone(), machine.clone());
             let extra = output.cmdline.clone();
-            blocking(move || {
+            let machine = blocking(move || {
                 root::debian(&base, &tree)?;
                 for (n, step) in steps.iter().enumerate() {
                     match step.kind() {
@@ -198,7 +204,6 @@ pub async fn build_image(
                 made
             })
             .await?;
-            let machine = read_machine(&staged)?;
             (staged, machine, None, None)
         }
         BaseKind::Image(reference) => {
@@ -363,20 +368,6 @@ fn link_some(from: &Path, to: &Path, except: &[&str]) -> Result<(), BuildError> 
         }
     }
     Ok(())
-}
-
-fn read_machine(image: &Path) -> Result<MachineDefinition, BuildError> {
-    let path = image.join("machine.json");
-    let text = std::fs::read(&path).map_err(|source| BuildError::Io {
-        what: "cannot read",
-        path: path.clone(),
-        source,
-    })?;
-    serde_json::from_slice(&text).map_err(|e| BuildError::Io {
-        what: "the staged machine.json does not decode",
-        path,
-        source: std::io::Error::other(e),
-    })
 }
 
 fn first_line(text: &str) -> String {

@@ -285,6 +285,23 @@ pub fn check_recipe(text: &str, dir: &Path) -> Result<CheckedRecipe, Vec<Issue>>
 fn semantic_issues(value: &Value, dir: &Path) -> Vec<Issue> {
     let mut issues = Vec::new();
     let image_base = value.pointer("/base/image").is_some();
+    // The base image's location, checked as a payload's is (after the recipe's directory
+    // is put before a relative path).
+    let location = match value.pointer("/base/image") {
+        Some(Value::String(location)) => Some(("/base/image", location.as_str())),
+        Some(pinned) => pinned
+            .get("url")
+            .and_then(Value::as_str)
+            .map(|url| ("/base/image/url", url)),
+        None => None,
+    };
+    if let Some((path, location)) = location {
+        let reference = ImageReference::Location(location.to_owned());
+        let absolute = super::boot::absolute_location(&reference, dir);
+        if let Err(e) = crate::job::ImageSource::parse(&absolute) {
+            issues.push(Issue::new(path, e.to_string()));
+        }
+    }
     let steps = value.get("steps").and_then(Value::as_array);
     let mut booted = false;
     for (n, step) in steps.into_iter().flatten().enumerate() {
@@ -409,6 +426,11 @@ mod tests {
     fn an_image_base_takes_boot_steps_only_and_keeps_its_disk_size() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("f"), "x").expect("file");
+        let bad = "base: {image: 'ftp://example.org/x.tar.zst'}\noutput: {}\n";
+        let issues = check_recipe(bad, dir.path()).expect_err("invalid");
+        assert_eq!(issues[0].path, "/base/image", "{issues:?}");
+        assert!(issues[0].message.contains("http or https"), "{issues:?}");
+
         let text = "base: {image: base.tar.zst}\n\
                     steps:\n  - boot: {script: 'apt-get install -y foo'}\n  - run: echo no\n\
                     output: {boot: uefi, diskSize: 8 GiB, machine: {firmware: bios}}\n";

@@ -5,6 +5,7 @@
 //! and `vm` turns a resolved machine into a QEMU command line.
 
 pub mod artifacts;
+pub mod cloud_init;
 pub mod config;
 pub mod engine;
 pub mod error_chain;

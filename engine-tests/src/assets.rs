@@ -284,6 +284,33 @@ pub fn debian_ci_image() -> PathBuf {
     path
 }
 
+/// `images/out/debian-12-cloud.tar.zst`: Debian 12 as a stock cloud image (cloud-init,
+/// no guest tools inside, a UEFI disk), built by `images/build-image
+/// images/recipes/debian-12-cloud.yml`.
+pub fn debian_cloud_image() -> PathBuf {
+    let path = super::workspace().join("images/out/debian-12-cloud.tar.zst");
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `images/build-image images/recipes/debian-12-cloud.yml` \
+         (needs root and what scripts/setup-host installs)",
+        path.display()
+    );
+    path
+}
+
+/// `images/out/qemu-worker-guest`: the static guest tools that images/build-image
+/// builds, which a worker serves to cloud-init images.
+pub fn guest_tools() -> PathBuf {
+    let path = super::workspace().join("images/out/qemu-worker-guest");
+    assert!(
+        path.is_file(),
+        "{} is missing: images/build-image builds it (run any recipe, e.g. \
+         `images/build-image images/recipes/debian-12-cloud.yml`)",
+        path.display()
+    );
+    path
+}
+
 /// `images/out/debian-12-ci-FIRMWARE.tar.zst` (`uefi` or `bios`): debian-12-ci as a GPT
 /// disk, built by `images/build-image images/recipes/debian-12-ci-FIRMWARE.yml` (after
 /// debian-12-ci).

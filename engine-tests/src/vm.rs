@@ -88,6 +88,7 @@ pub async fn test_launch(
         accelerator: Accelerator::Tcg,
         max_console: 16 << 20,
         firmware: &qemu_worker::config::FirmwareConfig::default(),
+        boot_inputs: &[],
     })
     .await
     .expect("launch")

@@ -178,6 +178,23 @@ fn adopt_host_state(reply: &TaskReply) {
     {
         say(&format!("cannot reseed the kernel's RNG: {e}"));
     }
+    // "": a worker that leaves the name to the image.
+    if !reply.hostname.is_empty()
+        && let Err(e) = set_hostname(&reply.hostname)
+    {
+        say(&format!(
+            "cannot set the host name {:?}: {e}",
+            reply.hostname
+        ));
+    }
+}
+
+fn set_hostname(name: &str) -> io::Result<()> {
+    // SAFETY: a valid pointer and length, read by the call only.
+    if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// `RNDADDENTROPY` (credited) then `RNDRESEEDCRNG`, both on /dev/urandom.

@@ -19,6 +19,10 @@ pub const LOG_PATH: &str = "/v1/log";
 pub const RESULT_PATH: &str = "/v1/result";
 /// `GET`: liveness.
 pub const PING_PATH: &str = "/v1/ping";
+/// `GET`: the static guest tools binary this worker serves to cloud-init images.
+pub const GUEST_TOOLS_PATH: &str = "/v1/guest-tools";
+/// The header of a `GUEST_TOOLS_PATH` reply that carries the binary's sha256 (hex).
+pub const GUEST_TOOLS_SHA256_HEADER: &str = "x-qemu-worker-sha256";
 
 /// `GET /v1/task`: what the guest tools must run. Unknown fields are allowed so that
 /// older guest tools read what newer workers send.
@@ -53,6 +57,10 @@ pub struct TaskReply {
     /// 32 random bytes from the host, hex, for the guest kernel's RNG (one value per VM).
     #[serde(default)]
     pub entropy: String,
+    /// The job's host name, which the guest tools set: a VM resumed from a boot snapshot
+    /// has the saved VM's otherwise ("" from workers that predate it: left alone).
+    #[serde(default)]
+    pub hostname: String,
 }
 
 /// `PUT /v1/result`: the command's exit code (128 + N when killed by signal N).
@@ -100,5 +108,6 @@ mod tests {
         let reply: TaskReply = serde_json::from_str(old).expect("reads");
         assert_eq!(reply.task.command, ["true"]);
         assert_eq!((reply.unix_time_millis, reply.entropy.as_str()), (0, ""));
+        assert_eq!(reply.hostname, "");
     }
 }

@@ -29,6 +29,7 @@ pub(super) async fn run_job(
         config,
         cache: cache.clone(),
         helper: std::env::current_exe().exit_with(EXIT_OTHER)?,
+        guest_tools: Default::default(),
     };
     let (signals, cancel_rx) = cancel_on_signals("the job");
     let report = engine

@@ -22,6 +22,7 @@ pub(super) async fn serve(loaded: &LoadedConfig) -> Result<ExitCode, Failure> {
             config: loaded.config.clone(),
             cache: cache.clone(),
             helper: std::env::current_exe().exit_with(EXIT_OTHER)?,
+            guest_tools: Default::default(),
         },
         queue,
         worker_id: format!("{}-{}", hostname(), std::process::id()),

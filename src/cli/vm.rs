@@ -28,6 +28,7 @@ pub(super) async fn vm(loaded: &LoadedConfig, command: VmCommand) -> Result<Exit
         config: config.clone(),
         cache: cache.clone(),
         helper: std::env::current_exe().exit_with(EXIT_OTHER)?,
+        guest_tools: Default::default(),
     };
     let (progress, bar) = progress_bar();
     let name = format!("vm-boot-{}", std::process::id());

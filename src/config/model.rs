@@ -32,6 +32,8 @@ pub struct WorkerConfig {
     #[serde(default)]
     pub firmware: FirmwareConfig,
     #[serde(default)]
+    pub cloud_init: CloudInitConfig,
+    #[serde(default)]
     pub images: ImageCacheConfig,
     #[serde(default)]
     pub network: NetworkConfig,
@@ -134,6 +136,29 @@ impl Default for FirmwareConfig {
         Self {
             ovmf_code: default_ovmf_code(),
             ovmf_vars: default_ovmf_vars(),
+        }
+    }
+}
+
+/// The cloud-init datasource (docs/metadata.md) that VMs with `machine.cloudInit` get.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CloudInitConfig {
+    /// The static guest tools binary served at `GET /v1/guest-tools`, which the default
+    /// user-data installs in a stock cloud image. Read once, when the first such VM
+    /// starts.
+    #[serde(default = "default_guest_tools")]
+    pub guest_tools: PathBuf,
+}
+
+fn default_guest_tools() -> PathBuf {
+    PathBuf::from("/usr/lib/qemu-worker/qemu-worker-guest")
+}
+
+impl Default for CloudInitConfig {
+    fn default() -> Self {
+        Self {
+            guest_tools: default_guest_tools(),
         }
     }
 }
@@ -441,6 +466,7 @@ impl WorkerConfig {
         }
         self.firmware.ovmf_code = absolute(&self.firmware.ovmf_code);
         self.firmware.ovmf_vars = absolute(&self.firmware.ovmf_vars);
+        self.cloud_init.guest_tools = absolute(&self.cloud_init.guest_tools);
     }
 
     /// The SQLite queue's database (set once paths are resolved).

@@ -78,6 +78,7 @@ impl Engine {
             accelerator,
             max_console: self.config.logs.max_console_size.bytes(),
             firmware: &self.config.firmware,
+            boot_inputs: &[],
         })
         .await
         .map_err(JobError::Launch)?;

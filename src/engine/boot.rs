@@ -8,7 +8,7 @@ use super::run::Engine;
 use crate::config::NetworkBackend;
 use crate::error_chain::display_chain;
 use crate::metadata::{
-    MetadataHandle, MetadataLimits, Task, start_metadata_service, start_metadata_service_tcp,
+    MetadataHandle, MetadataLimits, Offer, start_metadata_service, start_metadata_service_tcp,
 };
 use crate::vm::{
     LaunchPlan, NetworkAttachment, ResumeError, RunDir, Snapshot, SnapshotPlan, SnapshotStore,
@@ -92,7 +92,7 @@ impl Engine {
         let run_dir = self.run_dir(&ctx.name)?;
         let outbound = prepared.payload.wants_outbound();
         let (network, service, tap) = self
-            .network(ctx, &run_dir, &prepared.task(), outbound)
+            .network(ctx, &run_dir, prepared.offer(), outbound)
             .await?;
         let (launch, plan) = prepare_launch_with_snapshots(
             LaunchPlan {
@@ -105,6 +105,7 @@ impl Engine {
                 accelerator: prepared.accelerator,
                 max_console: self.config.logs.max_console_size.bytes(),
                 firmware: &self.config.firmware,
+                boot_inputs: &prepared.boot_inputs(),
             },
             snapshots,
         )
@@ -185,7 +186,7 @@ impl Engine {
         &self,
         ctx: &JobContext<'_>,
         run_dir: &RunDir,
-        task: &Task,
+        offer: Offer,
         outbound: bool,
     ) -> Result<(NetworkAttachment, MetadataHandle, Option<TapNetwork>), JobError> {
         match self.config.network.backend {
@@ -196,7 +197,7 @@ impl Engine {
                 let socket = run_dir.metadata_socket();
                 let service = start_metadata_service(
                     Path::new(&socket),
-                    task,
+                    offer,
                     ctx.log(),
                     self.metadata_limits(),
                 )
@@ -217,7 +218,7 @@ impl Engine {
                     .map_err(JobError::Network)?;
                 let listener = tap.bind_metadata().await.map_err(JobError::Network)?;
                 let service =
-                    start_metadata_service_tcp(listener, task, ctx.log(), self.metadata_limits())
+                    start_metadata_service_tcp(listener, offer, ctx.log(), self.metadata_limits())
                         .map_err(JobError::Metadata)?;
                 let attachment = NetworkAttachment::Tap {
                     ifname: TAP_DEVICE.into(),

@@ -41,6 +41,9 @@ pub enum JobError {
     Network(#[source] NetworkError),
     #[error("the metadata service cannot start")]
     Metadata(#[source] std::io::Error),
+    /// A VM with the cloud-init datasource needs the guest tools it serves.
+    #[error("the cloud-init datasource cannot be offered")]
+    GuestTools(#[source] crate::cloud_init::GuestToolsError),
     #[error("the VM cannot be prepared")]
     Launch(#[source] VmError),
     #[error("the VM did not start")]
@@ -71,7 +74,8 @@ impl JobError {
             | Self::OutboundNeedsTap
             | Self::Network(_)
             | Self::RunDirCreate(_)
-            | Self::Metadata(_) => ExceptionReason::ResourceUnavailable,
+            | Self::Metadata(_)
+            | Self::GuestTools(_) => ExceptionReason::ResourceUnavailable,
             Self::JobDir { .. }
             | Self::JobLog(_)
             | Self::RunDir(_)

@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use super::context::{JobContext, write_report};
 use super::resolve::{Ending, Happened, resolve};
+use crate::cloud_init::GuestTools;
 use crate::config::WorkerConfig;
 use crate::image::ImageCache;
 use crate::job::{ExceptionReason, JobDir, PhaseTiming, ResultReport};
@@ -34,6 +35,8 @@ pub struct Engine {
     pub config: WorkerConfig,
     pub cache: ImageCache,
     pub helper: PathBuf,
+    /// The guest tools served to cloud-init VMs, read when the first one starts.
+    pub guest_tools: tokio::sync::OnceCell<GuestTools>,
 }
 
 impl Engine {

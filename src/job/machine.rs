@@ -157,6 +157,19 @@ string_enum! {
 }
 
 string_enum! {
+    /// Whether the VM is offered a cloud-init datasource (docs/metadata.md): its
+    /// metadata service's NoCloud and EC2 paths, found through the SMBIOS serial
+    /// `ds=nocloud;s=http://169.254.169.254/nocloud/`. `auto` is `on` for an image that
+    /// boots from its disk (as stock cloud images do) and `off` for direct kernel boot
+    /// (images made for the worker, which start their own guest tools).
+    pub enum CloudInit {
+        Auto = "auto",
+        On = "on",
+        Off = "off",
+    }
+}
+
+string_enum! {
     /// Direct kernel boot: the image member that holds the kernel (always `kernel`).
     pub enum KernelMember {
         Kernel = "kernel",
@@ -272,6 +285,9 @@ pub struct MachineDefinition {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(DISK_SERIAL_PATTERN))]
     pub disk_serial: Option<String>,
+    /// Offer the guest a cloud-init datasource (extension; default `auto`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInit>,
 }
 
 macro_rules! layer_fields {
@@ -302,6 +318,7 @@ impl MachineDefinition {
             tablet: Some(TabletDevice::None),
             serial_console: Some(true),
             guest_agent: Some(true),
+            cloud_init: Some(CloudInit::Auto),
             ..Self::default()
         }
     }
@@ -342,6 +359,7 @@ impl MachineDefinition {
                 serial_console,
                 guest_agent,
                 disk_serial,
+                cloud_init,
             ]
         )
     }

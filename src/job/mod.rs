@@ -15,7 +15,7 @@ pub use dir::{FINAL_SCREENSHOT, JobDir};
 pub use identity::Identity;
 pub use limits::{CpuTopology, LimitViolation, MachineLimits, RequestedResources};
 pub use machine::{
-    Chipset, CpuModel, DEFAULT_KERNEL_CMDLINE, Firmware, GraphicsDevice, InitrdMember,
+    Chipset, CloudInit, CpuModel, DEFAULT_KERNEL_CMDLINE, Firmware, GraphicsDevice, InitrdMember,
     KernelMember, KeyboardDevice, KeyboardLayout, MachineDefinition, MouseDevice, NetworkDevice,
     SoundDevice, StorageDevice, TabletDevice, UsbController,
 };

@@ -36,6 +36,14 @@ pub struct JobPayload {
     /// What the guest may reach besides its own metadata service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<JobNetwork>,
+    /// cloud-init user-data of the job's own: a `#cloud-config` document or a `#!`
+    /// script (at most 64 KiB), run by the image's cloud-init before the task, after the
+    /// worker's part that starts the guest tools. Needs a VM with the cloud-init
+    /// datasource (`machine.cloudInit`); it is part of the boot snapshot's key, since it
+    /// shapes the booted guest (docs/metadata.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 65536))]
+    pub user_data: Option<String>,
 }
 
 /// A job's network wishes; the worker grants them only as far as worker.yml allows.

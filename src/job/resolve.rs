@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::identity::Identity;
 use super::limits::{CpuTopology, LimitViolation, MachineLimits, RequestedResources};
 use super::machine::{
-    Chipset, CpuModel, DEFAULT_KERNEL_CMDLINE, Firmware, GraphicsDevice, KeyboardDevice,
+    Chipset, CloudInit, CpuModel, DEFAULT_KERNEL_CMDLINE, Firmware, GraphicsDevice, KeyboardDevice,
     KeyboardLayout, MachineDefinition, MouseDevice, NetworkDevice, SoundDevice, StorageDevice,
     TabletDevice, UsbController,
 };
@@ -236,6 +236,8 @@ pub struct Machine {
     pub kernel: Option<KernelBoot>,
     pub serial_console: bool,
     pub guest_agent: bool,
+    /// The VM is offered the cloud-init datasource (`cloudInit` with `auto` decided).
+    pub cloud_init: bool,
 }
 
 impl Machine {
@@ -278,6 +280,12 @@ impl Machine {
             }),
             serial_console: merged.serial_console.unwrap_or(true),
             guest_agent: merged.guest_agent.unwrap_or(true),
+            cloud_init: match merged.cloud_init.unwrap_or(CloudInit::Auto) {
+                CloudInit::On => true,
+                CloudInit::Off => false,
+                // A disk boot is how stock cloud images start.
+                CloudInit::Auto => merged.kernel.is_none(),
+            },
         }
     }
 }

@@ -88,6 +88,11 @@ pub fn validate_payload(text: &str, context: &PayloadContext, identity: &Identit
     }
     check_strings_without_nul(value, &mut issues);
     check_artifacts(value, &mut issues);
+    if let Some(Value::String(text)) = value.get("userData")
+        && let Some(problem) = crate::cloud_init::user_data_problem(text)
+    {
+        issues.push(Issue::new("/userData", problem));
+    }
     if value.pointer("/network/outbound") == Some(&serde_json::Value::Bool(true))
         && !context.allow_outbound
     {

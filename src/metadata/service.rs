@@ -14,6 +14,7 @@ use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::datasource::{self, Datasource, Sessions};
 use super::log::LogSink;
 use super::{ApiError, LogReceipt, Ping, Task, TaskReply, TaskResult};
 use qemu_worker_protocol::metadata::{LOG_PATH, PARK_QUERY, PING_PATH, RESULT_PATH, TASK_PATH};
@@ -70,6 +71,9 @@ const TASK_HOLD: Duration = Duration::from_secs(30);
 
 struct State {
     task: Task,
+    /// The cloud-init datasource, for a VM that is offered one.
+    datasource: Option<Datasource>,
+    sessions: Sessions,
     /// Per VM: guests resumed from one snapshot must not share RNG state.
     entropy: String,
     park: Arc<watch::Sender<Park>>,
@@ -213,11 +217,28 @@ enum Connection {
     Tcp(tokio::net::TcpStream),
 }
 
-/// Starts the metadata service of one VM on `socket`, serving `task` and appending the
+/// What a VM's metadata service offers it: the task, and a cloud-init datasource when
+/// the VM has one.
+#[derive(Debug, Clone)]
+pub struct Offer {
+    pub task: Task,
+    pub datasource: Option<Datasource>,
+}
+
+impl From<&Task> for Offer {
+    fn from(task: &Task) -> Self {
+        Self {
+            task: task.clone(),
+            datasource: None,
+        }
+    }
+}
+
+/// Starts the metadata service of one VM on `socket`, serving `offer` and appending the
 /// guest's log streams to `log`.
 pub async fn start_metadata_service(
     socket: &Path,
-    task: &Task,
+    offer: impl Into<Offer>,
     log: LogSink,
     limits: MetadataLimits,
 ) -> std::io::Result<MetadataHandle> {
@@ -226,7 +247,7 @@ pub async fn start_metadata_service(
     Ok(start(
         listener,
         Some(socket.to_path_buf()),
-        task,
+        offer.into(),
         log,
         limits,
     ))
@@ -236,18 +257,18 @@ pub async fn start_metadata_service(
 /// namespace (see `TapNetwork::bind_metadata`).
 pub fn start_metadata_service_tcp(
     listener: std::net::TcpListener,
-    task: &Task,
+    offer: impl Into<Offer>,
     log: LogSink,
     limits: MetadataLimits,
 ) -> std::io::Result<MetadataHandle> {
     let listener = Listener::Tcp(tokio::net::TcpListener::from_std(listener)?);
-    Ok(start(listener, None, task, log, limits))
+    Ok(start(listener, None, offer.into(), log, limits))
 }
 
 fn start(
     listener: Listener,
     socket: Option<PathBuf>,
-    task: &Task,
+    offer: Offer,
     log: LogSink,
     limits: MetadataLimits,
 ) -> MetadataHandle {
@@ -261,7 +282,9 @@ fn start(
     let park = Arc::new(watch::Sender::new(Park::Off));
     let counters = Arc::new(Counters::default());
     let state = Arc::new(State {
-        task: task.clone(),
+        task: offer.task,
+        datasource: offer.datasource,
+        sessions: Sessions::default(),
         entropy,
         park: Arc::clone(&park),
         log,
@@ -326,7 +349,7 @@ fn start(
     }
 }
 
-type Reply = Response<Full<Bytes>>;
+pub(super) type Reply = Response<Full<Bytes>>;
 
 fn json(status: StatusCode, value: &impl serde::Serialize) -> Reply {
     let body =
@@ -339,7 +362,7 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> Reply {
     response
 }
 
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Reply {
+pub(super) fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Reply {
     json(
         status,
         &ApiError {
@@ -351,6 +374,15 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Reply {
 
 async fn route(state: &State, request: Request<Incoming>) -> Reply {
     let path = request.uri().path().to_owned();
+    if datasource::is_datasource_path(&path) {
+        return datasource::route(
+            state.datasource.as_ref(),
+            &state.sessions,
+            request.method(),
+            &path,
+            request.headers(),
+        );
+    }
     let allowed = match path.as_str() {
         PING_PATH | TASK_PATH => Method::GET,
         LOG_PATH => Method::POST,
@@ -435,6 +467,11 @@ async fn serve_task(state: &State, query: Option<&str>) -> Reply {
             task: state.task.clone(),
             unix_time_millis,
             entropy: state.entropy.clone(),
+            hostname: state
+                .datasource
+                .as_ref()
+                .map(|d| d.seed.hostname.clone())
+                .unwrap_or_default(),
         },
     )
 }

@@ -105,6 +105,17 @@ pub fn qemu_argv(spec: &VmSpec<'_>) -> Vec<String> {
     );
     argv.push("-m", format!("{}M", m.memory));
     argv.push("-uuid", m.uuid.clone());
+    if m.cloud_init {
+        // What ds-identify reads from DMI: an unchanged cloud-init finds its datasource
+        // with no kernel argument and no seed disk.
+        argv.push(
+            "-smbios",
+            format!(
+                "type=1,serial={}",
+                escape(&crate::cloud_init::smbios_serial())
+            ),
+        );
+    }
 
     if let Some(kernel) = spec.kernel {
         argv.push("-kernel", kernel.kernel.clone());

@@ -25,6 +25,9 @@ pub struct LaunchPlan<'a> {
     pub max_console: u64,
     /// OVMF's files (worker.yml `firmware`), for a `uefi` machine.
     pub firmware: &'a FirmwareConfig,
+    /// What the guest reads at boot besides its command line (a cloud-init VM's
+    /// user-data): part of a boot snapshot's key.
+    pub boot_inputs: &'a [u8],
 }
 
 /// What a launch does about boot snapshots (see `snapshot.rs`).
@@ -83,6 +86,7 @@ pub async fn prepare_launch_with_snapshots(
                 disk_serial: &m.disk_serial,
             },
             uefi.then_some(plan.firmware.ovmf_code.as_path()),
+            plan.boot_inputs,
         );
         // The lookup reads the snapshot directory: on the blocking pool.
         let (looking, wanted) = (store.clone(), key.clone());

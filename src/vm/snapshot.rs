@@ -178,9 +178,15 @@ impl SnapshotStore {
     }
 
     /// The key of a cold boot's command line: everything that shapes the guest (machine,
-    /// devices, kernel, disk chain, QEMU binary, and the UEFI firmware `ovmf_code` of a
-    /// UEFI machine), not the per-job paths and names.
-    pub fn key(argv: &[String], volatile: Volatile<'_>, ovmf_code: Option<&Path>) -> String {
+    /// devices, kernel, disk chain, QEMU binary, the UEFI firmware `ovmf_code` of a UEFI
+    /// machine, and `boot_inputs` the guest reads at boot, such as a cloud-init VM's
+    /// user-data), not the per-job paths and names.
+    pub fn key(
+        argv: &[String],
+        volatile: Volatile<'_>,
+        ovmf_code: Option<&Path>,
+        boot_inputs: &[u8],
+    ) -> String {
         let run_dir = volatile.run_dir.display().to_string();
         let mut hash = Sha256::new();
         hash.update(FORMAT);
@@ -189,6 +195,12 @@ impl SnapshotStore {
         // snapshots, as a new QEMU does (the saved guest runs the firmware it booted).
         if let Some(code) = ovmf_code {
             hash.update(file_identity(code).unwrap_or_default());
+        }
+        // Empty for a VM without cloud-init, so that its keys stay as they were.
+        if !boot_inputs.is_empty() {
+            hash.update(b"boot-inputs\0");
+            hash.update((boot_inputs.len() as u64).to_le_bytes());
+            hash.update(boot_inputs);
         }
         for arg in argv {
             let mut arg = arg.replace(&run_dir, "{run}");

@@ -4,6 +4,7 @@
 //! workspace does: one link, one process per test under nextest.
 
 mod cli;
+mod datasource;
 mod image_archive;
 mod image_build;
 mod image_cache;

@@ -12,10 +12,10 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-struct Reply {
-    status: u16,
-    headers: String,
-    body: Vec<u8>,
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) headers: String,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Reply {
@@ -24,7 +24,7 @@ impl Reply {
     }
 }
 
-fn parse(raw: &[u8]) -> Reply {
+pub(crate) fn parse(raw: &[u8]) -> Reply {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -63,7 +63,7 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
     out
 }
 
-async fn request(socket: &Path, raw: &[u8]) -> Reply {
+pub(crate) async fn request(socket: &Path, raw: &[u8]) -> Reply {
     let mut stream = UnixStream::connect(socket).await.expect("connect");
     stream.write_all(raw).await.expect("write");
     let mut response = Vec::new();
@@ -71,7 +71,7 @@ async fn request(socket: &Path, raw: &[u8]) -> Reply {
     parse(&response)
 }
 
-fn simple(method: &str, path: &str, body: &str) -> Vec<u8> {
+pub(crate) fn simple(method: &str, path: &str, body: &str) -> Vec<u8> {
     format!(
         "{method} {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()

@@ -136,6 +136,7 @@ impl Fixture {
             accelerator: Accelerator::Tcg,
             max_console: 1 << 20,
             firmware,
+            boot_inputs: &[],
         }
     }
 }

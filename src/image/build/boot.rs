@@ -71,6 +71,7 @@ impl BuildWorker {
                 config,
                 cache,
                 helper: self.helper.clone(),
+                guest_tools: Default::default(),
             },
             _state: state,
         })

@@ -16,7 +16,7 @@ fn worker() -> Worker {
     let config = with_setting(
         &config,
         "timeouts",
-        "{guestReadySeconds: 900, heartbeatSeconds: 1, leaseSeconds: 10, graceSeconds: 2, shutdownSeconds: 5}",
+        "{guestReadySeconds: 420, heartbeatSeconds: 1, leaseSeconds: 10, graceSeconds: 2, shutdownSeconds: 5}",
     );
     Worker::with_config(&format!(
         "{config}snapshots: {{enabled: true}}\ncloudInit: {{guestTools: {:?}}}\n",

@@ -6,9 +6,11 @@ pub const NOCLOUD_PREFIX: &str = "/nocloud/";
 
 /// The SMBIOS system serial that points an unchanged cloud-init at the seed: ds-identify
 /// reads it from DMI and picks NoCloud, which fetches from `s=` once the network is up
-/// (the trailing slash matters: cloud-init appends the file names).
+/// (the trailing slash matters: cloud-init appends the file names). `dsmode=net`: without
+/// it cloud-init 22.4 (Debian 12) fetches the seed in its network stage but keeps the
+/// local mode that `ds=nocloud` implies, and never applies the user-data.
 pub fn smbios_serial() -> String {
-    format!("ds=nocloud;s=http://169.254.169.254{NOCLOUD_PREFIX}")
+    format!("ds=nocloud;s=http://169.254.169.254{NOCLOUD_PREFIX};dsmode=net")
 }
 
 /// How the guest's first NIC gets its address, as network-config says.

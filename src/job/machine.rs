@@ -159,7 +159,7 @@ string_enum! {
 string_enum! {
     /// Whether the VM is offered a cloud-init datasource (docs/metadata.md): its
     /// metadata service's NoCloud and EC2 paths, found through the SMBIOS serial
-    /// `ds=nocloud;s=http://169.254.169.254/nocloud/`. `auto` is `on` for an image that
+    /// `ds=nocloud;s=http://169.254.169.254/nocloud/;dsmode=net`. `auto` is `on` for an image that
     /// boots from its disk (as stock cloud images do) and `off` for direct kernel boot
     /// (images made for the worker, which start their own guest tools).
     pub enum CloudInit {

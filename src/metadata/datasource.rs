@@ -8,11 +8,11 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{ALLOW, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Response, StatusCode};
 use tokio::time::Instant;
 
-use super::service::{Reply, error};
+use super::service::{Reply, error, method_not_allowed};
 use crate::cloud_init::{GuestTools, NOCLOUD_PREFIX, Seed, UserData};
 use qemu_worker_protocol::metadata::{GUEST_TOOLS_PATH, GUEST_TOOLS_SHA256_HEADER};
 
@@ -125,18 +125,6 @@ fn text(body: impl Into<Bytes>) -> Reply {
         CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    reply
-}
-
-fn method_not_allowed(path: &str, allowed: Method) -> Reply {
-    let mut reply = error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method-not-allowed",
-        format!("{path} accepts {allowed} only"),
-    );
-    if let Ok(value) = HeaderValue::from_str(allowed.as_str()) {
-        reply.headers_mut().insert(ALLOW, value);
-    }
     reply
 }
 

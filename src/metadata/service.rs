@@ -362,6 +362,19 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> Reply {
     response
 }
 
+/// `405` for `path`, with `Allow`.
+pub(super) fn method_not_allowed(path: &str, allowed: Method) -> Reply {
+    let mut reply = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        format!("{path} accepts {allowed} only"),
+    );
+    if let Ok(value) = HeaderValue::from_str(allowed.as_str()) {
+        reply.headers_mut().insert(ALLOW, value);
+    }
+    reply
+}
+
 pub(super) fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Reply {
     json(
         status,
@@ -396,15 +409,7 @@ async fn route(state: &State, request: Request<Incoming>) -> Reply {
         }
     };
     if request.method() != allowed {
-        let mut reply = error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method-not-allowed",
-            format!("{path} accepts {allowed} only"),
-        );
-        if let Ok(value) = HeaderValue::from_str(allowed.as_str()) {
-            reply.headers_mut().insert(ALLOW, value);
-        }
-        return reply;
+        return method_not_allowed(&path, allowed);
     }
     match path.as_str() {
         PING_PATH => json(

@@ -68,7 +68,37 @@ pub struct TaskReply {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TaskResult {
+    #[serde(deserialize_with = "integral_i32")]
     pub exit_code: i32,
+}
+
+/// An `i32` from any JSON number with no fraction: JSON Schema's `integer` includes
+/// `3.0`, so a client that writes one is within the document.
+fn integral_i32<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i32, D::Error> {
+    struct Integral;
+    impl serde::de::Visitor<'_> for Integral {
+        type Value = i32;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an integer from -2147483648 to 2147483647")
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<i32, E> {
+            i32::try_from(v).map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<i32, E> {
+            i32::try_from(v)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<i32, E> {
+            if v.fract() == 0.0 && v >= f64::from(i32::MIN) && v <= f64::from(i32::MAX) {
+                // Exact: integral and within i32's range.
+                #[allow(clippy::cast_possible_truncation)]
+                Ok(v as i32)
+            } else {
+                Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
+            }
+        }
+    }
+    deserializer.deserialize_any(Integral)
 }
 
 /// `POST /v1/log` answer: how many bytes of this stream the job log took.
@@ -109,5 +139,20 @@ mod tests {
         assert_eq!(reply.task.command, ["true"]);
         assert_eq!((reply.unix_time_millis, reply.entropy.as_str()), (0, ""));
         assert_eq!(reply.hostname, "");
+    }
+
+    #[test]
+    fn an_exit_code_is_any_integral_number_within_i32() {
+        let code = |body: &str| serde_json::from_str::<TaskResult>(body).map(|r| r.exit_code);
+        assert_eq!(code(r#"{"exitCode": 3}"#).ok(), Some(3));
+        assert_eq!(code(r#"{"exitCode": 478065.0}"#).ok(), Some(478065));
+        assert_eq!(code(r#"{"exitCode": -2147483648}"#).ok(), Some(i32::MIN));
+        for bad in ["2.5", "2147483648", "-2147483649", "1e300", "\"3\"", "null"] {
+            let error = code(&format!(r#"{{"exitCode": {bad}}}"#)).expect_err(bad);
+            assert!(
+                error.to_string().contains("exitCode") || error.to_string().contains("integer"),
+                "{bad}: {error}"
+            );
+        }
     }
 }

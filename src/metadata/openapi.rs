@@ -91,7 +91,7 @@ pub fn openapi_document() -> Value {
             (LOG_PATH): {"post": {
                 "summary": "Stream output into the job log",
                 "description": "The body (any bytes, typically chunked) is appended to the job log as it arrives. Several streams may be open at once (within the VM's connection cap, worker.yml metadata.maxConnections); the log is capped, and a line says so when the cap is reached. A stream that sends nothing for logs.idleSeconds is ended with 408: open a new one for more output.",
-                "requestBody": {"required": true, "content": {"application/octet-stream": {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}},
+                "requestBody": {"required": false, "description": "An empty or missing body appends nothing (200 with bytes 0).", "content": {"application/octet-stream": {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}},
                 "responses": {
                     "200": reply("The stream ended; this many bytes were received.", "LogReceipt"),
                     "400": error("The stream broke."),

@@ -12,6 +12,7 @@ use qemu_worker::cloud_init::{GuestTools, Seed, SeedNetwork, UserData};
 use qemu_worker::job::Identity;
 use qemu_worker::metadata::{
     Datasource, LogSink, MetadataHandle, MetadataLimits, Offer, Task, start_metadata_service,
+    start_metadata_service_tcp,
 };
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -26,6 +27,11 @@ struct Vm {
 
 impl Vm {
     async fn start(cloud_init: bool) -> Self {
+        Self::start_on(cloud_init, None).await
+    }
+
+    /// On the unix socket in its directory, or on `tcp` (a loopback listener).
+    async fn start_on(cloud_init: bool, tcp: Option<std::net::TcpListener>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("qw-ds")
             .tempdir_in("/tmp")
@@ -56,14 +62,21 @@ impl Vm {
             },
             datasource,
         };
-        let handle = start_metadata_service(
-            &dir.path().join("meta.sock"),
-            offer,
-            log,
-            MetadataLimits::default(),
-        )
-        .await
-        .expect("service");
+        let handle = match tcp {
+            Some(listener) => {
+                listener.set_nonblocking(true).expect("nonblocking");
+                start_metadata_service_tcp(listener, offer, log, MetadataLimits::default())
+                    .expect("service")
+            }
+            None => start_metadata_service(
+                &dir.path().join("meta.sock"),
+                offer,
+                log,
+                MetadataLimits::default(),
+            )
+            .await
+            .expect("service"),
+        };
         Self {
             dir,
             _handle: handle,
@@ -340,4 +353,37 @@ async fn x_forwarded_for_is_refused_and_a_token_means_nothing_to_another_vm() {
         .ask("GET", "/latest/user-data", &[&token], user_data)
         .await;
     assert_eq!(elsewhere.status, 401, "A's token in B");
+}
+
+/// schemathesis (from PyPI, installed by the script into target/) against the whole
+/// OpenAPI document of a live service on loopback TCP: no server error, no reply that
+/// breaks the document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_server_error_and_no_reply_that_breaks_the_document() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let _vm = Vm::start_on(true, Some(listener)).await;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fuzz-metadata");
+    let output = tokio::process::Command::new(&script)
+        .arg(format!("http://127.0.0.1:{port}"))
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let summary = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("fuzz-metadata: "))
+        .unwrap_or_else(|| panic!("no summary line:\n{stdout}\n{stderr}"));
+    println!("{summary}");
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let cases: u64 = summary
+        .trim_start_matches("fuzz-metadata: ")
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("a case count");
+    assert!(cases > 0, "{summary}");
+    assert!(summary.ends_with(" 0 failures"), "{summary}");
 }

@@ -21,10 +21,16 @@
 //! 5. `image build` of debian-12-ci next to its base stage alone (mmdebstrap with the
 //!    same packages, archive and package cache): what the steps, the file system and
 //!    the packing cost on top.
+//! 6. debian-12-cloud (a stock cloud image: cloud-init, no guest tools inside, a UEFI
+//!    disk): the first job, whose cloud-init finds the datasource, installs the served
+//!    guest tools and saves the boot snapshot, run start → first output, next to a bare
+//!    QEMU boot of the same disk under OVMF to its serial login banner; then a resumed
+//!    trivial job next to the same baseline (goal ≤ 1 s extra, as for the other images).
 //!
-//! `cargo bench --bench worker [-- PART…]` with parts overhead, rss, debian, cold, build
-//! (needs images/build-test-image and `images/build-image
-//! images/recipes/debian-12-ci.yml`; `build` needs root and mmdebstrap).
+//! `cargo bench --bench worker [-- PART…]` with parts overhead, rss, debian, cold, build,
+//! cloud (needs images/build-test-image and `images/build-image
+//! images/recipes/debian-12-ci.yml`, and for cloud `images/build-image
+//! images/recipes/debian-12-cloud.yml`; `build` needs root and mmdebstrap).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -397,6 +403,117 @@ fn main() {
     if wanted("build") {
         image_build(&dir.path().join("build"));
     }
+    if wanted("cloud") {
+        cloud_job(&dir.path().join("cloud"));
+    }
+}
+
+/// The stock-cloud-image path: cloud-init on the first job, the boot snapshot after.
+fn cloud_job(dir: &Path) {
+    const ROUNDS: usize = 3;
+    let image = built_image(
+        "debian-12-cloud",
+        "images/build-image images/recipes/debian-12-cloud.yml",
+    );
+    let tools = image.with_file_name("qemu-worker-guest");
+    assert!(
+        tools.is_file(),
+        "{} is missing: images/build-image writes it",
+        tools.display()
+    );
+    std::fs::create_dir_all(dir).expect("bench dir");
+    let config = dir.join("worker.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "accelerator: tcg\ncapacity: 1\nlimits: {{maxMemory: 512, maxCPUs: 1, defaultThreads: 1}}\n\
+             timeouts: {{guestReadySeconds: 420}}\nimages: {{allowedLocalDirs: [{}]}}\n\
+             snapshots: {{enabled: true}}\ncloudInit: {{guestTools: {:?}}}\nstateDir: state\n",
+            image.parent().expect("dir").display(),
+            tools.display().to_string()
+        ),
+    )
+    .expect("config");
+    let payload = dir.join("job.yml");
+    std::fs::write(
+        &payload,
+        format!(
+            "image: {}\ncommand: [/bin/echo, {MARKER}]\nmaxRunTime: 120\n",
+            image.display()
+        ),
+    )
+    .expect("payload");
+    // The first job unpacks the image, boots it through cloud-init (which fetches and
+    // starts the guest tools) and saves the boot snapshot.
+    let (first_output, first_whole, _) = timed_run(&config, &payload);
+
+    let (bare, _) = unpack_for_bare_boot(&image, dir);
+    let (mut firsts, mut baseline) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        firsts.push(timed_run(&config, &payload).0 * 1000.0);
+        // Each bare boot gets a fresh copy of OVMF's variable store, as each VM does.
+        let vars = bare.join("vars.fd");
+        std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars)
+            .expect("OVMF's variable store (apt-get install ovmf)");
+        let mut qemu = Command::new("qemu-system-x86_64");
+        qemu.args(["-accel", "tcg", "-M", "q35", "-cpu", "qemu64", "-m", "512"])
+            .args(["-nodefaults", "-display", "none", "-serial", "stdio"])
+            .args([
+                "-drive",
+                "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+            ])
+            .arg("-drive")
+            .arg(format!("if=pflash,format=raw,file={}", vars.display()))
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=raw,if=none,id=d0,snapshot=on",
+                bare.join("disk.img").display()
+            ))
+            .args(["-device", "virtio-blk-pci,drive=d0"])
+            .args([
+                "-netdev",
+                "user,id=n0",
+                "-device",
+                "virtio-net-pci,netdev=n0",
+            ]);
+        // /etc/issue's first line, which the serial getty prints when the system is up.
+        baseline.push(time_to_marker(qemu, false, "GNU/Linux 12") * 1000.0);
+    }
+    let (f, b) = (median(firsts.clone()), median(baseline.clone()));
+    println!("debian-12-cloud ({ROUNDS} rounds, ms)");
+    println!(
+        "  first job: first output {:.0}, whole {:.0} (cloud-init, guest tools, snapshot save)",
+        first_output * 1000.0,
+        first_whole * 1000.0
+    );
+    println!("  resumed trivial job, first output median {f:.0}  (all: {firsts:.0?})");
+    println!("  bare boot under OVMF to login      median {b:.0}  (all: {baseline:.0?})");
+    let baseline_name = "bare QEMU boot of debian-12-cloud's disk under OVMF (user network, no datasource) to its serial login banner";
+    figure::Figure {
+        figure: "debian-12-cloud: first job (cloud-init installs the guest tools), run start to first output",
+        unit: "ms",
+        samples: &[first_output * 1000.0],
+        baseline_name,
+        baseline: &baseline,
+        note: &format!(
+            "paid once per image and machine: unpack, boot, cloud-init, the tools' download, the snapshot save; whole job {:.0} ms",
+            first_whole * 1000.0
+        ),
+        ..Default::default()
+    }
+    .emit();
+    figure::Figure {
+        figure: "debian-12-cloud: resumed trivial job, run start to first output",
+        unit: "ms",
+        samples: &firsts,
+        baseline_name,
+        baseline: &baseline,
+        goal: "<= 1 s extra",
+        met: Some(f - b <= 1000.0),
+        note: "the job resumes the snapshot saved after cloud-init; cloud-init never runs again",
+        ..Default::default()
+    }
+    .emit();
 }
 
 /// One `qemu-worker run --json` of `payload`: seconds to the marker on the live log,

@@ -7,6 +7,7 @@ use super::prepare::Prepared;
 use super::run::Engine;
 use crate::config::NetworkBackend;
 use crate::error_chain::display_chain;
+use crate::job::SnapshotEvent;
 use crate::metadata::{
     MetadataHandle, MetadataLimits, Offer, start_metadata_service, start_metadata_service_tcp,
 };
@@ -68,6 +69,7 @@ impl Engine {
                     if let Some(store) = snapshots {
                         store.discard(&snapshot).await;
                     }
+                    ctx.snapshot_event(SnapshotEvent::Fallback);
                     ctx.note(&format!(
                         "the boot snapshot {} did not load ({}); booting instead",
                         snapshot.key,
@@ -144,6 +146,7 @@ impl Engine {
                 return Ok(Started::ResumeFailed { snapshot, why });
             }
             service.release_task();
+            ctx.snapshot_event(SnapshotEvent::Resumed);
             ctx.note(&format!(
                 "resumed from boot snapshot {} instead of booting",
                 snapshot.key

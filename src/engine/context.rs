@@ -4,7 +4,7 @@ use super::error::JobError;
 use super::resolve::needs_console;
 use super::run::JobRun;
 use crate::config::WorkerConfig;
-use crate::job::{Identity, JobDir, PhaseTiming, ResultReport};
+use crate::job::{Identity, JobDir, PhaseTiming, ResultReport, SnapshotEvent};
 use crate::metadata::LogSink;
 
 /// How much of the console's end is read to explain a failure.
@@ -23,6 +23,8 @@ pub struct JobContext<'a> {
     started: Instant,
     phase_start: Instant,
     timings: Vec<PhaseTiming>,
+    /// Noted by phases that hold the context shared (boot, wait).
+    snapshot: std::sync::Mutex<Vec<SnapshotEvent>>,
 }
 
 impl<'a> JobContext<'a> {
@@ -53,6 +55,7 @@ impl<'a> JobContext<'a> {
             started,
             phase_start: started,
             timings: Vec::new(),
+            snapshot: Default::default(),
         })
     }
 
@@ -72,6 +75,14 @@ impl<'a> JobContext<'a> {
             millis: millis(now - self.phase_start),
         });
         self.phase_start = now;
+    }
+
+    /// Records what happened to the boot snapshot, for the report.
+    pub fn snapshot_event(&self, event: SnapshotEvent) {
+        self.snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(event);
     }
 
     /// A `[qemu-worker]` line in the job log.
@@ -103,6 +114,8 @@ impl<'a> JobContext<'a> {
             millis: millis(self.started.elapsed()),
         });
         report.timings = std::mem::take(&mut self.timings);
+        report.snapshot =
+            std::mem::take(self.snapshot.get_mut().unwrap_or_else(|e| e.into_inner()));
         write_report(self.dir(), &report).await;
         report
     }

@@ -5,7 +5,7 @@ use super::context::JobContext;
 use super::resolve::Ending;
 use super::run::Engine;
 use crate::error_chain::display_chain;
-use crate::job::ExceptionReason;
+use crate::job::{ExceptionReason, SnapshotEvent};
 use crate::metadata::Park;
 use crate::vm::{SnapshotStore, Vm};
 
@@ -95,6 +95,7 @@ async fn save_snapshot(
             let started = Instant::now();
             match store.take(key, vm.qmp(), vm.run_dir()).await {
                 Ok(_) => {
+                    ctx.snapshot_event(SnapshotEvent::Saved);
                     ctx.note(&format!(
                         "saved boot snapshot {key} in {} ms; later jobs on this image and machine resume it",
                         started.elapsed().as_millis()

@@ -27,7 +27,7 @@ pub use payload::{
 pub(crate) use payload::{SHA256_PATTERN, artifact_name_problem};
 pub use report::{
     ArtifactRecord, ExceptionReason, PhaseTiming, Resolution, ResultReport, ResultState,
-    SkippedRecord, ValidationReport,
+    SkippedRecord, SnapshotEvent, ValidationReport,
 };
 pub use resolve::{KernelBoot, Machine, MachineLayers};
 pub use validate::{

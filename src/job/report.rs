@@ -19,6 +19,18 @@ string_enum! {
 }
 
 string_enum! {
+    /// What happened to the image's boot snapshot in a job (docs/snapshots.md):
+    /// `resumed` (the saved VM instead of a boot), `fallback` (the snapshot did not
+    /// load, was dropped, and the job booted), `saved` (the job booted and saved the
+    /// snapshot later jobs resume).
+    pub enum SnapshotEvent {
+        Resumed = "resumed",
+        Fallback = "fallback",
+        Saved = "saved",
+    }
+}
+
+string_enum! {
     /// The final state of a job run.
     pub enum ResultState {
         Completed = "completed",
@@ -83,6 +95,9 @@ pub struct ResultReport {
     /// Milliseconds spent in each phase of the job, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub timings: Vec<PhaseTiming>,
+    /// What happened to the boot snapshot, in order (none when snapshots are off).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshot: Vec<SnapshotEvent>,
 }
 
 /// One stored artifact file.
@@ -135,6 +150,7 @@ impl ResultReport {
             skipped_count: 0,
             screenshot: None,
             timings: Vec::new(),
+            snapshot: Vec::new(),
         }
     }
 

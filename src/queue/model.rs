@@ -41,6 +41,8 @@ pub struct Claim {
     pub token: u64,
     pub payload: String,
     pub lease_until_ms: u64,
+    /// When the job was submitted (ms since the Unix epoch): its queue wait ends now.
+    pub created_ms: u64,
 }
 
 /// A run whose lease ran out (`claim-expired`), or a pending job whose deadline passed

@@ -269,12 +269,12 @@ impl Queue for PostgresQueue {
                         UPDATE qw_jobs j SET state = 'running', run_id = j.run_id + 1, token = $2,
                             worker = $1, lease_until = $3, runs = j.runs + 1
                         FROM next WHERE j.id = next.id
-                        RETURNING j.id, j.run_id, j.payload
+                        RETURNING j.id, j.run_id, j.payload, j.created_ms
                      ), logged AS (
                         INSERT INTO qw_runs (job_id, run_id, worker, state)
                         SELECT id, run_id, $1, 'running' FROM claimed
                      )
-                     SELECT id, run_id, payload FROM claimed",
+                     SELECT id, run_id, payload, created_ms FROM claimed",
                     &[
                         &worker,
                         &i64_of(token),
@@ -289,6 +289,7 @@ impl Queue for PostgresQueue {
                 token,
                 payload: row.get(2),
                 lease_until_ms: lease_until,
+                created_ms: u64::try_from(row.get::<_, i64>(3)).unwrap_or(0),
             }))
         })
     }

@@ -148,17 +148,17 @@ impl Queue for SqliteQueue {
             let tx = c
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(db)?;
-            let next: Option<(String, i64, String)> = tx
+            let next: Option<(String, i64, String, i64)> = tx
                 .query_row(
-                    "SELECT id, run_id, payload FROM jobs WHERE state = 'pending'
+                    "SELECT id, run_id, payload, created_ms FROM jobs WHERE state = 'pending'
                      AND (deadline IS NULL OR deadline > ?1)
                      ORDER BY priority DESC, seq LIMIT 1",
                     [now_ms as i64],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
                 )
                 .optional()
                 .map_err(db)?;
-            let Some((job_id, last_run, payload)) = next else {
+            let Some((job_id, last_run, payload, created_ms)) = next else {
                 return Ok(None);
             };
             let run_id = u32::try_from(last_run + 1).unwrap_or(u32::MAX);
@@ -188,6 +188,7 @@ impl Queue for SqliteQueue {
                 token,
                 payload,
                 lease_until_ms: lease_until,
+                created_ms: u64::try_from(created_ms).unwrap_or(0),
             }))
         })
     }

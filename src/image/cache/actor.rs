@@ -1,6 +1,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -124,12 +125,14 @@ impl Actor {
     ) {
         let validators = match self.state.lookup(&request) {
             Lookup::Hit(sha) => {
+                self.state.counters.hits.fetch_add(1, Ordering::Relaxed);
                 self.grant(&sha, reply);
                 return;
             }
             Lookup::Revalidate(validators) => validators,
             Lookup::Miss => Validators::default(),
         };
+        self.state.counters.misses.fetch_add(1, Ordering::Relaxed);
         let key = request.key();
         if let Some(waiters) = self.inflight.get_mut(&key) {
             waiters.push(reply);

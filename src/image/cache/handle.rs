@@ -1,5 +1,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -59,6 +60,26 @@ pub struct CachedImage {
 pub struct ImageCache {
     tx: mpsc::UnboundedSender<Msg>,
     settings: Arc<CacheSettings>,
+    counters: Arc<CacheCounters>,
+}
+
+/// What the cache has done since it opened, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct CacheCounters {
+    /// Requests served from an image already in the cache.
+    pub hits: AtomicU64,
+    /// Requests that fetched (or revalidated) their image.
+    pub misses: AtomicU64,
+    /// Images removed (evicted for room, or pruned), and their bytes.
+    pub evictions: AtomicU64,
+    pub evicted_bytes: AtomicU64,
+}
+
+impl CacheCounters {
+    pub(super) fn removed(&self, bytes: u64) {
+        self.evictions.fetch_add(1, Ordering::Relaxed);
+        self.evicted_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
 }
 
 impl ImageCache {
@@ -72,12 +93,21 @@ impl ImageCache {
                 .await
                 .map_err(|_| CacheError::Closed)??
         };
+        let counters = Arc::clone(&state.counters);
         let tx = Actor::spawn(state, Arc::clone(&settings), fetcher);
-        Ok(Self { tx, settings })
+        Ok(Self {
+            tx,
+            settings,
+            counters,
+        })
     }
 
     pub fn settings(&self) -> &CacheSettings {
         &self.settings
+    }
+
+    pub fn counters(&self) -> &CacheCounters {
+        &self.counters
     }
 
     /// The image for a job, from the cache or fetched once for every job asking.

@@ -10,6 +10,6 @@ mod request;
 mod state;
 
 pub use error::{CacheError, ImageError};
-pub use handle::{CacheSettings, CachedImage, ImageCache};
+pub use handle::{CacheCounters, CacheSettings, CachedImage, ImageCache};
 pub use lease::ImageLease;
 pub use request::ImageRequest;

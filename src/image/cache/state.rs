@@ -59,6 +59,8 @@ pub(super) struct State {
     pub(super) pins: HashMap<String, usize>,
     /// Held for the life of the cache: one process per cache directory.
     _lock: File,
+    /// What `/metrics` reports; shared with every handle.
+    pub(super) counters: std::sync::Arc<super::CacheCounters>,
 }
 
 impl State {
@@ -117,6 +119,7 @@ impl State {
             index,
             pins: HashMap::new(),
             _lock: lock,
+            counters: Default::default(),
         };
         state.reconcile(settings.limits)?;
         Ok(state)
@@ -234,6 +237,7 @@ impl State {
             return 0;
         };
         tracing::info!(sha256 = %sha, bytes = entry.size_bytes, "evicting image");
+        self.counters.removed(entry.size_bytes);
         remove_objects(vec![self.object(sha), self.snapshots().join(sha)]).await;
         self.index.urls.retain(|_, u| u.sha256 != sha);
         self.index.locals.retain(|_, l| l.sha256 != sha);

@@ -4,6 +4,7 @@
 //! (payload, machine definition, limits, resolution) are validated through `schema`,
 //! and `vm` turns a resolved machine into a QEMU command line.
 
+pub mod api;
 pub mod artifacts;
 pub mod cloud_init;
 pub mod config;

@@ -10,7 +10,7 @@ use qemu_worker::schema::write_schemas;
 
 use super::exit::{EXIT_OTHER, EXIT_USAGE, ExitWith, Failure};
 use super::job::read_payload;
-use super::model::{Cli, Command};
+use super::model::{Cli, Command, LogFormat, TokenCommand, TokenScope};
 use super::{image, job, queue, serve, vm};
 
 pub(crate) fn main() -> ExitCode {
@@ -38,13 +38,16 @@ pub(crate) fn main() -> ExitCode {
             };
         }
     };
-    tracing_subscriber::fmt()
+    let filter = tracing_subscriber::EnvFilter::try_from_env("QEMU_WORKER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let log = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("QEMU_WORKER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+        .with_env_filter(filter);
+    match cli.log_format {
+        LogFormat::Text => log.init(),
+        // One object per line; an event's fields (job_id, run_id, ...) are keys of it.
+        LogFormat::Json => log.json().flatten_event(true).init(),
+    }
     match run(cli) {
         Ok(code) => code,
         Err(failure) => {
@@ -99,7 +102,30 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let loaded = load()?;
             block_on(vm::vm(&loaded, command))
         }
+        Command::Token {
+            command: TokenCommand::New { name, scope },
+        } => new_token(&name, scope),
     }
+}
+
+fn new_token(name: &str, scope: TokenScope) -> Result<ExitCode, Failure> {
+    use super::exit::print;
+    if name.is_empty() || name.len() > 64 || name.contains(['"', '\\', '\n']) {
+        return Err(anyhow::anyhow!(
+            "--name must be 1 to 64 characters with no quote, backslash or newline"
+        ))
+        .exit_with(EXIT_USAGE);
+    }
+    let (token, sha256) = qemu_worker::api::new_token().exit_with(EXIT_OTHER)?;
+    let scope = match scope {
+        TokenScope::Read => "read",
+        TokenScope::Submit => "submit",
+        TokenScope::Admin => "admin",
+    };
+    print(&format!(
+        "{token}\n# worker.yml, under api.tokens:\n- {{name: \"{name}\", scope: {scope}, sha256: {sha256}}}\n"
+    ))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Runs an async command on a multi-threaded runtime of its own.

@@ -14,6 +14,10 @@ pub(super) struct Cli {
     /// Worker configuration [default: ./worker.yml, else the embedded default]
     #[arg(long, global = true, value_name = "FILE")]
     pub(super) config: Option<PathBuf>,
+    /// The worker's own log on stderr: `text` for people, `json` (one object per line,
+    /// job and run ids as fields) for log collectors.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub(super) log_format: LogFormat,
     #[command(subcommand)]
     pub(super) command: Command,
 }
@@ -89,11 +93,44 @@ pub(super) enum Command {
     /// (internal) QEMU's guestfwd helper: splice stdin/stdout to a VM's metadata socket.
     #[command(hide = true)]
     MetadataSplice { socket: PathBuf },
+    /// API bearer tokens (docs/api.md).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Developer tools for VMs.
     Vm {
         #[command(subcommand)]
         command: VmCommand,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(super) enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub(super) enum TokenCommand {
+    /// Make a new API bearer token: prints the token (give it to its holder; it is not
+    /// stored anywhere) and the worker.yml `api.tokens` entry that lets it in.
+    New {
+        /// Who holds it (in the worker's log when a request of theirs is refused).
+        #[arg(long)]
+        name: String,
+        /// What it may do: read (jobs, logs, metrics), submit (also submit and
+        /// cancel), admin (everything).
+        #[arg(long, value_enum)]
+        scope: TokenScope,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(super) enum TokenScope {
+    Read,
+    Submit,
+    Admin,
 }
 
 #[derive(Debug, Subcommand)]

@@ -17,6 +17,23 @@ pub(super) async fn serve(loaded: &LoadedConfig) -> Result<ExitCode, Failure> {
         .exit_with(EXIT_OTHER)?
         .exit_with(EXIT_OTHER)?;
     let cache = open_cache(CacheSettings::from_config(&loaded.config)).await?;
+    let metrics = std::sync::Arc::new(qemu_worker::api::Metrics::new(loaded.config.capacity));
+    let listen = loaded.config.api_listen();
+    let api = qemu_worker::api::start_api(
+        &listen,
+        qemu_worker::api::ApiState {
+            queue: queue.clone(),
+            cache: cache.clone(),
+            metrics: metrics.clone(),
+            tokens: qemu_worker::api::Tokens::new(&loaded.config.api.tokens),
+            state_dir: loaded.config.state_dir.clone(),
+        },
+    )
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!("cannot listen for the API at {listen} (worker.yml api.listen): {e}")
+    })
+    .exit_with(EXIT_OTHER)?;
     let worker = Worker {
         engine: Engine {
             config: loaded.config.clone(),
@@ -27,6 +44,7 @@ pub(super) async fn serve(loaded: &LoadedConfig) -> Result<ExitCode, Failure> {
         queue,
         worker_id: format!("{}-{}", hostname(), std::process::id()),
         grace: std::time::Duration::from_secs(loaded.config.timeouts.grace_seconds),
+        metrics,
     };
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -43,6 +61,7 @@ pub(super) async fn serve(loaded: &LoadedConfig) -> Result<ExitCode, Failure> {
         }
     });
     worker.serve(shutdown_rx).await;
+    drop(api);
     drop(worker);
     cache.close().await;
     Ok(ExitCode::SUCCESS)

@@ -7,7 +7,7 @@ mod model;
 pub use byte_size::ByteSize;
 pub use load::{ConfigError, ConfigSource, EMBEDDED_DEFAULT, LoadedConfig, load_config};
 pub use model::{
-    AcceleratorChoice, ArtifactStoreConfig, CloudInitConfig, FirmwareConfig, ImageCacheConfig,
-    LogConfig, MetadataConfig, NetworkBackend, NetworkConfig, QueueConfig, SnapshotConfig,
-    Timeouts, WorkerConfig,
+    AcceleratorChoice, ApiConfig, ApiListen, ApiToken, ArtifactStoreConfig, CloudInitConfig,
+    FirmwareConfig, ImageCacheConfig, LogConfig, MetadataConfig, NetworkBackend, NetworkConfig,
+    QueueConfig, Scope, SnapshotConfig, Timeouts, WorkerConfig,
 };

@@ -47,6 +47,71 @@ pub struct WorkerConfig {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub snapshots: SnapshotConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
+}
+
+/// The HTTP API of `qemu-worker serve` (docs/api.md): health, Prometheus metrics, and
+/// the jobs in the queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ApiConfig {
+    /// `unix:PATH` (a socket only its owner may use; relative to worker.yml), or
+    /// `HOST:PORT` for TCP (plain HTTP: put it on loopback or a private network). By
+    /// default `unix:<stateDir>/api.sock`; `off` serves no API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^(off|unix:.+|\[?[0-9A-Za-z.:-]+\]?:[0-9]{1,5})$"))]
+    pub listen: Option<String>,
+    /// Who may call it: each bearer token by the sha256 of its text (never the token
+    /// itself; `qemu-worker token new` makes one), with a scope. Every request but
+    /// `/healthz` and `/readyz` needs one.
+    #[serde(default)]
+    pub tokens: Vec<ApiToken>,
+}
+
+/// One API bearer token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ApiToken {
+    /// Who holds it (in the worker's log when a request is refused; never the token).
+    #[schemars(length(min = 1, max = 64))]
+    pub name: String,
+    /// Lower-case hex sha256 of the token's text.
+    #[schemars(pattern(r"^[0-9a-f]{64}$"))]
+    pub sha256: String,
+    pub scope: Scope,
+}
+
+/// What a token may do; each scope includes those before it.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Read jobs, logs and metrics.
+    Read,
+    /// Also submit and cancel jobs.
+    Submit,
+    /// Everything.
+    Admin,
+}
+
+/// Where the API listens, once paths are resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiListen {
+    Off,
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl std::fmt::Display for ApiListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Off => f.write_str("off"),
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+            Self::Tcp(address) => f.write_str(address),
+        }
+    }
 }
 
 /// Boot snapshots (docs/snapshots.md): the first job on an image and machine saves its
@@ -467,6 +532,23 @@ impl WorkerConfig {
         self.firmware.ovmf_code = absolute(&self.firmware.ovmf_code);
         self.firmware.ovmf_vars = absolute(&self.firmware.ovmf_vars);
         self.cloud_init.guest_tools = absolute(&self.cloud_init.guest_tools);
+        if let Some(listen) = &self.api.listen
+            && let Some(path) = listen.strip_prefix("unix:")
+        {
+            self.api.listen = Some(format!("unix:{}", absolute(Path::new(path)).display()));
+        }
+    }
+
+    /// Where the API listens (set once paths are resolved).
+    pub fn api_listen(&self) -> ApiListen {
+        match self.api.listen.as_deref() {
+            None => ApiListen::Unix(self.state_dir.join("api.sock")),
+            Some("off") => ApiListen::Off,
+            Some(listen) => match listen.strip_prefix("unix:") {
+                Some(path) => ApiListen::Unix(PathBuf::from(path)),
+                None => ApiListen::Tcp(listen.to_owned()),
+            },
+        }
     }
 
     /// The SQLite queue's database (set once paths are resolved).

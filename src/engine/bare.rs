@@ -21,6 +21,12 @@ pub struct BareVm {
 
 impl Engine {
     /// The accelerator jobs run under (probed once per boot of the host).
+    /// The accelerator `serve` decides before its first claim (the same cached probe
+    /// each job asks).
+    pub async fn accelerator_for_serve(&self) -> Result<Accelerator, crate::vm::AccelError> {
+        choose_accelerator_cached(self.config.accelerator, &self.config.state_dir).await
+    }
+
     pub(super) async fn accelerator(&self) -> Result<Accelerator, JobError> {
         choose_accelerator_cached(self.config.accelerator, &self.config.state_dir)
             .await

@@ -6,6 +6,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::run::{Engine, JobRun};
+use crate::api::Metrics;
 use crate::job::{ExceptionReason, JobDir};
 use crate::queue::{Claim, Queue, QueueError};
 
@@ -21,6 +22,8 @@ pub struct Worker {
     pub worker_id: String,
     /// How long running jobs may finish after a shutdown request.
     pub grace: Duration,
+    /// What `/metrics` reports.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Milliseconds since the Unix epoch (the queue's clock).
@@ -52,6 +55,14 @@ impl Worker {
         let (stop_jobs, stop_rx) = watch::channel(false);
         let mut running: JoinSet<()> = JoinSet::new();
         let mut room_warned = false;
+        // Decided once, before the first claim: `/readyz` waits for it, and a host whose
+        // accelerator cannot be chosen claims nothing.
+        match self.engine.accelerator_for_serve().await {
+            Ok(accelerator) => self.metrics.accelerator(accelerator.as_str()),
+            Err(error) => {
+                tracing::error!(%error, "no accelerator: jobs will fail until this is fixed")
+            }
+        }
         tracing::info!(worker = %self.worker_id, capacity, "worker started");
         while !*shutdown.borrow() {
             let queue = self.queue.clone();
@@ -84,12 +95,19 @@ impl Worker {
                     }
                 };
                 tracing::info!(job_id = %claim.job_id, run_id = claim.run_id, "claimed");
-                running.spawn(run_claimed(
+                self.metrics
+                    .claimed(now_ms().saturating_sub(claim.created_ms));
+                let metrics = Arc::clone(&self.metrics);
+                let job = run_claimed(
                     self.engine.clone(),
                     self.queue.clone(),
                     claim,
                     stop_rx.clone(),
-                ));
+                );
+                running.spawn(async move {
+                    let report = job.await;
+                    metrics.ended(&report);
+                });
             }
             let queue = self.queue.clone();
             let idle = running.len() < capacity;
@@ -124,7 +142,7 @@ async fn run_claimed(
     queue: Arc<dyn Queue>,
     claim: Claim,
     mut stop: watch::Receiver<bool>,
-) {
+) -> crate::job::ResultReport {
     let (cancel, cancel_rx) = watch::channel(None);
     let heartbeat = Duration::from_secs(engine.config.timeouts.heartbeat_seconds);
     let lease = Duration::from_secs(engine.config.timeouts.lease_seconds);
@@ -195,6 +213,7 @@ async fn run_claimed(
             tracing::warn!(job_id = %claim.job_id, %error, "could not record the outcome")
         }
     }
+    report
 }
 
 /// Kills QEMU processes and guestfwd helpers and removes run dirs left under

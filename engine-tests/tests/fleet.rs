@@ -1,0 +1,534 @@
+//! Fleet operations on the test image: two `serve` processes on one real PostgreSQL
+//! queue, each with its HTTP API on loopback TCP; jobs submitted, listed and followed
+//! through the API with bearer tokens of each scope; a real Prometheus (Debian's
+//! `prometheus` package) scraping both workers, asked through its HTTP API how many
+//! jobs completed; `promtool check metrics` on the exposition; and the worker's own log
+//! as JSON lines with no token in any of them.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use engine_tests::{Job, Worker, base_config, wait_until, with_setting};
+use sha2::{Digest, Sha256};
+use test_support::postgres::TestPostgres;
+use test_support::require;
+
+/// A loopback port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+struct Reply {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}): {} {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; the whole answer (de-chunked).
+fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> Reply {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .expect("request");
+    stream.write_all(body).expect("body");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("answer");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status");
+    let mut body = raw[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    Reply { status, head, body }
+}
+
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = raw
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("chunk size");
+        let size = usize::from_str_radix(
+            std::str::from_utf8(&raw[..line_end]).expect("hex").trim(),
+            16,
+        )
+        .expect("chunk size");
+        raw = &raw[line_end + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&raw[..size]);
+        raw = &raw[size + 2..];
+    }
+}
+
+fn sha256_hex(text: &str) -> String {
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+const READ_TOKEN: &str = "qwt_read-token-of-the-fleet-test-0123456789abcdef";
+const SUBMIT_TOKEN: &str = "qwt_submit-token-of-the-fleet-test-0123456789abcdef";
+
+fn api_setting(port: u16) -> String {
+    format!(
+        "{{listen: \"127.0.0.1:{port}\", tokens: [\
+         {{name: scraper, scope: read, sha256: {}}}, \
+         {{name: frontend, scope: submit, sha256: {}}}]}}",
+        sha256_hex(READ_TOKEN),
+        sha256_hex(SUBMIT_TOKEN)
+    )
+}
+
+fn is_done(status: &serde_json::Value) -> bool {
+    !matches!(status["state"].as_str(), Some("pending" | "running"))
+}
+
+/// Prometheus on a loopback port, scraping `targets` every second with the read token;
+/// killed on drop.
+struct Prometheus {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(targets: &[u16]) -> Self {
+        require("prometheus", "prometheus");
+        let dir = tempfile::Builder::new()
+            .prefix("qw-prom")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, READ_TOKEN).expect("token file");
+        let targets: Vec<String> = targets
+            .iter()
+            .map(|p| format!("\"127.0.0.1:{p}\""))
+            .collect();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global: {{scrape_interval: 1s, scrape_timeout: 900ms}}\n\
+                 scrape_configs:\n  - job_name: qemu-worker\n    \
+                 authorization: {{credentials_file: {}}}\n    \
+                 static_configs: [{{targets: [{}]}}]\n",
+                token_file.display(),
+                targets.join(", ")
+            ),
+        )
+        .expect("prometheus.yml");
+        let port = free_port();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("prometheus.log")).expect("log"))
+            .spawn()
+            .expect("prometheus starts");
+        Self {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// The value of an instant query's single result, if it has one.
+    fn query(&self, promql: &str) -> Option<f64> {
+        let encoded: String = promql
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        drop(stream);
+        let reply = http(
+            self.port,
+            "GET",
+            &format!("/api/v1/query?query={encoded}"),
+            None,
+            b"",
+        );
+        let answer = reply.json();
+        let result = answer["data"]["result"].as_array()?.first()?.clone();
+        result["value"][1].as_str()?.parse().ok()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn two_workers_serve_the_api_with_scoped_tokens_and_prometheus_counts_their_jobs() {
+    require("promtool", "prometheus");
+    let server = TestPostgres::start();
+    let queue_yaml = format!("{{backend: postgres, url: {:?}}}", server.url());
+    let ports = [free_port(), free_port()];
+    let config = |port| {
+        with_setting(
+            &with_setting(
+                &with_setting(&base_config(), "capacity", "1"),
+                "queue",
+                &queue_yaml,
+            ),
+            "api",
+            &api_setting(port),
+        )
+    };
+    let workers = [
+        Worker::with_config(&config(ports[0])),
+        Worker::with_config(&config(ports[1])),
+    ];
+    // B logs JSON lines; A the default text.
+    workers[0].serve();
+    let serve_json = {
+        let log = std::fs::File::create(workers[1].dir().join("serve.log")).expect("log");
+        let mut command = workers[1].command(&["--log-format", "json", "serve"]);
+        command.stdout(Stdio::null()).stderr(log);
+        workers[1].spawn(command)
+    };
+    let _ = serve_json;
+    let both_logs = || {
+        format!(
+            "worker A said:\n{}\nworker B said:\n{}",
+            workers[0].serve_log(),
+            workers[1].serve_log()
+        )
+    };
+    for port in ports {
+        wait_until(
+            "the worker to be ready",
+            Duration::from_secs(120),
+            Duration::from_millis(200),
+            || {
+                TcpStream::connect(("127.0.0.1", port)).ok()?;
+                let ready = http(port, "GET", "/readyz", None, b"");
+                (ready.status == 200).then_some(ready)
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}; {}", both_logs()));
+    }
+    let health = http(ports[0], "GET", "/healthz", None, b"");
+    assert_eq!(
+        (health.status, health.json()["status"].clone()),
+        (200, "ok".into())
+    );
+    let ready = http(ports[1], "GET", "/readyz", None, b"").json();
+    assert_eq!(
+        (
+            ready["ready"].clone(),
+            ready["queue"].clone(),
+            ready["accelerator"].clone()
+        ),
+        (true.into(), "ok".into(), "tcg".into()),
+        "{ready}"
+    );
+
+    // Auth: 401 with no token or a wrong one, 403 for a scope too low.
+    let none = http(ports[0], "GET", "/v1/jobs", None, b"");
+    assert_eq!(none.status, 401, "{}", String::from_utf8_lossy(&none.body));
+    assert!(
+        none.head
+            .to_ascii_lowercase()
+            .contains("www-authenticate: bearer"),
+        "{}",
+        none.head
+    );
+    let wrong = http(ports[0], "GET", "/metrics", Some("qwt_not-listed"), b"");
+    assert_eq!(wrong.status, 401);
+    let job = Job::script("echo through-the-api").yaml();
+    let low = http(
+        ports[0],
+        "POST",
+        "/v1/jobs",
+        Some(READ_TOKEN),
+        job.as_bytes(),
+    );
+    assert_eq!(low.status, 403);
+    assert_eq!(low.json()["code"], "forbidden");
+    assert!(
+        low.json()["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("scraper"),
+        "{}",
+        low.json()
+    );
+
+    // Prometheus scrapes both from the start.
+    let prometheus = Prometheus::start(&ports);
+
+    // Three jobs that complete and one that fails, submitted through A's API.
+    let mut ids = Vec::new();
+    for script in [
+        "echo job-a",
+        "echo job-b",
+        "echo job-c",
+        "echo job-d; exit 1",
+    ] {
+        let body = Job::script(script).yaml();
+        let reply = http(
+            ports[0],
+            "POST",
+            "/v1/jobs",
+            Some(SUBMIT_TOKEN),
+            body.as_bytes(),
+        );
+        assert_eq!(
+            reply.status,
+            201,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        ids.push(reply.json()["jobId"].as_str().expect("jobId").to_owned());
+    }
+    // Followed live through B's API while it runs (B reads its own state dir: the job
+    // must have run on B for the bytes to be there, so follow the one B took).
+    wait_until(
+        "the four jobs to end",
+        Duration::from_secs(400),
+        Duration::from_millis(300),
+        || {
+            ids.iter()
+                .all(|id| {
+                    is_done(
+                        &http(
+                            ports[1],
+                            "GET",
+                            &format!("/v1/jobs/{id}"),
+                            Some(READ_TOKEN),
+                            b"",
+                        )
+                        .json(),
+                    )
+                })
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}; {}", both_logs()));
+    let states: Vec<String> = ids
+        .iter()
+        .map(|id| {
+            http(
+                ports[1],
+                "GET",
+                &format!("/v1/jobs/{id}"),
+                Some(READ_TOKEN),
+                b"",
+            )
+            .json()["state"]
+                .as_str()
+                .expect("state")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(states, ["completed", "completed", "completed", "failed"]);
+
+    // A log read through the API of the worker that ran the job, from an offset.
+    for (index, id) in ids.iter().enumerate() {
+        let ran_on = workers
+            .iter()
+            .position(|w| w.state().join("jobs").join(id).exists())
+            .expect("one of the workers ran it");
+        let log_path = workers[ran_on]
+            .state()
+            .join("jobs")
+            .join(id)
+            .join("run-1/job.log");
+        let on_disk = std::fs::read(&log_path).expect("job log");
+        let whole = http(
+            ports[ran_on],
+            "GET",
+            &format!("/v1/jobs/{id}/log?follow=true"),
+            Some(READ_TOKEN),
+            b"",
+        );
+        assert_eq!(whole.status, 200);
+        assert_eq!(whole.body, on_disk, "job {index}: the log byte for byte");
+        let tail = http(
+            ports[ran_on],
+            "GET",
+            &format!("/v1/jobs/{id}/log?offset={}", on_disk.len() / 2),
+            Some(READ_TOKEN),
+            b"",
+        );
+        assert_eq!(
+            tail.body,
+            on_disk[on_disk.len() / 2..],
+            "job {index}: from an offset"
+        );
+        assert!(!on_disk.is_empty(), "job {index} logged nothing");
+    }
+
+    // Listing with a filter and pages.
+    let first = http(
+        ports[1],
+        "GET",
+        "/v1/jobs?state=completed&limit=2",
+        Some(READ_TOKEN),
+        b"",
+    )
+    .json();
+    let page: Vec<&str> = first["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .map(|j| j["jobId"].as_str().expect("id"))
+        .collect();
+    assert_eq!(page.len(), 2, "{first}");
+    let after = first["next"].as_str().expect("a next page");
+    let second = http(
+        ports[1],
+        "GET",
+        &format!("/v1/jobs?state=completed&limit=2&after={after}"),
+        Some(READ_TOKEN),
+        b"",
+    )
+    .json();
+    assert_eq!(
+        second["jobs"].as_array().expect("jobs").len(),
+        1,
+        "{second}"
+    );
+    assert!(second["next"].is_null(), "{second}");
+    let bad = http(
+        ports[1],
+        "GET",
+        "/v1/jobs?state=sleeping",
+        Some(READ_TOKEN),
+        b"",
+    );
+    assert_eq!(
+        (bad.status, bad.json()["code"].clone()),
+        (400, "bad-query".into())
+    );
+
+    // Prometheus, asked through its HTTP API, counts what the test ran.
+    let counted = wait_until(
+        "Prometheus to count 3 completed jobs",
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+        || {
+            let completed = prometheus.query("sum(qemu_worker_jobs_total{state=\"completed\"})")?;
+            let failed = prometheus.query("sum(qemu_worker_jobs_total{state=\"failed\"})")?;
+            (completed == 3.0 && failed == 1.0).then_some((completed, failed))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}; {}", both_logs()));
+    assert_eq!(counted, (3.0, 1.0));
+    assert_eq!(prometheus.query("sum(up{job=\"qemu-worker\"})"), Some(2.0));
+    assert_eq!(prometheus.query("sum(qemu_worker_capacity)"), Some(2.0));
+
+    // The exposition passes promtool.
+    for port in ports {
+        let metrics = http(port, "GET", "/metrics", Some(READ_TOKEN), b"");
+        assert_eq!(metrics.status, 200);
+        let text = String::from_utf8_lossy(&metrics.body).into_owned();
+        assert!(text.contains("qemu_worker_phase_seconds_bucket{"), "{text}");
+        let mut promtool = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool");
+        promtool
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(&metrics.body)
+            .expect("feed");
+        let checked = promtool.wait_with_output().expect("promtool ends");
+        assert!(
+            checked.status.success(),
+            "promtool check metrics: {}{}\n{text}",
+            String::from_utf8_lossy(&checked.stdout),
+            String::from_utf8_lossy(&checked.stderr)
+        );
+    }
+
+    // No token in any log line; B's log is JSON, one object per line, with the ids.
+    for worker in &workers {
+        let log = worker.serve_log();
+        for token in [READ_TOKEN, SUBMIT_TOKEN, "qwt_not-listed"] {
+            assert!(!log.contains(token), "a token in the log:\n{log}");
+        }
+    }
+    let json_log = workers[1].serve_log();
+    let mut claimed = 0;
+    for line in json_log.lines() {
+        let event: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert!(
+            event["level"].is_string() && event["timestamp"].is_string(),
+            "{line}"
+        );
+        if event["message"] == "claimed" {
+            assert!(
+                event["job_id"]
+                    .as_str()
+                    .is_some_and(|id| ids.iter().any(|i| i == id)),
+                "{line}"
+            );
+            assert!(event["run_id"].is_number(), "{line}");
+            claimed += 1;
+        }
+    }
+    let a_claimed = workers[0].serve_log().matches(" claimed").count();
+    assert_eq!(
+        claimed + a_claimed,
+        4,
+        "each job claimed once:\n{}",
+        both_logs()
+    );
+}

@@ -1,0 +1,618 @@
+//! The HTTP API of `qemu-worker serve` (docs/api.md): `/healthz`, `/readyz`, Prometheus
+//! `/metrics`, and the jobs in the queue (list, status, submit, cancel, the live log),
+//! each behind a bearer token with a scope.
+
+mod auth;
+mod metrics;
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::task::JoinSet;
+
+pub use auth::{Refusal, Tokens, new_token};
+pub use metrics::Metrics;
+
+use crate::config::{ApiListen, Scope};
+use crate::image::ImageCache;
+use crate::job::JobDir;
+use crate::queue::{JobState, NewJob, Queue, QueueError};
+
+/// The largest payload `POST /v1/jobs` takes (the CLI's `submit` reads no more).
+const MAX_PAYLOAD: usize = 1 << 20;
+/// Most jobs in one `GET /v1/jobs` page, and the default.
+const MAX_PAGE: usize = 1000;
+const DEFAULT_PAGE: usize = 100;
+/// How often a followed log is looked at again.
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
+/// Connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 512;
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+type Reply = Response<Body>;
+
+/// What the API serves from.
+#[derive(Debug)]
+pub struct ApiState {
+    pub queue: Arc<dyn Queue>,
+    pub cache: ImageCache,
+    pub metrics: Arc<Metrics>,
+    pub tokens: Tokens,
+    pub state_dir: PathBuf,
+}
+
+/// The running API; dropping it stops it and removes its socket.
+#[derive(Debug)]
+pub struct ApiHandle {
+    accept: tokio::task::JoinHandle<()>,
+    socket: Option<PathBuf>,
+    /// Where it listens: `unix:PATH` or `HOST:PORT` (the port the kernel chose, for `:0`).
+    pub address: String,
+}
+
+impl Drop for ApiHandle {
+    fn drop(&mut self) {
+        self.accept.abort();
+        if let Some(socket) = &self.socket {
+            let _ = std::fs::remove_file(socket);
+        }
+    }
+}
+
+enum Listener {
+    Unix(tokio::net::UnixListener),
+    Tcp(tokio::net::TcpListener),
+}
+
+/// Starts the API where `listen` says (`None` for `off`).
+pub async fn start_api(listen: &ApiListen, state: ApiState) -> std::io::Result<Option<ApiHandle>> {
+    let (listener, socket, address) = match listen {
+        ApiListen::Off => return Ok(None),
+        ApiListen::Unix(path) => {
+            // The state directory belongs to one worker (the image cache's lock says so):
+            // a socket here is a dead worker's.
+            let _ = std::fs::remove_file(path);
+            let listener = tokio::net::UnixListener::bind(path)?;
+            // Only the worker's user: the socket is as private as the queue database.
+            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            (
+                Listener::Unix(listener),
+                Some(path.clone()),
+                format!("unix:{}", path.display()),
+            )
+        }
+        ApiListen::Tcp(address) => {
+            let listener = tokio::net::TcpListener::bind(address.as_str()).await?;
+            let bound = listener.local_addr()?.to_string();
+            (Listener::Tcp(listener), None, bound)
+        }
+    };
+    let state = Arc::new(state);
+    let accept = tokio::spawn(async move {
+        let mut connections = JoinSet::new();
+        loop {
+            while connections.try_join_next().is_some() {}
+            if connections.len() >= MAX_CONNECTIONS {
+                let _ = connections.join_next().await;
+                continue;
+            }
+            let state = Arc::clone(&state);
+            match &listener {
+                Listener::Unix(l) => {
+                    let Ok((stream, _)) = l.accept().await else {
+                        continue;
+                    };
+                    connections.spawn(serve_connection(TokioIo::new(stream), state));
+                }
+                Listener::Tcp(l) => {
+                    let Ok((stream, _)) = l.accept().await else {
+                        continue;
+                    };
+                    let _ = stream.set_nodelay(true);
+                    connections.spawn(serve_connection(TokioIo::new(stream), state));
+                }
+            }
+        }
+    });
+    tracing::info!(%address, "API listening");
+    Ok(Some(ApiHandle {
+        accept,
+        socket,
+        address,
+    }))
+}
+
+async fn serve_connection<I>(io: I, state: Arc<ApiState>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request| {
+        let state = Arc::clone(&state);
+        async move { Ok::<_, Infallible>(route(&state, request).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(io, service)
+        .await;
+}
+
+fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
+    let mut response = Response::new(Full::new(body.into()).boxed_unsync());
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Reply {
+    let body =
+        serde_json::to_vec(value).unwrap_or_else(|e| unreachable!("replies always serialize: {e}"));
+    full(status, "application/json", body)
+}
+
+/// `{"code": …, "message": …}`, the same shape as the metadata service's errors.
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Reply {
+    json(
+        status,
+        &serde_json::json!({"code": code, "message": message.into()}),
+    )
+}
+
+fn query(request: &Request<Incoming>) -> Vec<(String, String)> {
+    request
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (k.to_owned(), v.to_owned()),
+            None => (p.to_owned(), String::new()),
+        })
+        .collect()
+}
+
+/// Runs a blocking queue call off the async executor.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, QueueError> + Send + 'static,
+) -> Result<T, QueueError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(QueueError::Database(format!("a queue call panicked: {e}"))))
+}
+
+fn queue_error(error: &QueueError) -> Reply {
+    match error {
+        QueueError::NotFound { .. } => error_reply(StatusCode::NOT_FOUND, "no-such-job", error),
+        _ => error_reply(StatusCode::SERVICE_UNAVAILABLE, "queue-unavailable", error),
+    }
+}
+
+fn error_reply(status: StatusCode, code: &str, e: &impl std::fmt::Display) -> Reply {
+    error(status, code, e.to_string())
+}
+
+/// The scope each route needs (none for health).
+fn needed_scope(method: &Method, segments: &[&str]) -> Option<Scope> {
+    match (method, segments) {
+        (_, ["healthz"] | ["readyz"]) => None,
+        (&Method::POST, ["v1", "jobs"] | ["v1", "jobs", _, "cancel"]) => Some(Scope::Submit),
+        _ => Some(Scope::Read),
+    }
+}
+
+async fn route(state: &ApiState, request: Request<Incoming>) -> Reply {
+    let path = request.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let method = request.method().clone();
+    if let Some(needed) = needed_scope(&method, &segments) {
+        let authorization = request
+            .headers()
+            .get(AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
+        match state.tokens.check(authorization, needed) {
+            Ok(_) => {}
+            Err(Refusal::Unauthenticated) => {
+                tracing::info!(%method, %path, "API request refused: no valid bearer token");
+                let mut reply = error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthenticated",
+                    "send `Authorization: Bearer TOKEN` with a token listed in worker.yml api.tokens",
+                );
+                reply
+                    .headers_mut()
+                    .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+                return reply;
+            }
+            Err(Refusal::Forbidden { name, has }) => {
+                tracing::info!(%method, %path, token = %name, "API request refused: scope");
+                return error(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    format!(
+                        "the token {name:?} has scope {}; this needs {}",
+                        scope_name(has),
+                        scope_name(needed)
+                    ),
+                );
+            }
+        }
+    }
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        (&Method::GET, ["readyz"]) => readyz(state).await,
+        (&Method::GET, ["metrics"]) => {
+            let exposition = state.metrics.render(&state.cache).await;
+            // OpenMetrics for those who ask for it (Prometheus does), else the classic
+            // text format, as Prometheus' own client libraries negotiate.
+            let openmetrics = request
+                .headers()
+                .get_all(hyper::header::ACCEPT)
+                .iter()
+                .any(|v| {
+                    v.to_str()
+                        .is_ok_and(|v| v.contains("application/openmetrics-text"))
+                });
+            if openmetrics {
+                full(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    exposition,
+                )
+            } else {
+                full(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    metrics::to_text_format(&exposition),
+                )
+            }
+        }
+        (&Method::GET, ["v1", "jobs"]) => list(state, &query(&request)).await,
+        (&Method::POST, ["v1", "jobs"]) => submit(state, request).await,
+        (&Method::GET, ["v1", "jobs", id]) => {
+            let (queue, id) = (Arc::clone(&state.queue), (*id).to_owned());
+            match blocking(move || queue.status(&id)).await {
+                Ok(status) => json(StatusCode::OK, &status),
+                Err(e) => queue_error(&e),
+            }
+        }
+        (&Method::POST, ["v1", "jobs", id, "cancel"]) => {
+            let (queue, id) = (Arc::clone(&state.queue), (*id).to_owned());
+            match blocking(move || queue.cancel(&id)).await {
+                Ok(job_state) => json(StatusCode::OK, &serde_json::json!({"state": job_state})),
+                Err(e) => queue_error(&e),
+            }
+        }
+        (&Method::GET, ["v1", "jobs", id, "log"]) => log(state, id, &query(&request)).await,
+        (
+            _,
+            ["healthz"] | ["readyz"] | ["metrics"] | ["v1", "jobs", _] | ["v1", "jobs", _, "log"],
+        ) => allow(&path, "GET"),
+        (_, ["v1", "jobs"]) => allow(&path, "GET, POST"),
+        (_, ["v1", "jobs", _, "cancel"]) => allow(&path, "POST"),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            format!("no API path {path}"),
+        ),
+    }
+}
+
+fn scope_name(scope: Scope) -> &'static str {
+    match scope {
+        Scope::Read => "read",
+        Scope::Submit => "submit",
+        Scope::Admin => "admin",
+    }
+}
+
+fn allow(path: &str, methods: &'static str) -> Reply {
+    let mut reply = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        format!("{path} takes {methods}"),
+    );
+    reply
+        .headers_mut()
+        .insert("allow", HeaderValue::from_static(methods));
+    reply
+}
+
+/// Ready when the queue answers, the image cache's directory takes a file, and the
+/// accelerator is decided.
+async fn readyz(state: &ApiState) -> Reply {
+    let queue = Arc::clone(&state.queue);
+    let queue_check = match blocking(move || queue.status("readyz-probe")).await {
+        Ok(_) | Err(QueueError::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    };
+    let tmp = state.cache.settings().dir.join("tmp");
+    let cache_check = tokio::task::spawn_blocking(move || {
+        let file = tempfile::NamedTempFile::new_in(&tmp)
+            .map_err(|e| format!("cannot write in {}: {e}", tmp.display()))?;
+        drop(file);
+        Ok::<(), String>(())
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    let accelerator = state.metrics.accelerator_in_use();
+    let accelerator_check = accelerator
+        .clone()
+        .ok_or_else(|| "not decided yet (or no accelerator works)".to_owned());
+    let ready = queue_check.is_ok() && cache_check.is_ok() && accelerator_check.is_ok();
+    let show = |r: &Result<(), String>| match r {
+        Ok(()) => "ok".to_owned(),
+        Err(e) => e.clone(),
+    };
+    json(
+        if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        &serde_json::json!({
+            "ready": ready,
+            "queue": show(&queue_check),
+            "imageCache": show(&cache_check),
+            "accelerator": accelerator.unwrap_or_else(|| show(&accelerator_check.map(drop))),
+        }),
+    )
+}
+
+async fn list(state: &ApiState, query: &[(String, String)]) -> Reply {
+    let mut filter = None;
+    let mut limit = DEFAULT_PAGE;
+    let mut after = None;
+    for (key, value) in query {
+        match key.as_str() {
+            "state" => match JobState::parse(value) {
+                Some(s) => filter = Some(s),
+                None => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "bad-query",
+                        format!(
+                            "state={value:?}: pending, running, completed, failed or exception"
+                        ),
+                    );
+                }
+            },
+            "limit" => match value.parse::<usize>() {
+                Ok(n) if (1..=MAX_PAGE).contains(&n) => limit = n,
+                _ => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "bad-query",
+                        format!("limit={value:?}: a number from 1 to {MAX_PAGE}"),
+                    );
+                }
+            },
+            "after" => after = Some(value.clone()),
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad-query",
+                    format!("unknown query parameter {key:?} (state, limit, after)"),
+                );
+            }
+        }
+    }
+    let queue = Arc::clone(&state.queue);
+    let jobs = match blocking(move || queue.list(filter)).await {
+        Ok(jobs) => jobs,
+        Err(e) => return queue_error(&e),
+    };
+    // Newest first; `after` is the last job id of the previous page.
+    let start = match &after {
+        Some(id) => match jobs.iter().position(|j| &j.job_id == id) {
+            Some(i) => i + 1,
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad-query",
+                    format!("after={id:?} is not a job in this listing"),
+                );
+            }
+        },
+        None => 0,
+    };
+    let page: Vec<_> = jobs.iter().skip(start).take(limit).collect();
+    let next = (start + page.len() < jobs.len())
+        .then(|| page.last().map(|j| j.job_id.clone()))
+        .flatten();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({"jobs": page, "next": next}),
+    )
+}
+
+async fn submit(state: &ApiState, request: Request<Incoming>) -> Reply {
+    let query = query(&request);
+    let mut job = NewJob {
+        payload: String::new(),
+        priority: 0,
+        max_runs: 3,
+        deadline_ms: None,
+    };
+    for (key, value) in &query {
+        let bad = |what: &str| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "bad-query",
+                format!("{key}={value:?}: {what}"),
+            )
+        };
+        match key.as_str() {
+            "priority" => match value.parse() {
+                Ok(p) => job.priority = p,
+                Err(_) => return bad("an integer"),
+            },
+            "maxRuns" => match value.parse::<u32>() {
+                Ok(n) if n >= 1 => job.max_runs = n,
+                _ => return bad("a positive integer"),
+            },
+            "deadline" => match value.parse::<u64>() {
+                Ok(s) => job.deadline_ms = Some(now_ms().saturating_add(s.saturating_mul(1000))),
+                Err(_) => return bad("seconds from now"),
+            },
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad-query",
+                    format!("unknown query parameter {key:?} (priority, maxRuns, deadline)"),
+                );
+            }
+        }
+    }
+    let body = match Limited::new(request.into_body(), MAX_PAYLOAD)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-large",
+                format!("a payload is at most {MAX_PAYLOAD} bytes"),
+            );
+        }
+    };
+    job.payload = match String::from_utf8(body.to_vec()) {
+        Ok(text) if !text.trim().is_empty() => text,
+        Ok(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "empty-payload",
+                "the body is the job payload (YAML or JSON)",
+            );
+        }
+        Err(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "not-utf8",
+                "a payload is UTF-8 text (YAML or JSON)",
+            );
+        }
+    };
+    let queue = Arc::clone(&state.queue);
+    match blocking(move || queue.enqueue(&job, now_ms())).await {
+        Ok(id) => json(StatusCode::CREATED, &serde_json::json!({"jobId": id})),
+        Err(e) => queue_error(&e),
+    }
+}
+
+/// The job log of the latest run from `offset`; with `follow`, kept open and fed until
+/// the job ends (a new run starts again from its first byte, as `logs --follow` does).
+async fn log(state: &ApiState, id: &str, query: &[(String, String)]) -> Reply {
+    let mut offset = 0u64;
+    let mut follow = false;
+    for (key, value) in query {
+        match (key.as_str(), value.as_str()) {
+            ("offset", v) => match v.parse() {
+                Ok(n) => offset = n,
+                Err(_) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "bad-query",
+                        format!("offset={v:?}: a byte offset"),
+                    );
+                }
+            },
+            ("follow", "" | "true" | "1") => follow = true,
+            ("follow", "false" | "0") => follow = false,
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad-query",
+                    format!("{key}={value:?}: the log takes offset=N and follow=true|false"),
+                );
+            }
+        }
+    }
+    let (queue, job) = (Arc::clone(&state.queue), id.to_owned());
+    let status = match blocking(move || queue.status(&job)).await {
+        Ok(status) => status,
+        Err(e) => return queue_error(&e),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let queue = Arc::clone(&state.queue);
+    let state_dir = state.state_dir.clone();
+    let run = status.run_id;
+    tokio::spawn(async move {
+        let _ = feed_log(queue, state_dir, status, offset, follow, tx).await;
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|chunk| (Ok::<_, Infallible>(Frame::data(chunk)), rx))
+    });
+    let mut response = Response::new(StreamBody::new(stream.boxed()).boxed_unsync());
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert("x-qemu-worker-run", HeaderValue::from(run));
+    response
+}
+
+/// Sends the log's bytes from `offset` into `tx` until the job has ended and all of it
+/// went (or at once without `follow`); stops when the client goes away.
+async fn feed_log(
+    queue: Arc<dyn Queue>,
+    state_dir: PathBuf,
+    mut status: crate::queue::JobStatus,
+    mut offset: u64,
+    follow: bool,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+) -> Option<()> {
+    let mut run = status.run_id;
+    let mut buffer = vec![0u8; 64 << 10];
+    loop {
+        let finished = !matches!(status.state, JobState::Pending | JobState::Running);
+        let path = JobDir::of_run(&state_dir, &status.job_id, run).log();
+        if let Ok(mut file) = tokio::fs::File::open(&path).await {
+            file.seek(std::io::SeekFrom::Start(offset)).await.ok()?;
+            loop {
+                let n = file.read(&mut buffer).await.ok()?;
+                if n == 0 {
+                    break;
+                }
+                offset += n as u64;
+                tx.send(Bytes::copy_from_slice(&buffer[..n])).await.ok()?;
+            }
+        }
+        if !follow || finished {
+            return Some(());
+        }
+        tokio::select! {
+            () = tokio::time::sleep(FOLLOW_POLL) => {}
+            () = tx.closed() => return None,
+        }
+        let (q, job) = (Arc::clone(&queue), status.job_id.clone());
+        status = blocking(move || q.status(&job)).await.ok()?;
+        if status.run_id != run {
+            run = status.run_id;
+            offset = 0;
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

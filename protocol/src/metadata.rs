@@ -91,7 +91,6 @@ fn integral_i32<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i32
         fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<i32, E> {
             if v.fract() == 0.0 && v >= f64::from(i32::MIN) && v <= f64::from(i32::MAX) {
                 // Exact: integral and within i32's range.
-                #[allow(clippy::cast_possible_truncation)]
                 Ok(v as i32)
             } else {
                 Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))

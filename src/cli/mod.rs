@@ -6,6 +6,7 @@ mod exit;
 mod image;
 mod job;
 mod model;
+mod notify;
 mod queue;
 mod serve;
 mod vm;

@@ -60,6 +60,29 @@ pub(super) async fn serve(loaded: &LoadedConfig) -> Result<ExitCode, Failure> {
             let _ = shutdown.send(true);
         }
     });
+    let notifier = super::notify::Notifier::from_env().map(std::sync::Arc::new);
+    if let Some(notifier) = &notifier {
+        let api = api.as_ref().map_or("off".to_owned(), |a| a.address.clone());
+        notifier.notify(&format!("READY=1\nSTATUS=serving; API at {api}"));
+        if let Some(every) = super::notify::Notifier::watchdog_interval() {
+            // Pinged from the runtime that runs the worker: a wedged runtime stops it.
+            let notifier = std::sync::Arc::clone(notifier);
+            tokio::spawn(async move {
+                loop {
+                    notifier.notify("WATCHDOG=1");
+                    tokio::time::sleep(every).await;
+                }
+            });
+        }
+    }
+    if let Some(notifier) = notifier.clone() {
+        let mut stop = shutdown_rx.clone();
+        tokio::spawn(async move {
+            if stop.wait_for(|stop| *stop).await.is_ok() {
+                notifier.notify("STOPPING=1");
+            }
+        });
+    }
     worker.serve(shutdown_rx).await;
     drop(api);
     drop(worker);

@@ -9,6 +9,7 @@ mod image_archive;
 mod image_build;
 mod image_cache;
 mod metadata;
+mod packaging;
 mod qemu_argv;
 mod qmp;
 mod queue;

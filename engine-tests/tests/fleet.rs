@@ -147,7 +147,7 @@ impl Prometheus {
         std::fs::write(
             &config,
             format!(
-                "global: {{scrape_interval: 1s, scrape_timeout: 900ms}}\n\
+                "global: {{scrape_interval: 1s, scrape_timeout: 1s}}\n\
                  scrape_configs:\n  - job_name: qemu-worker\n    \
                  authorization: {{credentials_file: {}}}\n    \
                  static_configs: [{{targets: [{}]}}]\n",
@@ -410,37 +410,213 @@ fn two_workers_serve_the_api_with_scoped_tokens_and_prometheus_counts_their_jobs
         assert!(!on_disk.is_empty(), "job {index} logged nothing");
     }
 
-    // Listing with a filter and pages.
-    let first = http(
-        ports[1],
-        "GET",
-        "/v1/jobs?state=completed&limit=2",
-        Some(READ_TOKEN),
-        b"",
+    // A running job's log, streamed while it runs: the first line arrives while the job
+    // is still running, the rest follows, and the stream ends when the job does.
+    let slow = {
+        let body = Job::script("echo first-line; sleep 5; echo second-line").yaml();
+        let reply = http(
+            ports[0],
+            "POST",
+            "/v1/jobs",
+            Some(SUBMIT_TOKEN),
+            body.as_bytes(),
+        );
+        assert_eq!(reply.status, 201);
+        reply.json()["jobId"].as_str().expect("jobId").to_owned()
+    };
+    let ran_on = wait_until(
+        "the slow job to start",
+        Duration::from_secs(120),
+        Duration::from_millis(100),
+        || {
+            workers
+                .iter()
+                .position(|w| w.state().join("jobs").join(&slow).exists())
+        },
     )
-    .json();
-    let page: Vec<&str> = first["jobs"]
-        .as_array()
-        .expect("jobs")
-        .iter()
-        .map(|j| j["jobId"].as_str().expect("id"))
-        .collect();
-    assert_eq!(page.len(), 2, "{first}");
-    let after = first["next"].as_str().expect("a next page");
-    let second = http(
+    .unwrap_or_else(|e| panic!("{e}; {}", both_logs()));
+    let mut stream = TcpStream::connect(("127.0.0.1", ports[ran_on])).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET /v1/jobs/{slow}/log?follow=true HTTP/1.1\r\nHost: localhost\r\n\
+         Authorization: Bearer {READ_TOKEN}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&raw).contains("first-line") {
+        let n = stream.read(&mut chunk).expect("the log streams");
+        assert!(
+            n > 0,
+            "the stream ended before the first line: {}",
+            String::from_utf8_lossy(&raw)
+        );
+        raw.extend_from_slice(&chunk[..n]);
+    }
+    let during = http(
         ports[1],
         "GET",
-        &format!("/v1/jobs?state=completed&limit=2&after={after}"),
+        &format!("/v1/jobs/{slow}"),
         Some(READ_TOKEN),
         b"",
     )
     .json();
     assert_eq!(
-        second["jobs"].as_array().expect("jobs").len(),
-        1,
-        "{second}"
+        during["state"], "running",
+        "the first line came while the job ran: {during}"
     );
-    assert!(second["next"].is_null(), "{second}");
+    stream.read_to_end(&mut raw).expect("the rest of the log");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    assert!(text.contains("second-line"), "{text}");
+    let after = http(
+        ports[1],
+        "GET",
+        &format!("/v1/jobs/{slow}"),
+        Some(READ_TOKEN),
+        b"",
+    )
+    .json();
+    assert_eq!(
+        after["state"], "completed",
+        "the stream ended with the job: {after}"
+    );
+
+    // Cancel: a pending job at once; 405 with Allow for a wrong method.
+    let cancel_me = {
+        let body = Job::script("echo never").yaml();
+        let reply = http(
+            ports[0],
+            "POST",
+            "/v1/jobs?deadline=600&priority=-5",
+            Some(SUBMIT_TOKEN),
+            body.as_bytes(),
+        );
+        reply.json()["jobId"].as_str().expect("jobId").to_owned()
+    };
+    let canceled = http(
+        ports[0],
+        "POST",
+        &format!("/v1/jobs/{cancel_me}/cancel"),
+        Some(SUBMIT_TOKEN),
+        b"",
+    );
+    assert_eq!(
+        canceled.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&canceled.body)
+    );
+    let state = canceled.json()["state"].as_str().expect("state").to_owned();
+    assert!(
+        ["exception", "running", "completed"].contains(&state.as_str()),
+        "{state}"
+    );
+    let by_reader = http(
+        ports[0],
+        "POST",
+        &format!("/v1/jobs/{cancel_me}/cancel"),
+        Some(READ_TOKEN),
+        b"",
+    );
+    assert_eq!(by_reader.status, 403);
+    let wrong = http(ports[0], "DELETE", "/v1/jobs", Some(SUBMIT_TOKEN), b"");
+    assert_eq!(wrong.status, 405);
+    assert!(
+        wrong.head.to_ascii_lowercase().contains("allow: get, post"),
+        "{}",
+        wrong.head
+    );
+    let missing = http(
+        ports[0],
+        "GET",
+        "/v1/jobs/job-00000000-nothere",
+        Some(READ_TOKEN),
+        b"",
+    );
+    assert_eq!(
+        (missing.status, missing.json()["code"].clone()),
+        (404, "no-such-job".into())
+    );
+    let far = http(
+        ports[0],
+        "POST",
+        "/v1/jobs?deadline=99999999999999",
+        Some(SUBMIT_TOKEN),
+        b"image: x",
+    );
+    assert_eq!(far.status, 400, "{}", String::from_utf8_lossy(&far.body));
+    let wait_done = |id: &str| {
+        wait_until(
+            "the job to end",
+            Duration::from_secs(240),
+            Duration::from_millis(300),
+            || {
+                is_done(
+                    &http(
+                        ports[1],
+                        "GET",
+                        &format!("/v1/jobs/{id}"),
+                        Some(READ_TOKEN),
+                        b"",
+                    )
+                    .json(),
+                )
+                .then_some(())
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}; {}", both_logs()));
+    };
+    wait_done(&cancel_me);
+
+    // Listing with a filter, page by page (2 a page): exactly the completed jobs.
+    let mut all = ids.clone();
+    all.extend([slow.clone(), cancel_me.clone()]);
+    let state_of = |id: &str| {
+        http(
+            ports[1],
+            "GET",
+            &format!("/v1/jobs/{id}"),
+            Some(READ_TOKEN),
+            b"",
+        )
+        .json()["state"]
+            .as_str()
+            .expect("state")
+            .to_owned()
+    };
+    let mut completed: Vec<String> = all
+        .iter()
+        .filter(|id| state_of(id) == "completed")
+        .cloned()
+        .collect();
+    let mut listed = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &after {
+            Some(a) => format!("/v1/jobs?state=completed&limit=2&after={a}"),
+            None => "/v1/jobs?state=completed&limit=2".to_owned(),
+        };
+        let page = http(ports[1], "GET", &path, Some(READ_TOKEN), b"").json();
+        let jobs = page["jobs"].as_array().expect("jobs");
+        assert!(jobs.len() <= 2, "{page}");
+        listed.extend(
+            jobs.iter()
+                .map(|j| j["jobId"].as_str().expect("id").to_owned()),
+        );
+        pages += 1;
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, completed.len().div_ceil(2), "{listed:?}");
+    listed.sort();
+    completed.sort();
+    assert_eq!(listed, completed);
     let bad = http(
         ports[1],
         "GET",
@@ -454,19 +630,27 @@ fn two_workers_serve_the_api_with_scoped_tokens_and_prometheus_counts_their_jobs
     );
 
     // Prometheus, asked through its HTTP API, counts what the test ran.
+    let expected_completed = completed.len() as f64;
+    assert!(expected_completed >= 4.0, "{completed:?}");
     let counted = wait_until(
-        "Prometheus to count 3 completed jobs",
+        "Prometheus to count the completed and failed jobs",
         Duration::from_secs(120),
         Duration::from_millis(500),
         || {
             let completed = prometheus.query("sum(qemu_worker_jobs_total{state=\"completed\"})")?;
             let failed = prometheus.query("sum(qemu_worker_jobs_total{state=\"failed\"})")?;
-            (completed == 3.0 && failed == 1.0).then_some((completed, failed))
+            (completed == expected_completed && failed == 1.0).then_some((completed, failed))
         },
     )
     .unwrap_or_else(|e| panic!("{e}; {}", both_logs()));
-    assert_eq!(counted, (3.0, 1.0));
-    assert_eq!(prometheus.query("sum(up{job=\"qemu-worker\"})"), Some(2.0));
+    assert_eq!(counted, (expected_completed, 1.0));
+    wait_until(
+        "both targets up in Prometheus",
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || (prometheus.query("sum(up{job=\"qemu-worker\"})") == Some(2.0)).then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(prometheus.query("sum(qemu_worker_capacity)"), Some(2.0));
 
     // The exposition passes promtool.
@@ -505,7 +689,7 @@ fn two_workers_serve_the_api_with_scoped_tokens_and_prometheus_counts_their_jobs
         }
     }
     let json_log = workers[1].serve_log();
-    let mut claimed = 0;
+    let mut claims: std::collections::HashMap<String, usize> = Default::default();
     for line in json_log.lines() {
         let event: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
@@ -514,21 +698,26 @@ fn two_workers_serve_the_api_with_scoped_tokens_and_prometheus_counts_their_jobs
             "{line}"
         );
         if event["message"] == "claimed" {
-            assert!(
-                event["job_id"]
-                    .as_str()
-                    .is_some_and(|id| ids.iter().any(|i| i == id)),
-                "{line}"
-            );
+            let id = event["job_id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no job_id: {line}"));
+            assert!(all.iter().any(|i| i == id), "{line}");
             assert!(event["run_id"].is_number(), "{line}");
-            claimed += 1;
+            *claims.entry(id.to_owned()).or_default() += 1;
         }
     }
-    let a_claimed = workers[0].serve_log().matches(" claimed").count();
-    assert_eq!(
-        claimed + a_claimed,
-        4,
-        "each job claimed once:\n{}",
-        both_logs()
-    );
+    for line in workers[0]
+        .serve_log()
+        .lines()
+        .filter(|l| l.contains(" claimed "))
+    {
+        if let Some(id) = all.iter().find(|id| line.contains(id.as_str())) {
+            *claims.entry(id.clone()).or_default() += 1;
+        }
+    }
+    // Every job that ran was claimed once, on one worker (the canceled one maybe never).
+    for id in ids.iter().chain([&slow]) {
+        assert_eq!(claims.get(id), Some(&1), "{id}:\n{}", both_logs());
+    }
+    assert!(claims.get(&cancel_me).copied().unwrap_or(0) <= 1);
 }

@@ -34,7 +34,11 @@ impl Tokens {
     /// nothing about which (or how much of one) matched.
     pub fn check(&self, authorization: Option<&[u8]>, needed: Scope) -> Result<&str, Refusal> {
         let presented = authorization
-            .and_then(|v| v.strip_prefix(b"Bearer "))
+            // The scheme's name is case-insensitive (RFC 9110 §11.1).
+            .and_then(|v| {
+                let (scheme, token) = v.split_at_checked(7)?;
+                scheme.eq_ignore_ascii_case(b"Bearer ").then_some(token)
+            })
             .ok_or(Refusal::Unauthenticated)?;
         let digest: [u8; 32] = Sha256::digest(presented).into();
         let mut found = None;
@@ -106,6 +110,7 @@ mod tests {
     fn a_token_passes_for_its_scope_and_those_below_only() {
         let tokens = Tokens::new(&[listed("r", Scope::Read), listed("s", Scope::Submit)]);
         assert_eq!(tokens.check(Some(b"Bearer r"), Scope::Read), Ok("read"));
+        assert_eq!(tokens.check(Some(b"bearer r"), Scope::Read), Ok("read"));
         assert_eq!(tokens.check(Some(b"Bearer s"), Scope::Read), Ok("submit"));
         assert_eq!(tokens.check(Some(b"Bearer s"), Scope::Submit), Ok("submit"));
         assert_eq!(

@@ -52,6 +52,8 @@ pub struct Metrics {
     snapshot_fallbacks: Counter,
     /// The accelerator jobs ran with, once the first job decided it.
     accelerator: std::sync::Mutex<Option<String>>,
+    /// When the worker loop last went round (for the systemd watchdog).
+    loop_tick: std::sync::Mutex<std::time::Instant>,
 }
 
 impl Metrics {
@@ -66,7 +68,21 @@ impl Metrics {
             snapshot_saves: Counter::default(),
             snapshot_fallbacks: Counter::default(),
             accelerator: std::sync::Mutex::new(None),
+            loop_tick: std::sync::Mutex::new(std::time::Instant::now()),
         }
+    }
+
+    /// The worker loop went round once more.
+    pub fn loop_tick(&self) {
+        *self.loop_tick.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+    }
+
+    /// How long ago the worker loop last went round.
+    pub fn loop_age(&self) -> std::time::Duration {
+        self.loop_tick
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
     }
 
     /// A job was claimed after waiting `wait_ms` in the queue.
@@ -166,7 +182,7 @@ impl Metrics {
         );
         registry.register(
             "image_cache_misses",
-            "Image requests that fetched or revalidated their image",
+            "Image requests not served from the cache (fetched, revalidated, or waited on a fetch)",
             ConstCounter::new(counters.misses.load(Ordering::Relaxed)),
         );
         registry.register(

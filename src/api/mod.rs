@@ -34,8 +34,10 @@ const MAX_PAYLOAD: usize = 1 << 20;
 /// Most jobs in one `GET /v1/jobs` page, and the default.
 const MAX_PAGE: usize = 1000;
 const DEFAULT_PAGE: usize = 100;
+/// The furthest `deadline` a submission takes (the queue stores milliseconds in an i64).
+const MAX_DEADLINE_SECONDS: u64 = 10 * 365 * 24 * 3600;
 /// How often a followed log is looked at again.
-const FOLLOW_POLL: Duration = Duration::from_millis(200);
+const FOLLOW_POLL: Duration = Duration::from_millis(500);
 /// Connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 512;
 
@@ -110,13 +112,13 @@ pub async fn start_api(listen: &ApiListen, state: ApiState) -> std::io::Result<O
             let state = Arc::clone(&state);
             match &listener {
                 Listener::Unix(l) => {
-                    let Ok((stream, _)) = l.accept().await else {
+                    let Some(stream) = accepted(l.accept().await).await else {
                         continue;
                     };
                     connections.spawn(serve_connection(TokioIo::new(stream), state));
                 }
                 Listener::Tcp(l) => {
-                    let Ok((stream, _)) = l.accept().await else {
+                    let Some(stream) = accepted(l.accept().await).await else {
                         continue;
                     };
                     let _ = stream.set_nodelay(true);
@@ -131,6 +133,19 @@ pub async fn start_api(listen: &ApiListen, state: ApiState) -> std::io::Result<O
         socket,
         address,
     }))
+}
+
+/// The accepted stream; after a failed accept (out of file descriptors, say) a pause,
+/// so the loop does not spin, and a log line.
+async fn accepted<S, A>(result: std::io::Result<(S, A)>) -> Option<S> {
+    match result {
+        Ok((stream, _)) => Some(stream),
+        Err(error) => {
+            tracing::warn!(%error, "the API cannot accept a connection");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            None
+        }
+    }
 }
 
 async fn serve_connection<I>(io: I, state: Arc<ApiState>)
@@ -465,8 +480,10 @@ async fn submit(state: &ApiState, request: Request<Incoming>) -> Reply {
                 _ => return bad("a positive integer"),
             },
             "deadline" => match value.parse::<u64>() {
-                Ok(s) => job.deadline_ms = Some(now_ms().saturating_add(s.saturating_mul(1000))),
-                Err(_) => return bad("seconds from now"),
+                Ok(s) if s <= MAX_DEADLINE_SECONDS => {
+                    job.deadline_ms = Some(now_ms() + s * 1000);
+                }
+                _ => return bad("seconds from now, at most 10 years"),
             },
             _ => {
                 return error(
@@ -482,11 +499,18 @@ async fn submit(state: &ApiState, request: Request<Incoming>) -> Reply {
         .await
     {
         Ok(body) => body.to_bytes(),
-        Err(_) => {
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too-large",
                 format!("a payload is at most {MAX_PAYLOAD} bytes"),
+            );
+        }
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad-body",
+                format!("the payload did not arrive whole: {e}"),
             );
         }
     };

@@ -47,12 +47,16 @@ pub(super) async fn serve(loaded: &LoadedConfig) -> Result<ExitCode, Failure> {
         metrics,
     };
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
+    // Installed before READY=1 goes out, so a stop right after start is graceful.
+    let signals = {
         use tokio::signal::unix::{SignalKind, signal};
-        if let (Ok(mut int), Ok(mut term)) = (
+        (
             signal(SignalKind::interrupt()),
             signal(SignalKind::terminate()),
-        ) {
+        )
+    };
+    tokio::spawn(async move {
+        if let (Ok(mut int), Ok(mut term)) = signals {
             tokio::select! {
                 _ = int.recv() => {}
                 _ = term.recv() => {}
@@ -65,11 +69,16 @@ pub(super) async fn serve(loaded: &LoadedConfig) -> Result<ExitCode, Failure> {
         let api = api.as_ref().map_or("off".to_owned(), |a| a.address.clone());
         notifier.notify(&format!("READY=1\nSTATUS=serving; API at {api}"));
         if let Some(every) = super::notify::Notifier::watchdog_interval() {
-            // Pinged from the runtime that runs the worker: a wedged runtime stops it.
+            // Only while the worker loop goes round (it does at least every second):
+            // a loop stuck in a queue call or a wedged runtime stops the pings, and
+            // systemd restarts the worker.
             let notifier = std::sync::Arc::clone(notifier);
+            let metrics = worker.metrics.clone();
             tokio::spawn(async move {
                 loop {
-                    notifier.notify("WATCHDOG=1");
+                    if metrics.loop_age() < every.max(std::time::Duration::from_secs(5)) {
+                        notifier.notify("WATCHDOG=1");
+                    }
                     tokio::time::sleep(every).await;
                 }
             });

@@ -55,16 +55,32 @@ impl Worker {
         let (stop_jobs, stop_rx) = watch::channel(false);
         let mut running: JoinSet<()> = JoinSet::new();
         let mut room_warned = false;
-        // Decided once, before the first claim: `/readyz` waits for it, and a host whose
-        // accelerator cannot be chosen claims nothing.
-        match self.engine.accelerator_for_serve().await {
-            Ok(accelerator) => self.metrics.accelerator(accelerator.as_str()),
-            Err(error) => {
-                tracing::error!(%error, "no accelerator: jobs will fail until this is fixed")
+        // Decided before the first claim: `/readyz` waits for it, and a host whose
+        // accelerator cannot be chosen claims nothing (it would fail every job), asking
+        // again every half minute.
+        loop {
+            match self.engine.accelerator_for_serve().await {
+                Ok(accelerator) => {
+                    self.metrics.accelerator(accelerator.as_str());
+                    break;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "no accelerator: claiming nothing; trying again in 30 s")
+                }
+            }
+            self.metrics.loop_tick();
+            tokio::select! {
+                _ = shutdown.changed() => {}
+                () = tokio::time::sleep(Duration::from_secs(30)) => {}
+            }
+            if *shutdown.borrow() {
+                tracing::info!("worker stopped");
+                return;
             }
         }
         tracing::info!(worker = %self.worker_id, capacity, "worker started");
         while !*shutdown.borrow() {
+            self.metrics.loop_tick();
             let queue = self.queue.clone();
             match blocking(move || queue.expire(now_ms())).await {
                 Ok(expired) => {

@@ -37,6 +37,9 @@ fn the_unit_passes_systemd_analyze_verify() {
         .expect("cp");
     assert!(copied.success(), "cannot copy /usr/lib/systemd/system");
     std::os::unix::fs::symlink("usr/lib", root.path().join("lib")).expect("lib link");
+    // ExecStartPre's program too.
+    std::fs::copy("/usr/bin/mkdir", bin.join("mkdir")).expect("mkdir");
+    std::os::unix::fs::symlink("usr/bin", root.path().join("bin")).expect("bin link");
     std::fs::copy(
         repo().join("packaging/qemu-worker.service"),
         units.join("qemu-worker.service"),
@@ -125,17 +128,20 @@ fn serve_notifies_systemd_ready_watchdog_and_stopping() {
     .expect("worker.yml");
     let socket_path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).expect("notify socket");
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_qemu-worker"))
+    let serve = Command::new(env!("CARGO_BIN_EXE_qemu-worker"))
         .arg("--config")
         .arg(dir.path().join("worker.yml"))
         .arg("serve")
         .env("NOTIFY_SOCKET", &socket_path)
         // Every 0.2 s (half of it).
         .env("WATCHDOG_USEC", "400000")
+        .env_remove("WATCHDOG_PID")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("serve starts");
+    // Killed if an assertion fails first.
+    let mut serve = KillOnDrop(serve);
     let first = receive_until(&socket, "READY=1", Duration::from_secs(60));
     let ready = first.iter().find(|m| m.starts_with("READY=1"));
     assert!(
@@ -146,12 +152,21 @@ fn serve_notifies_systemd_ready_watchdog_and_stopping() {
     let watchdog = pings.iter().filter(|m| *m == "WATCHDOG=1").count();
     assert!(watchdog >= 3, "WATCHDOG=1 about every 0.2 s, got {pings:?}");
     rustix::process::kill_process(
-        rustix::process::Pid::from_child(&serve),
+        rustix::process::Pid::from_child(&serve.0),
         rustix::process::Signal::TERM,
     )
     .expect("SIGTERM");
     let last = receive_until(&socket, "STOPPING=1", Duration::from_secs(30));
     assert!(last.iter().any(|m| m == "STOPPING=1"), "{last:?}");
-    let status = serve.wait().expect("serve exits");
+    let status = serve.0.wait().expect("serve exits");
     assert!(status.success(), "{status}");
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

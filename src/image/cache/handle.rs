@@ -68,7 +68,7 @@ pub struct ImageCache {
 pub struct CacheCounters {
     /// Requests served from an image already in the cache.
     pub hits: AtomicU64,
-    /// Requests that fetched (or revalidated) their image.
+    /// Requests that fetched or revalidated their image, or waited on such a fetch.
     pub misses: AtomicU64,
     /// Images removed (evicted for room, or pruned), and their bytes.
     pub evictions: AtomicU64,

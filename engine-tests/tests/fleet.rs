@@ -571,9 +571,127 @@ fn two_workers_serve_the_api_with_scoped_tokens_and_prometheus_counts_their_jobs
     };
     wait_done(&cancel_me);
 
+    // An artifact and the screenshot through the API of the worker that ran the job:
+    // Content-Length, the sha256 header, ranges; only what the report lists.
+    let with_artifact = {
+        let body = Job::script("printf 0123456789abcdef > /tmp/a.txt; echo stored")
+            .file_artifact("/tmp/a.txt", "public/dir/a.txt")
+            .yaml();
+        let reply = http(
+            ports[0],
+            "POST",
+            "/v1/jobs",
+            Some(SUBMIT_TOKEN),
+            body.as_bytes(),
+        );
+        assert_eq!(reply.status, 201);
+        reply.json()["jobId"].as_str().expect("jobId").to_owned()
+    };
+    let early = http(
+        ports[0],
+        "GET",
+        &format!("/v1/jobs/{with_artifact}/artifacts"),
+        Some(READ_TOKEN),
+        b"",
+    );
+    assert!(
+        matches!(early.status, 200 | 409),
+        "{}",
+        String::from_utf8_lossy(&early.body)
+    );
+    wait_done(&with_artifact);
+    let holder = workers
+        .iter()
+        .position(|w| w.state().join("jobs").join(&with_artifact).exists())
+        .expect("one of the workers ran it");
+    let list = http(
+        ports[holder],
+        "GET",
+        &format!("/v1/jobs/{with_artifact}/artifacts"),
+        Some(READ_TOKEN),
+        b"",
+    )
+    .json();
+    assert_eq!(list[0]["name"], "public/dir/a.txt", "{list}");
+    let whole = http(
+        ports[holder],
+        "GET",
+        &format!("/v1/jobs/{with_artifact}/artifacts/public/dir/a.txt"),
+        Some(READ_TOKEN),
+        b"",
+    );
+    assert_eq!(
+        (whole.status, whole.body.as_slice()),
+        (200, &b"0123456789abcdef"[..])
+    );
+    let head = whole.head.to_ascii_lowercase();
+    assert!(head.contains("content-length: 16"), "{head}");
+    assert!(
+        head.contains(&format!(
+            "x-artifact-sha256: {}",
+            sha256_hex("0123456789abcdef")
+        )),
+        "{head}"
+    );
+    let ranged = |range: &str| {
+        let mut stream = TcpStream::connect(("127.0.0.1", ports[holder])).expect("connect");
+        write!(
+            stream,
+            "GET /v1/jobs/{with_artifact}/artifacts/public/dir/a.txt HTTP/1.1\r\nHost: x\r\n\
+             Authorization: Bearer {READ_TOKEN}\r\nRange: {range}\r\nConnection: close\r\n\r\n"
+        )
+        .expect("request");
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).expect("answer");
+        String::from_utf8_lossy(&raw).into_owned()
+    };
+    let part = ranged("bytes=4-7");
+    assert!(part.starts_with("HTTP/1.1 206"), "{part}");
+    assert!(
+        part.to_ascii_lowercase()
+            .contains("content-range: bytes 4-7/16"),
+        "{part}"
+    );
+    assert!(part.ends_with("\r\n\r\n4567"), "{part}");
+    assert!(ranged("bytes=-3").ends_with("def"));
+    assert!(ranged("bytes=16-").starts_with("HTTP/1.1 416"));
+    let unlisted = http(
+        ports[holder],
+        "GET",
+        &format!("/v1/jobs/{with_artifact}/artifacts/public/dir/../../report.json"),
+        Some(READ_TOKEN),
+        b"",
+    );
+    assert_eq!(
+        unlisted.status,
+        404,
+        "{}",
+        String::from_utf8_lossy(&unlisted.body)
+    );
+    let png = http(
+        ports[holder],
+        "GET",
+        &format!("/v1/jobs/{with_artifact}/screenshot"),
+        Some(READ_TOKEN),
+        b"",
+    );
+    assert_eq!(png.status, 200);
+    assert!(png.body.starts_with(b"\x89PNG"), "not a PNG");
+    let elsewhere = http(
+        ports[1 - holder],
+        "GET",
+        &format!("/v1/jobs/{with_artifact}/artifacts/public/dir/a.txt"),
+        Some(READ_TOKEN),
+        b"",
+    );
+    assert_eq!(
+        elsewhere.status, 410,
+        "the other host does not hold it (no proxying yet)"
+    );
+
     // Listing with a filter, page by page (2 a page): exactly the completed jobs.
     let mut all = ids.clone();
-    all.extend([slow.clone(), cancel_me.clone()]);
+    all.extend([slow.clone(), cancel_me.clone(), with_artifact.clone()]);
     let state_of = |id: &str| {
         http(
             ports[1],
@@ -716,7 +834,7 @@ fn two_workers_serve_the_api_with_scoped_tokens_and_prometheus_counts_their_jobs
         }
     }
     // Every job that ran was claimed once, on one worker (the canceled one maybe never).
-    for id in ids.iter().chain([&slow]) {
+    for id in ids.iter().chain([&slow, &with_artifact]) {
         assert_eq!(claims.get(id), Some(&1), "{id}:\n{}", both_logs());
     }
     assert!(claims.get(&cancel_me).copied().unwrap_or(0) <= 1);

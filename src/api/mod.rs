@@ -26,7 +26,7 @@ pub use metrics::Metrics;
 
 use crate::config::{ApiListen, Scope};
 use crate::image::ImageCache;
-use crate::job::JobDir;
+use crate::job::{JobDir, ResultReport};
 use crate::queue::{JobState, NewJob, Queue, QueueError};
 
 /// The largest payload `POST /v1/jobs` takes (the CLI's `submit` reads no more).
@@ -312,9 +312,22 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Reply {
             }
         }
         (&Method::GET, ["v1", "jobs", id, "log"]) => log(state, id, &query(&request)).await,
+        (&Method::GET, ["v1", "jobs", id, "artifacts"]) => match ended_run(state, id).await {
+            Ok((_, report)) => json(StatusCode::OK, &report.artifacts),
+            Err(reply) => reply,
+        },
+        (&Method::GET, ["v1", "jobs", id, "artifacts", name @ ..]) => {
+            artifact(state, id, name, &request).await
+        }
+        (&Method::GET, ["v1", "jobs", id, "screenshot"]) => screenshot(state, id, &request).await,
         (
             _,
-            ["healthz"] | ["readyz"] | ["metrics"] | ["v1", "jobs", _] | ["v1", "jobs", _, "log"],
+            ["healthz"]
+            | ["readyz"]
+            | ["metrics"]
+            | ["v1", "jobs", _]
+            | ["v1", "jobs", _, "log" | "artifacts" | "screenshot"]
+            | ["v1", "jobs", _, "artifacts", ..],
         ) => allow(&path, "GET"),
         (_, ["v1", "jobs"]) => allow(&path, "GET, POST"),
         (_, ["v1", "jobs", _, "cancel"]) => allow(&path, "POST"),
@@ -635,8 +648,253 @@ async fn feed_log(
     }
 }
 
+/// The latest run of a job that has ended, and its report; else the reply that says why
+/// not (404 unknown job, 409 still pending or running).
+async fn ended_run(state: &ApiState, id: &str) -> Result<(JobDir, ResultReport), Reply> {
+    let (queue, job) = (Arc::clone(&state.queue), id.to_owned());
+    let status = blocking(move || queue.status(&job))
+        .await
+        .map_err(|e| queue_error(&e))?;
+    let Some(report) = status.report else {
+        return Err(error(
+            StatusCode::CONFLICT,
+            "not-ended",
+            format!(
+                "{id} is {}: its artifacts and screenshot are collected when it ends",
+                status.state
+            ),
+        ));
+    };
+    Ok((
+        JobDir::of_run(&state.state_dir, &status.job_id, status.run_id),
+        report,
+    ))
+}
+
+/// One artifact the report lists, by its stored name (`public/logs/a.txt`; the path's
+/// segments percent-decoded): its bytes, or the `Range` asked for.
+async fn artifact(state: &ApiState, id: &str, name: &[&str], request: &Request<Incoming>) -> Reply {
+    let Some(name) = name
+        .iter()
+        .map(|s| percent_decode(s))
+        .collect::<Option<Vec<String>>>()
+        .map(|parts| parts.join("/"))
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad-path",
+            "a malformed %-escape in the artifact name",
+        );
+    };
+    let (dir, report) = match ended_run(state, id).await {
+        Ok(run) => run,
+        Err(reply) => return reply,
+    };
+    // Only what the report lists is complete; nothing else is handed out (and a listed
+    // name is a plain relative path: the store checked it).
+    let Some(record) = report.artifacts.iter().find(|a| a.name == name) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "no-such-artifact",
+            format!("{id} has no artifact {name:?} (GET /v1/jobs/{id}/artifacts lists them)"),
+        );
+    };
+    let content_type = HeaderValue::from_str(&record.content_type)
+        .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
+    let mut reply = file_reply(&dir.artifacts().join(&record.name), content_type, request).await;
+    if let Ok(sha) = HeaderValue::from_str(&record.sha256) {
+        reply.headers_mut().insert("x-artifact-sha256", sha);
+    }
+    reply
+}
+
+async fn screenshot(state: &ApiState, id: &str, request: &Request<Incoming>) -> Reply {
+    let (dir, report) = match ended_run(state, id).await {
+        Ok(run) => run,
+        Err(reply) => return reply,
+    };
+    match report.screenshot {
+        Some(relative) => {
+            file_reply(
+                &dir.file(&relative),
+                HeaderValue::from_static("image/png"),
+                request,
+            )
+            .await
+        }
+        None => error(
+            StatusCode::NOT_FOUND,
+            "no-screenshot",
+            format!("{id}'s run took no screenshot (its VM never ran, or QMP did not answer)"),
+        ),
+    }
+}
+
+/// A file streamed with `Content-Length`, honouring one `Range: bytes=…` (206, or 416
+/// for a range outside the file).
+async fn file_reply(
+    path: &std::path::Path,
+    content_type: HeaderValue,
+    request: &Request<Incoming>,
+) -> Reply {
+    let file = match tokio::fs::File::open(path).await {
+        Ok(file) => file,
+        Err(e) => {
+            return error(
+                StatusCode::GONE,
+                "file-gone",
+                format!("the stored file is not readable on this host: {e}"),
+            );
+        }
+    };
+    let size = match file.metadata().await {
+        Ok(m) => m.len(),
+        Err(e) => return error(StatusCode::GONE, "file-gone", e.to_string()),
+    };
+    let range = request
+        .headers()
+        .get(hyper::header::RANGE)
+        .map(|v| parse_range(v.as_bytes(), size));
+    let (status, start, length) = match range {
+        None => (StatusCode::OK, 0, size),
+        Some(Some((start, end))) => (StatusCode::PARTIAL_CONTENT, start, end - start + 1),
+        Some(None) => {
+            let mut reply = error(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "bad-range",
+                format!("one range of bytes=START-END within the file's {size} bytes"),
+            );
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                reply.headers_mut().insert(hyper::header::CONTENT_RANGE, v);
+            }
+            return reply;
+        }
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    tokio::spawn(async move {
+        let _ = send_file(file, start, length, tx).await;
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|chunk| (Ok::<_, Infallible>(Frame::data(chunk)), rx))
+    });
+    let mut response = Response::new(StreamBody::new(stream.boxed()).boxed_unsync());
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, content_type);
+    headers.insert(hyper::header::CONTENT_LENGTH, HeaderValue::from(length));
+    headers.insert(
+        hyper::header::ACCEPT_RANGES,
+        HeaderValue::from_static("bytes"),
+    );
+    if status == StatusCode::PARTIAL_CONTENT
+        && let Ok(v) =
+            HeaderValue::from_str(&format!("bytes {start}-{}/{size}", start + length - 1))
+    {
+        headers.insert(hyper::header::CONTENT_RANGE, v);
+    }
+    response
+}
+
+async fn send_file(
+    mut file: tokio::fs::File,
+    start: u64,
+    mut left: u64,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+) -> Option<()> {
+    file.seek(std::io::SeekFrom::Start(start)).await.ok()?;
+    let mut buffer = vec![0u8; 64 << 10];
+    while left > 0 {
+        let want = usize::try_from(left.min(buffer.len() as u64)).unwrap_or(buffer.len());
+        let n = file.read(&mut buffer[..want]).await.ok()?;
+        if n == 0 {
+            // The file shrank under us: the body ends short and hyper reports it.
+            return None;
+        }
+        left -= n as u64;
+        tx.send(Bytes::copy_from_slice(&buffer[..n])).await.ok()?;
+    }
+    Some(())
+}
+
+/// `bytes=A-B`, `bytes=A-` or `bytes=-N` within a file of `size` bytes, as the first and
+/// last byte; `None` for anything else (several ranges, other units, out of the file).
+fn parse_range(value: &[u8], size: u64) -> Option<(u64, u64)> {
+    let spec = std::str::from_utf8(value)
+        .ok()?
+        .trim()
+        .strip_prefix("bytes=")?;
+    let (first, last) = spec.split_once('-')?;
+    let (start, end) = match (first.trim(), last.trim()) {
+        ("", suffix) => {
+            let n: u64 = suffix.parse().ok()?;
+            (size.checked_sub(n.min(size))?, size.checked_sub(1)?)
+        }
+        (a, "") => (a.parse().ok()?, size.checked_sub(1)?),
+        (a, b) => (
+            a.parse().ok()?,
+            b.parse::<u64>().ok()?.min(size.checked_sub(1)?),
+        ),
+    };
+    (start <= end && end < size).then_some((start, end))
+}
+
+/// `%XX` escapes decoded; `None` for a broken escape or bytes that are not UTF-8.
+fn percent_decode(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = segment.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_within_the_file_and_nothing_else() {
+        let r = |v: &str| parse_range(v.as_bytes(), 100);
+        assert_eq!(r("bytes=0-9"), Some((0, 9)));
+        assert_eq!(r("bytes=90-"), Some((90, 99)));
+        assert_eq!(r("bytes=-10"), Some((90, 99)));
+        assert_eq!(r("bytes=-1000"), Some((0, 99)));
+        assert_eq!(r("bytes=50-1000"), Some((50, 99)));
+        for bad in [
+            "bytes=100-",
+            "bytes=9-0",
+            "bytes=0-1,5-6",
+            "items=0-1",
+            "bytes=a-b",
+            "bytes=-",
+        ] {
+            assert_eq!(r(bad), None, "{bad}");
+        }
+        assert_eq!(parse_range(b"bytes=0-0", 0), None);
+    }
+
+    #[test]
+    fn escapes_decode_and_broken_ones_are_refused() {
+        assert_eq!(percent_decode("a%20b.txt").as_deref(), Some("a b.txt"));
+        assert_eq!(percent_decode("plain").as_deref(), Some("plain"));
+        assert_eq!(percent_decode("bad%2"), None);
+        assert_eq!(percent_decode("bad%zz"), None);
+        assert_eq!(percent_decode("%ff"), None);
+    }
 }

@@ -230,14 +230,14 @@ fn two_workers_serve_the_api_with_scoped_tokens_and_prometheus_counts_their_jobs
         Worker::with_config(&config(ports[1])),
     ];
     // B logs JSON lines; A the default text.
-    workers[0].serve();
+    let serve_a = workers[0].serve();
     let serve_json = {
         let log = std::fs::File::create(workers[1].dir().join("serve.log")).expect("log");
         let mut command = workers[1].command(&["--log-format", "json", "serve"]);
         command.stdout(Stdio::null()).stderr(log);
         workers[1].spawn(command)
     };
-    let _ = serve_json;
+    let pids = [serve_a, serve_json];
     let both_logs = || {
         format!(
             "worker A said:\n{}\nworker B said:\n{}",
@@ -677,17 +677,66 @@ fn two_workers_serve_the_api_with_scoped_tokens_and_prometheus_counts_their_jobs
     );
     assert_eq!(png.status, 200);
     assert!(png.body.starts_with(b"\x89PNG"), "not a PNG");
-    let elsewhere = http(
-        ports[1 - holder],
+    // Through the other worker's API: passed on to the holder, byte for byte, with the
+    // same headers; a range too; and the log.
+    let other = 1 - holder;
+    let passed = http(
+        ports[other],
         "GET",
         &format!("/v1/jobs/{with_artifact}/artifacts/public/dir/a.txt"),
         Some(READ_TOKEN),
         b"",
     );
     assert_eq!(
-        elsewhere.status, 410,
-        "the other host does not hold it (no proxying yet)"
+        passed.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&passed.body)
     );
+    assert_eq!(passed.body, whole.body);
+    assert!(
+        passed.head.to_ascii_lowercase().contains(&format!(
+            "x-artifact-sha256: {}",
+            sha256_hex("0123456789abcdef")
+        )),
+        "{}",
+        passed.head
+    );
+    let passed_png = http(
+        ports[other],
+        "GET",
+        &format!("/v1/jobs/{with_artifact}/screenshot"),
+        Some(READ_TOKEN),
+        b"",
+    );
+    assert_eq!(passed_png.body, png.body);
+    let holder_log = std::fs::read(
+        workers[holder]
+            .state()
+            .join("jobs")
+            .join(&with_artifact)
+            .join("run-1/job.log"),
+    )
+    .expect("log");
+    let passed_log = http(
+        ports[other],
+        "GET",
+        &format!("/v1/jobs/{with_artifact}/log?follow=true"),
+        Some(READ_TOKEN),
+        b"",
+    );
+    assert_eq!(
+        passed_log.body, holder_log,
+        "the log through the other worker"
+    );
+    let no_token = http(
+        ports[other],
+        "GET",
+        &format!("/v1/jobs/{with_artifact}/screenshot"),
+        None,
+        b"",
+    );
+    assert_eq!(no_token.status, 401);
 
     // Listing with a filter, page by page (2 a page): exactly the completed jobs.
     let mut all = ids.clone();
@@ -838,4 +887,25 @@ fn two_workers_serve_the_api_with_scoped_tokens_and_prometheus_counts_their_jobs
         assert_eq!(claims.get(id), Some(&1), "{id}:\n{}", both_logs());
     }
     assert!(claims.get(&cancel_me).copied().unwrap_or(0) <= 1);
+
+    // With the holder stopped, the other worker's answer names it.
+    workers[holder].signal(pids[holder], rustix::process::Signal::TERM);
+    workers[holder].wait_exit(pids[holder], Duration::from_secs(60));
+    let gone = http(
+        ports[other],
+        "GET",
+        &format!("/v1/jobs/{with_artifact}/artifacts/public/dir/a.txt"),
+        Some(READ_TOKEN),
+        b"",
+    );
+    assert_eq!(gone.status, 502, "{}", String::from_utf8_lossy(&gone.body));
+    let said = gone.json();
+    assert_eq!(said["code"], "holder-unreachable", "{said}");
+    let holder_id = format!("-{}", pids[holder]);
+    assert!(
+        said["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("the job ran on worker ") && m.contains(&holder_id)),
+        "names the worker: {said}"
+    );
 }

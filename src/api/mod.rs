@@ -52,6 +52,11 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     pub tokens: Tokens,
     pub state_dir: PathBuf,
+    /// This worker's id in the queue: a job whose latest run was another worker's is
+    /// passed on to that worker's API.
+    pub worker_id: String,
+    /// For passing requests on (built on first use).
+    pub client: std::sync::OnceLock<reqwest::Client>,
 }
 
 /// The running API; dropping it stops it and removes its socket.
@@ -311,8 +316,10 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Reply {
                 Err(e) => queue_error(&e),
             }
         }
-        (&Method::GET, ["v1", "jobs", id, "log"]) => log(state, id, &query(&request)).await,
-        (&Method::GET, ["v1", "jobs", id, "artifacts"]) => match ended_run(state, id).await {
+        (&Method::GET, ["v1", "jobs", id, "log"]) => {
+            log(state, id, &query(&request), &request).await
+        }
+        (&Method::GET, ["v1", "jobs", id, "artifacts"]) => match ended_run(state, id, None).await {
             Ok((_, report)) => json(StatusCode::OK, &report.artifacts),
             Err(reply) => reply,
         },
@@ -553,7 +560,12 @@ async fn submit(state: &ApiState, request: Request<Incoming>) -> Reply {
 
 /// The job log of the latest run from `offset`; with `follow`, kept open and fed until
 /// the job ends (a new run starts again from its first byte, as `logs --follow` does).
-async fn log(state: &ApiState, id: &str, query: &[(String, String)]) -> Reply {
+async fn log(
+    state: &ApiState,
+    id: &str,
+    query: &[(String, String)],
+    request: &Request<Incoming>,
+) -> Reply {
     let mut offset = 0u64;
     let mut follow = false;
     for (key, value) in query {
@@ -580,10 +592,22 @@ async fn log(state: &ApiState, id: &str, query: &[(String, String)]) -> Reply {
         }
     }
     let (queue, job) = (Arc::clone(&state.queue), id.to_owned());
-    let status = match blocking(move || queue.status(&job)).await {
+    let mut status = match blocking(move || queue.status(&job)).await {
         Ok(status) => status,
         Err(e) => return queue_error(&e),
     };
+    // A followed job that no worker has claimed yet: wait to see which one does.
+    while follow && status.state == JobState::Pending {
+        tokio::time::sleep(FOLLOW_POLL).await;
+        let (queue, job) = (Arc::clone(&state.queue), id.to_owned());
+        status = match blocking(move || queue.status(&job)).await {
+            Ok(status) => status,
+            Err(e) => return queue_error(&e),
+        };
+    }
+    if let Some(reply) = pass_on(state, status.worker.as_deref(), request).await {
+        return reply;
+    }
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
     let queue = Arc::clone(&state.queue);
     let state_dir = state.state_dir.clone();
@@ -650,11 +674,22 @@ async fn feed_log(
 
 /// The latest run of a job that has ended, and its report; else the reply that says why
 /// not (404 unknown job, 409 still pending or running).
-async fn ended_run(state: &ApiState, id: &str) -> Result<(JobDir, ResultReport), Reply> {
+async fn ended_run(
+    state: &ApiState,
+    id: &str,
+    files: Option<&Request<Incoming>>,
+) -> Result<(JobDir, ResultReport), Reply> {
     let (queue, job) = (Arc::clone(&state.queue), id.to_owned());
     let status = blocking(move || queue.status(&job))
         .await
         .map_err(|e| queue_error(&e))?;
+    // The files are on the worker that ran the job.
+    if let Some(request) = files
+        && status.report.is_some()
+        && let Some(reply) = pass_on(state, status.worker.as_deref(), request).await
+    {
+        return Err(reply);
+    }
     let Some(report) = status.report else {
         return Err(error(
             StatusCode::CONFLICT,
@@ -669,6 +704,100 @@ async fn ended_run(state: &ApiState, id: &str) -> Result<(JobDir, ResultReport),
         JobDir::of_run(&state.state_dir, &status.job_id, status.run_id),
         report,
     ))
+}
+
+/// Marks a request one worker passed on to another: it is never passed on again.
+const PASSED_ON: &str = "x-qemu-worker-passed-on";
+
+/// When `holder` (the worker of the job's latest run) is another worker: its API's
+/// answer to the same request, streamed through; or a 502 naming it when it recorded
+/// no address or does not answer. `None` when this worker holds the files.
+async fn pass_on(
+    state: &ApiState,
+    holder: Option<&str>,
+    request: &Request<Incoming>,
+) -> Option<Reply> {
+    let holder = holder.filter(|h| *h != state.worker_id)?;
+    if request.headers().contains_key(PASSED_ON) {
+        // Passed on to us as the holder, yet the queue says another worker ran the job
+        // (a newer run): answer from here rather than ping-pong.
+        return None;
+    }
+    let (queue, worker) = (Arc::clone(&state.queue), holder.to_owned());
+    let base = match blocking(move || queue.api_of(&worker)).await {
+        Ok(Some(base)) => base,
+        Ok(None) => {
+            return Some(error(
+                StatusCode::BAD_GATEWAY,
+                "holder-unknown",
+                format!(
+                    "the job ran on worker {holder}, which recorded no API address \
+                     (worker.yml api.advertise) to fetch its files from"
+                ),
+            ));
+        }
+        Err(e) => return Some(queue_error(&e)),
+    };
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", hyper::http::uri::PathAndQuery::as_str);
+    let url = format!("{base}{path}");
+    crate::image::install_crypto_provider();
+    let client = state.client.get_or_init(|| {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap_or_default()
+    });
+    let mut forwarded = client.get(&url).header(PASSED_ON, "1");
+    for name in [AUTHORIZATION, hyper::header::RANGE] {
+        if let Some(value) = request.headers().get(&name) {
+            forwarded = forwarded.header(name.as_str(), value.as_bytes());
+        }
+    }
+    let answer = match forwarded.send().await {
+        Ok(answer) => answer,
+        Err(e) => {
+            return Some(error(
+                StatusCode::BAD_GATEWAY,
+                "holder-unreachable",
+                format!(
+                    "the job ran on worker {holder}, whose API at {base} does not answer: {}",
+                    crate::error_chain::display_chain(&e)
+                ),
+            ));
+        }
+    };
+    let status = StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut headers = hyper::HeaderMap::new();
+    for name in [
+        "content-type",
+        "content-length",
+        "content-range",
+        "accept-ranges",
+        "x-artifact-sha256",
+        "x-qemu-worker-run",
+        "www-authenticate",
+    ] {
+        if let Some(value) = answer.headers().get(name)
+            && let Ok(value) = HeaderValue::from_bytes(value.as_bytes())
+        {
+            headers.insert(hyper::header::HeaderName::from_static(name), value);
+        }
+    }
+    // Streamed, not buffered: a chunk goes on as it comes; a broken upstream ends the
+    // body short (and Content-Length tells the client so).
+    let stream = answer
+        .bytes_stream()
+        .take_while(|chunk| std::future::ready(chunk.is_ok()))
+        .filter_map(|chunk| {
+            std::future::ready(chunk.ok().map(|c| Ok::<_, Infallible>(Frame::data(c))))
+        });
+    let mut response = Response::new(StreamBody::new(stream.boxed()).boxed_unsync());
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    Some(response)
 }
 
 /// One artifact the report lists, by its stored name (`public/logs/a.txt`; the path's
@@ -686,7 +815,7 @@ async fn artifact(state: &ApiState, id: &str, name: &[&str], request: &Request<I
             "a malformed %-escape in the artifact name",
         );
     };
-    let (dir, report) = match ended_run(state, id).await {
+    let (dir, report) = match ended_run(state, id, Some(request)).await {
         Ok(run) => run,
         Err(reply) => return reply,
     };
@@ -709,7 +838,7 @@ async fn artifact(state: &ApiState, id: &str, name: &[&str], request: &Request<I
 }
 
 async fn screenshot(state: &ApiState, id: &str, request: &Request<Incoming>) -> Reply {
-    let (dir, report) = match ended_run(state, id).await {
+    let (dir, report) = match ended_run(state, id, Some(request)).await {
         Ok(run) => run,
         Err(reply) => return reply,
     };

@@ -18,6 +18,7 @@ pub(super) async fn serve(loaded: &LoadedConfig) -> Result<ExitCode, Failure> {
         .exit_with(EXIT_OTHER)?;
     let cache = open_cache(CacheSettings::from_config(&loaded.config)).await?;
     let metrics = std::sync::Arc::new(qemu_worker::api::Metrics::new(loaded.config.capacity));
+    let worker_id = format!("{}-{}", hostname(), std::process::id());
     let listen = loaded.config.api_listen();
     let api = qemu_worker::api::start_api(
         &listen,
@@ -27,6 +28,8 @@ pub(super) async fn serve(loaded: &LoadedConfig) -> Result<ExitCode, Failure> {
             metrics: metrics.clone(),
             tokens: qemu_worker::api::Tokens::new(&loaded.config.api.tokens),
             state_dir: loaded.config.state_dir.clone(),
+            worker_id: worker_id.clone(),
+            client: Default::default(),
         },
     )
     .await
@@ -34,6 +37,25 @@ pub(super) async fn serve(loaded: &LoadedConfig) -> Result<ExitCode, Failure> {
         anyhow::anyhow!("cannot listen for the API at {listen} (worker.yml api.listen): {e}")
     })
     .exit_with(EXIT_OTHER)?;
+    // Where the other workers of a pool pass requests for this worker's files.
+    let advertise = loaded.config.api.advertise.clone().or_else(|| {
+        let address: std::net::SocketAddr = api.as_ref()?.address.parse().ok()?;
+        (!address.ip().is_unspecified()).then(|| format!("http://{address}"))
+    });
+    match &advertise {
+        Some(url) => {
+            let (queue, id, url) = (queue.clone(), worker_id.clone(), url.clone());
+            let recorded =
+                tokio::task::spawn_blocking(move || queue.record_api(&id, &url, unix_ms()))
+                    .await
+                    .exit_with(EXIT_OTHER)?;
+            recorded.exit_with(EXIT_OTHER)?;
+        }
+        None => tracing::info!(
+            "no API address recorded for other workers (worker.yml api.advertise): \
+             they cannot pass on requests for this worker's logs and artifacts"
+        ),
+    }
     let worker = Worker {
         engine: Engine {
             config: loaded.config.clone(),
@@ -42,7 +64,7 @@ pub(super) async fn serve(loaded: &LoadedConfig) -> Result<ExitCode, Failure> {
             guest_tools: Default::default(),
         },
         queue,
-        worker_id: format!("{}-{}", hostname(), std::process::id()),
+        worker_id: worker_id.clone(),
         grace: std::time::Duration::from_secs(loaded.config.timeouts.grace_seconds),
         metrics,
     };
@@ -102,4 +124,11 @@ pub(super) async fn serve(loaded: &LoadedConfig) -> Result<ExitCode, Failure> {
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map_or_else(|_| "worker".to_owned(), |h| h.trim().to_owned())
+}
+
+/// Milliseconds since the Unix epoch (the queue's clock).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

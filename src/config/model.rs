@@ -62,6 +62,13 @@ pub struct ApiConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(r"^(off|unix:.+|\[?[0-9A-Za-z.:-]+\]?:[0-9]{1,5})$"))]
     pub listen: Option<String>,
+    /// The base URL other workers of a PostgreSQL pool reach this API at, to pass on
+    /// requests for the logs, artifacts and screenshots this worker holds. By default
+    /// `http://HOST:PORT` of a TCP `listen` on a specific address; none for a unix
+    /// socket or an unspecified address (0.0.0.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^https?://[^/]+$"))]
+    pub advertise: Option<String>,
     /// Who may call it: each bearer token by the sha256 of its text (never the token
     /// itself; `qemu-worker token new` makes one), with a scope. Every request but
     /// `/healthz` and `/readyz` needs one.

@@ -137,6 +137,15 @@ pub enum HttpOutcome {
 pub type Progress = Arc<dyn Fn(u64, Option<u64>) + Send + Sync>;
 
 /// Downloads and unpacks images.
+/// reqwest is built without a default crypto provider (ring builds twice as fast as
+/// aws-lc here): installs ring, once per process, before any client is built.
+pub(crate) fn install_crypto_provider() {
+    static PROVIDER: OnceLock<()> = OnceLock::new();
+    PROVIDER.get_or_init(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 #[derive(Debug, Clone)]
 pub struct Fetcher {
     /// Built on the first HTTP request: loading the system's CA roots costs ~25 ms, which
@@ -157,12 +166,7 @@ impl Fetcher {
         if let Some(client) = self.client.get() {
             return Ok(client);
         }
-        // reqwest is built without a default crypto provider (ring builds twice as fast
-        // as aws-lc here); install ring once per process.
-        static PROVIDER: OnceLock<()> = OnceLock::new();
-        PROVIDER.get_or_init(|| {
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        });
+        install_crypto_provider();
         let client = reqwest::Client::builder()
             .connect_timeout(self.policy.connect_timeout)
             .read_timeout(self.policy.read_timeout)

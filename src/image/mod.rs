@@ -20,6 +20,7 @@ pub use contents::{
     DiskLayout, DiskSummary, ImageContents, ImageLimits, MAX_MACHINE_JSON_BYTES, check_image_dir,
 };
 pub use disk::{BootDisk, DiskFormat, DiskLayer, KernelFiles};
+pub(crate) use fetch::install_crypto_provider;
 pub use fetch::{FetchError, FetchPolicy, Fetcher, HttpOutcome, Progress, Validators};
 pub use inspect::inspect_archive;
 pub use member::{ImageProblem, Member};

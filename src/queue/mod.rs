@@ -75,6 +75,13 @@ pub trait Queue: Send + Sync + std::fmt::Debug {
 
     /// Another handle on the same queue with its own connection.
     fn reopen(&self) -> Result<Box<dyn Queue>, QueueError>;
+
+    /// Records where `worker`'s HTTP API answers (a base URL), for the other workers to
+    /// pass requests about its jobs on to.
+    fn record_api(&self, worker: &str, url: &str, now_ms: u64) -> Result<(), QueueError>;
+
+    /// Where `worker`'s HTTP API answers, if it recorded one.
+    fn api_of(&self, worker: &str) -> Result<Option<String>, QueueError>;
 }
 
 /// Opens the queue a worker.yml names (paths already resolved).

@@ -66,6 +66,9 @@ pub struct JobStatus {
     pub runs: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub report: Option<ResultReport>,
+    /// The worker of the latest run (which holds its log, artifacts and screenshot).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -51,6 +51,11 @@ CREATE TABLE IF NOT EXISTS qw_runs (
     reason TEXT,
     PRIMARY KEY (job_id, run_id)
 );
+CREATE TABLE IF NOT EXISTS qw_workers (
+    id TEXT PRIMARY KEY,
+    api TEXT NOT NULL,
+    seen_ms BIGINT NOT NULL
+);
 CREATE OR REPLACE FUNCTION qw_notify_pending() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_notify('qemu_worker_jobs', '');
@@ -457,7 +462,9 @@ impl Queue for PostgresQueue {
         let state = state.map(JobState::as_str);
         let rows = self.connection.with(move |c| {
             c.query(
-                "SELECT id, state, run_id, runs, report FROM qw_jobs
+                "SELECT id, state, run_id, runs, report,
+                 (SELECT worker FROM qw_runs r WHERE r.job_id = qw_jobs.id AND r.run_id = qw_jobs.run_id)
+                 FROM qw_jobs
                  WHERE $1::text IS NULL OR state = $1 ORDER BY seq DESC",
                 &[&state],
             )
@@ -470,7 +477,9 @@ impl Queue for PostgresQueue {
         let id = job_id.to_owned();
         let row = self.connection.with(move |c| {
             c.query_opt(
-                "SELECT id, state, run_id, runs, report FROM qw_jobs WHERE id = $1",
+                "SELECT id, state, run_id, runs, report,
+                 (SELECT worker FROM qw_runs r WHERE r.job_id = qw_jobs.id AND r.run_id = qw_jobs.run_id)
+                 FROM qw_jobs WHERE id = $1",
                 &[&id],
             )
             .map_err(db)
@@ -504,6 +513,28 @@ impl Queue for PostgresQueue {
     fn reopen(&self) -> Result<Box<dyn Queue>, QueueError> {
         Ok(Box::new(Self::open(&self.url)?))
     }
+
+    fn record_api(&self, worker: &str, url: &str, now_ms: u64) -> Result<(), QueueError> {
+        let (worker, url) = (worker.to_owned(), url.to_owned());
+        self.connection.with(move |c| {
+            c.execute(
+                "INSERT INTO qw_workers (id, api, seen_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET api = $2, seen_ms = $3",
+                &[&worker, &url, &i64_of(now_ms)],
+            )
+            .map(drop)
+            .map_err(db)
+        })
+    }
+
+    fn api_of(&self, worker: &str) -> Result<Option<String>, QueueError> {
+        let worker = worker.to_owned();
+        self.connection.with(move |c| {
+            c.query_opt("SELECT api FROM qw_workers WHERE id = $1", &[&worker])
+                .map(|row| row.map(|r| r.get(0)))
+                .map_err(db)
+        })
+    }
 }
 
 fn status_of(row: &postgres::Row) -> JobStatus {
@@ -515,5 +546,6 @@ fn status_of(row: &postgres::Row) -> JobStatus {
         report: row
             .get::<_, Option<String>>(4)
             .and_then(|r| serde_json::from_str(&r).ok()),
+        worker: row.get(5),
     }
 }

@@ -35,6 +35,11 @@ CREATE TABLE IF NOT EXISTS runs (
     reason TEXT,
     PRIMARY KEY (job_id, run_id)
 );
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,
+    api TEXT NOT NULL,
+    seen_ms INTEGER NOT NULL
+);
 ";
 
 /// The embedded queue: one SQLite database in WAL mode. Claims take the write lock
@@ -401,7 +406,9 @@ impl Queue for SqliteQueue {
     fn status(&self, job_id: &str) -> Result<JobStatus, QueueError> {
         self.with(|c| {
             c.query_row(
-                "SELECT id, state, run_id, runs, report FROM jobs WHERE id = ?1",
+                "SELECT id, state, run_id, runs, report,
+                 (SELECT worker FROM runs WHERE runs.job_id = jobs.id AND runs.run_id = jobs.run_id)
+                 FROM jobs WHERE id = ?1",
                 [job_id],
                 |r| {
                     Ok((
@@ -410,17 +417,19 @@ impl Queue for SqliteQueue {
                         r.get::<_, i64>(2)?,
                         r.get::<_, i64>(3)?,
                         r.get::<_, Option<String>>(4)?,
+                        r.get::<_, Option<String>>(5)?,
                     ))
                 },
             )
             .optional()
             .map_err(db)?
-            .map(|(id, state, run_id, runs, report)| JobStatus {
+            .map(|(id, state, run_id, runs, report, worker)| JobStatus {
                 job_id: id,
                 state: JobState::parse(&state).unwrap_or(JobState::Exception),
                 run_id: u32::try_from(run_id).unwrap_or(0),
                 runs: u32::try_from(runs).unwrap_or(0),
                 report: report.and_then(|r| serde_json::from_str(&r).ok()),
+                worker,
             })
             .ok_or_else(|| QueueError::NotFound {
                 job_id: job_id.to_owned(),
@@ -436,6 +445,28 @@ impl Queue for SqliteQueue {
 
     fn reopen(&self) -> Result<Box<dyn Queue>, QueueError> {
         Ok(Box::new(Self::open(&self.path)?))
+    }
+
+    fn record_api(&self, worker: &str, url: &str, now_ms: u64) -> Result<(), QueueError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO workers (id, api, seen_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET api = ?2, seen_ms = ?3",
+                params![worker, url, now_ms as i64],
+            )
+            .map(drop)
+            .map_err(db)
+        })
+    }
+
+    fn api_of(&self, worker: &str) -> Result<Option<String>, QueueError> {
+        self.with(|c| {
+            c.query_row("SELECT api FROM workers WHERE id = ?1", [worker], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(db)
+        })
     }
 }
 

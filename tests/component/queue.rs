@@ -60,6 +60,7 @@ conformance!(
     jobs_are_listed_newest_first_and_by_state,
     deadlines_end_pending_and_running_jobs,
     a_canceled_job_whose_run_is_lost_or_released_is_not_run_again,
+    a_status_names_the_worker_of_the_latest_run_and_workers_record_their_api,
 );
 
 fn job(payload: &str, priority: i32) -> NewJob {
@@ -418,4 +419,49 @@ fn sqlite_databases_opened_at_once_by_many_processes_all_open() {
             );
         }
     }
+}
+
+fn a_status_names_the_worker_of_the_latest_run_and_workers_record_their_api(q: &dyn Queue) {
+    let id = q.enqueue(&job("a", 0), 1).expect("enqueue");
+    assert_eq!(q.status(&id).expect("status").worker, None, "never claimed");
+    let first = q
+        .claim("worker-a", LEASE, 1)
+        .expect("claim")
+        .expect("the job");
+    assert_eq!(first.created_ms, 1);
+    assert_eq!(
+        q.status(&id).expect("status").worker.as_deref(),
+        Some("worker-a")
+    );
+    // Its lease runs out; worker-b's run is now the latest, and stays named once it ended.
+    q.expire(1 + LEASE.as_millis() as u64 + 1).expect("expire");
+    let second = q
+        .claim("worker-b", LEASE, 1 + LEASE.as_millis() as u64 + 2)
+        .expect("claim")
+        .expect("the job again");
+    q.resolve(
+        &second,
+        &ResultReport::new(Resolution::Completed, Vec::new()),
+    )
+    .expect("resolve");
+    let status = q.status(&id).expect("status");
+    assert_eq!(
+        (status.run_id, status.worker.as_deref()),
+        (2, Some("worker-b"))
+    );
+    assert_eq!(
+        q.list(None).expect("list")[0].worker.as_deref(),
+        Some("worker-b")
+    );
+
+    assert_eq!(q.api_of("worker-a").expect("api_of"), None);
+    q.record_api("worker-a", "http://10.0.0.1:9477", 5)
+        .expect("record");
+    q.record_api("worker-a", "http://10.0.0.2:9477", 6)
+        .expect("record again");
+    assert_eq!(
+        q.api_of("worker-a").expect("api_of").as_deref(),
+        Some("http://10.0.0.2:9477")
+    );
+    assert_eq!(q.api_of("worker-b").expect("api_of"), None);
 }

@@ -74,7 +74,97 @@ fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &[u8]) -
     {
         body = dechunk(&body);
     }
-    Reply { status, head, body }
+    let reply = Reply { status, head, body };
+    conforms(method, path, &reply);
+    reply
+}
+
+/// Checks a real reply against schemas/worker-api.openapi.json: its status is one the
+/// document lists for the path and method, its media type is the documented one, and a
+/// JSON body validates against the documented schema.
+fn conforms(method: &str, path: &str, reply: &Reply) {
+    static DOC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    let doc = DOC.get_or_init(|| {
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../schemas/worker-api.openapi.json");
+        serde_json::from_str(&std::fs::read_to_string(file).expect("the committed document"))
+            .expect("JSON")
+    });
+    let route = path.split('?').next().unwrap_or(path);
+    let template = match route
+        .trim_matches('/')
+        .split('/')
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["healthz" | "readyz" | "metrics" | "v1"] | ["v1", "jobs"] => route.to_owned(),
+        ["v1", "jobs", _] => "/v1/jobs/{id}".to_owned(),
+        ["v1", "jobs", _, leaf] => format!("/v1/jobs/{{id}}/{leaf}"),
+        ["v1", "jobs", _, "artifacts", ..] => "/v1/jobs/{id}/artifacts/{name}".to_owned(),
+        _ => return, // an unknown path: 404 not-found, in no path of the document
+    };
+    let Some(operation) = doc["paths"][&template]
+        .get(method.to_ascii_lowercase())
+        .filter(|_| reply.status != 405)
+    else {
+        assert_eq!(
+            reply.status, 405,
+            "{method} {template} is not in the document"
+        );
+        return;
+    };
+    let mut documented = &operation["responses"][reply.status.to_string()];
+    if let Some(reference) = documented["$ref"].as_str() {
+        documented = doc
+            .pointer(reference.trim_start_matches('#'))
+            .expect("a resolvable reference");
+    }
+    assert!(
+        documented.is_object(),
+        "{method} {template} answered {}, which the document does not list: {}",
+        reply.status,
+        String::from_utf8_lossy(&reply.body)
+    );
+    let content_type = reply
+        .head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type: ")
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let media = documented["content"]
+        .as_object()
+        .expect("documented content");
+    let Some((documented_type, entry)) = media.iter().find(|(name, _)| {
+        let name = name.to_ascii_lowercase();
+        name == content_type || name == "application/octet-stream"
+    }) else {
+        panic!(
+            "{method} {template} {}: Content-Type {content_type:?} is not one of {:?}",
+            reply.status,
+            media.keys().collect::<Vec<_>>()
+        );
+    };
+    if documented_type == "application/json" {
+        let mut schema = doc.clone();
+        schema["$ref"] = entry["schema"]["$ref"].clone();
+        if schema["$ref"].is_null() {
+            schema = serde_json::json!({"$defs": {}, "components": doc["components"], "allOf": [entry["schema"]]});
+        }
+        let validator = jsonschema::draft202012::new(&schema).expect("the schema compiles");
+        let body = reply.json();
+        let problems: Vec<String> = validator
+            .iter_errors(&body)
+            .map(|e| format!("{e} at {}", e.instance_path()))
+            .collect();
+        assert!(
+            problems.is_empty(),
+            "{method} {template} {}: {problems:?} in {body}",
+            reply.status
+        );
+    }
 }
 
 fn dechunk(mut raw: &[u8]) -> Vec<u8> {
@@ -729,6 +819,55 @@ fn two_workers_serve_the_api_with_scoped_tokens_and_prometheus_counts_their_jobs
         passed_log.body, holder_log,
         "the log through the other worker"
     );
+    // The CLI with --server, through the other worker's API: the same bytes as the
+    // holder has, and the same status as the queue database gives.
+    let through = |args: &[&str]| {
+        let mut command = workers[other].command(args);
+        command
+            .args(["--server", &format!("http://127.0.0.1:{}", ports[other])])
+            .env("QEMU_WORKER_TOKEN", READ_TOKEN);
+        let output = command.output().expect("qemu-worker runs");
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output.stdout
+    };
+    assert_eq!(
+        through(&["logs", "--follow", &with_artifact]),
+        holder_log,
+        "logs --follow --server"
+    );
+    let copied = workers[other].dir().join("copied");
+    let copied_text = copied.display().to_string();
+    through(&["artifacts", &with_artifact, "--out", &copied_text]);
+    assert_eq!(
+        std::fs::read(copied.join("public/dir/a.txt")).expect("the artifact copied"),
+        b"0123456789abcdef"
+    );
+    let remote_status: serde_json::Value =
+        serde_json::from_slice(&through(&["status", "--json", &with_artifact])).expect("JSON");
+    let local_status = workers[holder].cli(&["status", "--json", &with_artifact]);
+    assert_eq!(
+        remote_status,
+        serde_json::from_slice::<serde_json::Value>(&local_status.stdout).expect("JSON")
+    );
+    assert_eq!(
+        remote_status["worker"].as_str().map(str::is_empty),
+        Some(false)
+    );
+    let listed = String::from_utf8(through(&["jobs", "--state", "completed"])).expect("text");
+    assert!(listed.contains(&with_artifact), "{listed}");
+    let refused = workers[other]
+        .command(&["cancel", &with_artifact])
+        .args(["--server", &format!("http://127.0.0.1:{}", ports[other])])
+        .env("QEMU_WORKER_TOKEN", READ_TOKEN)
+        .output()
+        .expect("qemu-worker runs");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(3), "{said}");
+    assert!(said.contains("403 forbidden"), "{said}");
     let no_token = http(
         ports[other],
         "GET",
@@ -907,5 +1046,17 @@ fn two_workers_serve_the_api_with_scoped_tokens_and_prometheus_counts_their_jobs
             .as_str()
             .is_some_and(|m| m.contains("the job ran on worker ") && m.contains(&holder_id)),
         "names the worker: {said}"
+    );
+    let cli_gone = workers[other]
+        .command(&["logs", &with_artifact])
+        .args(["--server", &format!("http://127.0.0.1:{}", ports[other])])
+        .env("QEMU_WORKER_TOKEN", READ_TOKEN)
+        .output()
+        .expect("qemu-worker runs");
+    let said = String::from_utf8_lossy(&cli_gone.stderr);
+    assert_eq!(cli_gone.status.code(), Some(3), "{said}");
+    assert!(
+        said.contains("502 holder-unreachable") && said.contains(&holder_id),
+        "logs --server names the worker: {said}"
     );
 }

@@ -3,7 +3,11 @@
 //! each behind a bearer token with a scope.
 
 mod auth;
+pub mod client;
 mod metrics;
+pub mod model;
+mod openapi;
+mod tls;
 
 use std::convert::Infallible;
 use std::path::PathBuf;
@@ -23,6 +27,8 @@ use tokio::task::JoinSet;
 
 pub use auth::{Refusal, Tokens, new_token};
 pub use metrics::Metrics;
+pub use openapi::openapi_document;
+pub use tls::{TlsError, load_tls};
 
 use crate::config::{ApiListen, Scope};
 use crate::image::ImageCache;
@@ -55,8 +61,8 @@ pub struct ApiState {
     /// This worker's id in the queue: a job whose latest run was another worker's is
     /// passed on to that worker's API.
     pub worker_id: String,
-    /// For passing requests on (built on first use).
-    pub client: std::sync::OnceLock<reqwest::Client>,
+    /// For passing requests on (trusting worker.yml `client.caFile` too).
+    pub client: reqwest::Client,
 }
 
 /// The running API; dropping it stops it and removes its socket.
@@ -82,8 +88,12 @@ enum Listener {
     Tcp(tokio::net::TcpListener),
 }
 
-/// Starts the API where `listen` says (`None` for `off`).
-pub async fn start_api(listen: &ApiListen, state: ApiState) -> std::io::Result<Option<ApiHandle>> {
+/// Starts the API where `listen` says (`None` for `off`); HTTPS on TCP with `tls`.
+pub async fn start_api(
+    listen: &ApiListen,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    state: ApiState,
+) -> std::io::Result<Option<ApiHandle>> {
     let (listener, socket, address) = match listen {
         ApiListen::Off => return Ok(None),
         ApiListen::Unix(path) => {
@@ -127,7 +137,25 @@ pub async fn start_api(listen: &ApiListen, state: ApiState) -> std::io::Result<O
                         continue;
                     };
                     let _ = stream.set_nodelay(true);
-                    connections.spawn(serve_connection(TokioIo::new(stream), state));
+                    match &tls {
+                        None => {
+                            connections.spawn(serve_connection(TokioIo::new(stream), state));
+                        }
+                        Some(config) => {
+                            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
+                            connections.spawn(async move {
+                                // A client that never finishes its handshake holds a
+                                // connection slot for no longer than a request head may.
+                                let handshake = tokio::time::timeout(
+                                    Duration::from_secs(10),
+                                    acceptor.accept(stream),
+                                );
+                                if let Ok(Ok(stream)) = handshake.await {
+                                    serve_connection(TokioIo::new(stream), state).await;
+                                }
+                            });
+                        }
+                    }
                 }
             }
         }
@@ -187,7 +215,10 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> Reply {
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Reply {
     json(
         status,
-        &serde_json::json!({"code": code, "message": message.into()}),
+        &model::ApiError {
+            code: code.to_owned(),
+            message: message.into(),
+        },
     )
 }
 
@@ -272,7 +303,12 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Reply {
         }
     }
     match (&method, segments.as_slice()) {
-        (&Method::GET, ["healthz"]) => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        (&Method::GET, ["healthz"]) => json(
+            StatusCode::OK,
+            &model::Health {
+                status: "ok".to_owned(),
+            },
+        ),
         (&Method::GET, ["readyz"]) => readyz(state).await,
         (&Method::GET, ["metrics"]) => {
             let exposition = state.metrics.render(&state.cache).await;
@@ -312,7 +348,7 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Reply {
         (&Method::POST, ["v1", "jobs", id, "cancel"]) => {
             let (queue, id) = (Arc::clone(&state.queue), (*id).to_owned());
             match blocking(move || queue.cancel(&id)).await {
-                Ok(job_state) => json(StatusCode::OK, &serde_json::json!({"state": job_state})),
+                Ok(job_state) => json(StatusCode::OK, &model::Canceled { state: job_state }),
                 Err(e) => queue_error(&e),
             }
         }
@@ -398,12 +434,12 @@ async fn readyz(state: &ApiState) -> Reply {
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         },
-        &serde_json::json!({
-            "ready": ready,
-            "queue": show(&queue_check),
-            "imageCache": show(&cache_check),
-            "accelerator": accelerator.unwrap_or_else(|| show(&accelerator_check.map(drop))),
-        }),
+        &model::Readiness {
+            ready,
+            queue: show(&queue_check),
+            image_cache: show(&cache_check),
+            accelerator: accelerator.unwrap_or_else(|| show(&accelerator_check.map(drop))),
+        },
     )
 }
 
@@ -464,14 +500,12 @@ async fn list(state: &ApiState, query: &[(String, String)]) -> Reply {
         },
         None => 0,
     };
-    let page: Vec<_> = jobs.iter().skip(start).take(limit).collect();
-    let next = (start + page.len() < jobs.len())
+    let total = jobs.len();
+    let page: Vec<_> = jobs.into_iter().skip(start).take(limit).collect();
+    let next = (start + page.len() < total)
         .then(|| page.last().map(|j| j.job_id.clone()))
         .flatten();
-    json(
-        StatusCode::OK,
-        &serde_json::json!({"jobs": page, "next": next}),
-    )
+    json(StatusCode::OK, &model::JobPage { jobs: page, next })
 }
 
 async fn submit(state: &ApiState, request: Request<Incoming>) -> Reply {
@@ -553,7 +587,7 @@ async fn submit(state: &ApiState, request: Request<Incoming>) -> Reply {
     };
     let queue = Arc::clone(&state.queue);
     match blocking(move || queue.enqueue(&job, now_ms())).await {
-        Ok(id) => json(StatusCode::CREATED, &serde_json::json!({"jobId": id})),
+        Ok(id) => json(StatusCode::CREATED, &model::Submitted { job_id: id }),
         Err(e) => queue_error(&e),
     }
 }
@@ -743,14 +777,7 @@ async fn pass_on(
         .path_and_query()
         .map_or("/", hyper::http::uri::PathAndQuery::as_str);
     let url = format!("{base}{path}");
-    crate::image::install_crypto_provider();
-    let client = state.client.get_or_init(|| {
-        reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .unwrap_or_default()
-    });
-    let mut forwarded = client.get(&url).header(PASSED_ON, "1");
+    let mut forwarded = state.client.get(&url).header(PASSED_ON, "1");
     for name in [AUTHORIZATION, hyper::header::RANGE] {
         if let Some(value) = request.headers().get(&name) {
             forwarded = forwarded.header(name.as_str(), value.as_bytes());

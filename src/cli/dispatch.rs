@@ -11,7 +11,7 @@ use qemu_worker::schema::write_schemas;
 use super::exit::{EXIT_OTHER, EXIT_USAGE, ExitWith, Failure};
 use super::job::read_payload;
 use super::model::{Cli, Command, LogFormat, TokenCommand, TokenScope};
-use super::{image, job, queue, serve, vm};
+use super::{image, job, queue, remote, serve, vm};
 
 pub(crate) fn main() -> ExitCode {
     // The guestfwd helper runs once per guest connection: skip everything else.
@@ -60,6 +60,22 @@ pub(crate) fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode, Failure> {
     let config = cli.config.as_deref();
     let load = || load_config(config).exit_with(EXIT_OTHER);
+    let server = cli.server;
+    let queue_command = matches!(
+        cli.command,
+        Command::Submit { .. }
+            | Command::Status { .. }
+            | Command::Jobs { .. }
+            | Command::Logs { .. }
+            | Command::Artifacts { .. }
+            | Command::Cancel { .. }
+    );
+    if server.is_some() && !queue_command {
+        return Err(anyhow::anyhow!(
+            "--server applies to submit, status, jobs, logs, artifacts and cancel"
+        ))
+        .exit_with(EXIT_USAGE);
+    }
     match cli.command {
         Command::Validate { payload, json } => job::validate(&load()?, &payload, json),
         Command::Run { payload, json } => {
@@ -76,12 +92,48 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             priority,
             max_runs,
             deadline,
-        } => queue::submit(&load()?, &payload, priority, max_runs, deadline),
-        Command::Status { job, json } => queue::status(&load()?, &job, json),
-        Command::Jobs { state } => queue::jobs(&load()?, state),
-        Command::Logs { job, follow } => queue::logs(&load()?, &job, follow),
-        Command::Artifacts { job, out } => queue::artifacts(&load()?, &job, &out),
-        Command::Cancel { job } => queue::cancel(&load()?, &job),
+        } => {
+            let loaded = load()?;
+            match api_client(&loaded, server.as_deref())? {
+                Some(c) => block_on(remote::submit(&c, &payload, priority, max_runs, deadline)),
+                None => queue::submit(&loaded, &payload, priority, max_runs, deadline),
+            }
+        }
+        Command::Status { job, json } => {
+            let loaded = load()?;
+            match api_client(&loaded, server.as_deref())? {
+                Some(c) => block_on(remote::status(&c, &job, json)),
+                None => queue::status(&loaded, &job, json),
+            }
+        }
+        Command::Jobs { state } => {
+            let loaded = load()?;
+            match api_client(&loaded, server.as_deref())? {
+                Some(c) => block_on(remote::jobs(&c, state)),
+                None => queue::jobs(&loaded, state),
+            }
+        }
+        Command::Logs { job, follow } => {
+            let loaded = load()?;
+            match api_client(&loaded, server.as_deref())? {
+                Some(c) => block_on(remote::logs(&c, &job, follow)),
+                None => queue::logs(&loaded, &job, follow),
+            }
+        }
+        Command::Artifacts { job, out } => {
+            let loaded = load()?;
+            match api_client(&loaded, server.as_deref())? {
+                Some(c) => block_on(remote::artifacts(&c, &job, &out)),
+                None => queue::artifacts(&loaded, &job, &out),
+            }
+        }
+        Command::Cancel { job } => {
+            let loaded = load()?;
+            match api_client(&loaded, server.as_deref())? {
+                Some(c) => block_on(remote::cancel(&c, &job)),
+                None => queue::cancel(&loaded, &job),
+            }
+        }
         Command::Schema { out } => {
             let written = write_schemas(&out).exit_with(EXIT_OTHER)?;
             for path in written {
@@ -126,6 +178,21 @@ fn new_token(name: &str, scope: TokenScope) -> Result<ExitCode, Failure> {
         "{token}\n# worker.yml, under api.tokens:\n- {{name: \"{name}\", scope: {scope}, sha256: {sha256}}}\n"
     ))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The API client when `--server` or worker.yml `client.server` names a server; `None`
+/// when the command opens the queue database itself.
+fn api_client(
+    loaded: &qemu_worker::config::LoadedConfig,
+    server: Option<&str>,
+) -> Result<Option<qemu_worker::api::client::ApiClient>, Failure> {
+    let client = &loaded.config.client;
+    let Some(server) = server.or(client.server.as_deref()) else {
+        return Ok(None);
+    };
+    qemu_worker::api::client::ApiClient::new(server, client)
+        .map(Some)
+        .exit_with(EXIT_USAGE)
 }
 
 /// Runs an async command on a multi-threaded runtime of its own.

@@ -8,6 +8,7 @@ mod job;
 mod model;
 mod notify;
 mod queue;
+mod remote;
 mod serve;
 mod vm;
 

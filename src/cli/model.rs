@@ -18,6 +18,12 @@ pub(super) struct Cli {
     /// job and run ids as fields) for log collectors.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub(super) log_format: LogFormat,
+    /// Send submit, status, jobs, logs, artifacts and cancel to this worker's API
+    /// (http://HOST:PORT, https://HOST:PORT or unix:PATH) instead of opening the queue
+    /// database [default: worker.yml client.server]. The token comes from
+    /// QEMU_WORKER_TOKEN, else worker.yml client.tokenFile.
+    #[arg(long, global = true, value_name = "URL")]
+    pub(super) server: Option<String>,
     #[command(subcommand)]
     pub(super) command: Command,
 }

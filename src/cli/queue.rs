@@ -24,7 +24,7 @@ pub(super) fn submit(
         payload: text,
         priority,
         max_runs: max_runs.max(1),
-        deadline_ms: deadline.map(|s| now_ms().saturating_add(s.saturating_mul(1000))),
+        deadline_ms: deadline_ms(deadline),
     };
     let id = queue.enqueue(&job, now_ms()).exit_with(EXIT_OTHER)?;
     print(&format!("{id}\n"))?;
@@ -33,8 +33,16 @@ pub(super) fn submit(
 
 pub(super) fn status(loaded: &LoadedConfig, job: &str, json: bool) -> Result<ExitCode, Failure> {
     let status = open_queue(loaded)?.status(job).exit_with(EXIT_USAGE)?;
+    print_status(&status, json)
+}
+
+/// What `status` prints, from the database or the API.
+pub(super) fn print_status(
+    status: &qemu_worker::queue::JobStatus,
+    json: bool,
+) -> Result<ExitCode, Failure> {
     if json {
-        print(&(serde_json::to_string_pretty(&status).exit_with(EXIT_OTHER)? + "\n"))?;
+        print(&(serde_json::to_string_pretty(status).exit_with(EXIT_OTHER)? + "\n"))?;
     } else {
         let mut out = format!(
             "{} {} (run {} of {})\n",
@@ -57,19 +65,30 @@ pub(super) fn status(loaded: &LoadedConfig, job: &str, json: bool) -> Result<Exi
 }
 
 pub(super) fn jobs(loaded: &LoadedConfig, state: Option<String>) -> Result<ExitCode, Failure> {
-    let state = match state {
-        Some(text) => Some(
+    let state = parse_state(state)?;
+    let jobs = open_queue(loaded)?.list(state).exit_with(EXIT_OTHER)?;
+    print_jobs(&jobs)
+}
+
+/// `--state`'s value.
+pub(super) fn parse_state(
+    state: Option<String>,
+) -> Result<Option<qemu_worker::queue::JobState>, Failure> {
+    state
+        .map(|text| {
             qemu_worker::queue::JobState::parse(&text)
                 .ok_or_else(|| {
                     anyhow::anyhow!(
                         "unknown state {text:?}: pending, running, completed, failed or exception"
                     )
                 })
-                .exit_with(EXIT_USAGE)?,
-        ),
-        None => None,
-    };
-    let jobs = open_queue(loaded)?.list(state).exit_with(EXIT_OTHER)?;
+                .exit_with(EXIT_USAGE)
+        })
+        .transpose()
+}
+
+/// What `jobs` prints, from the database or the API.
+pub(super) fn print_jobs(jobs: &[qemu_worker::queue::JobStatus]) -> Result<ExitCode, Failure> {
     let out: String = jobs
         .iter()
         .map(|j| format!("{}  {:<9}  run {}\n", j.job_id, j.state.as_str(), j.run_id))
@@ -96,6 +115,14 @@ pub(super) fn artifacts(loaded: &LoadedConfig, job: &str, out: &Path) -> Result<
 
 pub(super) fn cancel(loaded: &LoadedConfig, job: &str) -> Result<ExitCode, Failure> {
     let state = open_queue(loaded)?.cancel(job).exit_with(EXIT_USAGE)?;
+    print_canceled(job, state)
+}
+
+/// What `cancel` prints, from the database or the API.
+pub(super) fn print_canceled(
+    job: &str,
+    state: qemu_worker::queue::JobState,
+) -> Result<ExitCode, Failure> {
     print(&format!(
         "{job}: {}\n",
         match state {
@@ -106,6 +133,10 @@ pub(super) fn cancel(loaded: &LoadedConfig, job: &str) -> Result<ExitCode, Failu
         }
     ))?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn deadline_ms(deadline: Option<u64>) -> Option<u64> {
+    deadline.map(|s| now_ms().saturating_add(s.saturating_mul(1000)))
 }
 
 fn now_ms() -> u64 {
@@ -158,17 +189,7 @@ fn copy_listed(
     std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
     for artifact in artifacts {
         let name = Path::new(&artifact.name);
-        anyhow::ensure!(
-            name.components()
-                .all(|c| matches!(c, std::path::Component::Normal(_))),
-            "the report lists an unsafe artifact name {:?}",
-            artifact.name
-        );
-        let target = to.join(name);
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("cannot create {}", parent.display()))?;
-        }
+        let target = target_of(artifact, to)?;
         let copied = std::fs::copy(from.join(name), &target)
             .with_context(|| format!("cannot copy the artifact {}", artifact.name))?;
         anyhow::ensure!(
@@ -179,4 +200,28 @@ fn copy_listed(
         );
     }
     Ok(artifacts.len())
+}
+
+/// Where an artifact goes under `to` (its parent made); a name that is not a plain
+/// relative path is refused, whoever sent the report.
+pub(super) fn target_of(
+    artifact: &qemu_worker::job::ArtifactRecord,
+    to: &Path,
+) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    let name = Path::new(&artifact.name);
+    anyhow::ensure!(
+        !artifact.name.is_empty()
+            && name
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_))),
+        "the report lists an unsafe artifact name {:?}",
+        artifact.name
+    );
+    let target = to.join(name);
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    Ok(target)
 }

@@ -20,8 +20,24 @@ pub(super) async fn serve(loaded: &LoadedConfig) -> Result<ExitCode, Failure> {
     let metrics = std::sync::Arc::new(qemu_worker::api::Metrics::new(loaded.config.capacity));
     let worker_id = format!("{}-{}", hostname(), std::process::id());
     let listen = loaded.config.api_listen();
+    let tls = match (&loaded.config.api.tls, &listen) {
+        (None, _) => None,
+        (Some(tls), qemu_worker::config::ApiListen::Tcp(_)) => {
+            Some(qemu_worker::api::load_tls(tls).exit_with(EXIT_OTHER)?)
+        }
+        (Some(_), _) => {
+            return Err(anyhow::anyhow!(
+                "worker.yml api.tls needs a TCP api.listen (HOST:PORT), not {listen}"
+            ))
+            .exit_with(EXIT_OTHER);
+        }
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let client =
+        qemu_worker::api::client::http_client(&loaded.config.client).exit_with(EXIT_OTHER)?;
     let api = qemu_worker::api::start_api(
         &listen,
+        tls,
         qemu_worker::api::ApiState {
             queue: queue.clone(),
             cache: cache.clone(),
@@ -29,7 +45,7 @@ pub(super) async fn serve(loaded: &LoadedConfig) -> Result<ExitCode, Failure> {
             tokens: qemu_worker::api::Tokens::new(&loaded.config.api.tokens),
             state_dir: loaded.config.state_dir.clone(),
             worker_id: worker_id.clone(),
-            client: Default::default(),
+            client,
         },
     )
     .await
@@ -40,7 +56,7 @@ pub(super) async fn serve(loaded: &LoadedConfig) -> Result<ExitCode, Failure> {
     // Where the other workers of a pool pass requests for this worker's files.
     let advertise = loaded.config.api.advertise.clone().or_else(|| {
         let address: std::net::SocketAddr = api.as_ref()?.address.parse().ok()?;
-        (!address.ip().is_unspecified()).then(|| format!("http://{address}"))
+        (!address.ip().is_unspecified()).then(|| format!("{scheme}://{address}"))
     });
     match &advertise {
         Some(url) => {

@@ -7,7 +7,7 @@ mod model;
 pub use byte_size::ByteSize;
 pub use load::{ConfigError, ConfigSource, EMBEDDED_DEFAULT, LoadedConfig, load_config};
 pub use model::{
-    AcceleratorChoice, ApiConfig, ApiListen, ApiToken, ArtifactStoreConfig, CloudInitConfig,
-    FirmwareConfig, ImageCacheConfig, LogConfig, MetadataConfig, NetworkBackend, NetworkConfig,
-    QueueConfig, Scope, SnapshotConfig, Timeouts, WorkerConfig,
+    AcceleratorChoice, ApiConfig, ApiListen, ApiTls, ApiToken, ArtifactStoreConfig, ClientConfig,
+    CloudInitConfig, FirmwareConfig, ImageCacheConfig, LogConfig, MetadataConfig, NetworkBackend,
+    NetworkConfig, QueueConfig, Scope, SnapshotConfig, Timeouts, WorkerConfig,
 };

@@ -49,6 +49,28 @@ pub struct WorkerConfig {
     pub snapshots: SnapshotConfig,
     #[serde(default)]
     pub api: ApiConfig,
+    #[serde(default)]
+    pub client: ClientConfig,
+}
+
+/// How the CLI's queue commands (`submit`, `status`, `jobs`, `logs`, `artifacts`,
+/// `cancel`) reach a worker's API instead of opening the queue database, and what this
+/// worker trusts when it passes requests on to the others of its pool.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClientConfig {
+    /// `http://HOST:PORT`, `https://HOST:PORT` or `unix:PATH`; `--server` overrides it.
+    /// Unset: the commands open the queue database themselves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^(unix:.+|https?://[^/]+/?)$"))]
+    pub server: Option<String>,
+    /// A file holding the bearer token (`QEMU_WORKER_TOKEN` overrides it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// PEM certificates of the CAs (or the self-signed certificates) that HTTPS servers
+    /// are checked against, besides the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The HTTP API of `qemu-worker serve` (docs/api.md): health, Prometheus metrics, and
@@ -57,14 +79,16 @@ pub struct WorkerConfig {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ApiConfig {
     /// `unix:PATH` (a socket only its owner may use; relative to worker.yml), or
-    /// `HOST:PORT` for TCP (plain HTTP: put it on loopback or a private network). By
+    /// `HOST:PORT` for TCP (HTTPS with `tls`, else plain HTTP: then put it on loopback
+    /// or a private network). By
     /// default `unix:<stateDir>/api.sock`; `off` serves no API.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(r"^(off|unix:.+|\[?[0-9A-Za-z.:-]+\]?:[0-9]{1,5})$"))]
     pub listen: Option<String>,
     /// The base URL other workers of a PostgreSQL pool reach this API at, to pass on
     /// requests for the logs, artifacts and screenshots this worker holds. By default
-    /// `http://HOST:PORT` of a TCP `listen` on a specific address; none for a unix
+    /// `http://HOST:PORT` (`https://` with `tls`) of a TCP `listen` on a specific
+    /// address; none for a unix
     /// socket or an unspecified address (0.0.0.0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(r"^https?://[^/]+$"))]
@@ -74,6 +98,19 @@ pub struct ApiConfig {
     /// `/healthz` and `/readyz` needs one.
     #[serde(default)]
     pub tokens: Vec<ApiToken>,
+    /// Serve HTTPS on a TCP `listen` (rustls; TLS 1.2 and 1.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ApiTls>,
+}
+
+/// The API's certificate and key (PEM files, read when `serve` starts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ApiTls {
+    /// The certificate chain, leaf first.
+    pub certificate: PathBuf,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 /// One API bearer token.
@@ -543,6 +580,21 @@ impl WorkerConfig {
             && let Some(path) = listen.strip_prefix("unix:")
         {
             self.api.listen = Some(format!("unix:{}", absolute(Path::new(path)).display()));
+        }
+        if let Some(tls) = &mut self.api.tls {
+            tls.certificate = absolute(&tls.certificate);
+            tls.key = absolute(&tls.key);
+        }
+        for file in [&mut self.client.token_file, &mut self.client.ca_file]
+            .into_iter()
+            .flatten()
+        {
+            *file = absolute(file);
+        }
+        if let Some(server) = &self.client.server
+            && let Some(path) = server.strip_prefix("unix:")
+        {
+            self.client.server = Some(format!("unix:{}", absolute(Path::new(path)).display()));
         }
     }
 

@@ -56,13 +56,17 @@ pub struct ExpiredRun {
     pub requeued: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+/// A job's state and, once it ended, its result report (`status --json`, the API).
+#[derive(
+    Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub struct JobStatus {
     pub job_id: String,
     pub state: JobState,
     /// The latest run (0 before the first claim).
     pub run_id: u32,
+    /// Runs the job has had.
     pub runs: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub report: Option<ResultReport>,

@@ -31,7 +31,7 @@ pub enum SchemaWriteError {
 }
 
 /// Every schema the project publishes, generated from the Rust types: the JSON Schemas
-/// of its documents and the OpenAPI description of the metadata service.
+/// of its documents and the OpenAPI descriptions of the metadata service and the API.
 pub fn schema_files() -> Vec<SchemaFile> {
     let pretty = |value: &Value| {
         let mut text = serde_json::to_string_pretty(value)
@@ -49,6 +49,10 @@ pub fn schema_files() -> Vec<SchemaFile> {
     files.push(SchemaFile {
         file_name: "metadata-api.openapi.json",
         text: pretty(&crate::metadata::openapi_document()),
+    });
+    files.push(SchemaFile {
+        file_name: "worker-api.openapi.json",
+        text: pretty(&crate::api::openapi_document()),
     });
     files
 }

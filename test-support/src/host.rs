@@ -3,14 +3,15 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-/// Fails the test with the package to install when `program` is missing.
+/// Fails the test with the package to install when `program` is missing (it need not
+/// know `--version`: `openssl` does not; that it starts is enough).
 pub fn require(program: &str, package: &str) {
     let found = Command::new(program)
         .arg("--version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .is_ok_and(|s| s.success());
+        .is_ok();
     assert!(
         found,
         "`{program}` is missing: install it with `apt-get install {package}` \

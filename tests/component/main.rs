@@ -3,6 +3,7 @@
 //! test image are in engine-tests. One binary for all of them, as nextest's own
 //! workspace does: one link, one process per test under nextest.
 
+mod api;
 mod cli;
 mod datasource;
 mod image_archive;

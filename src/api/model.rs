@@ -1,0 +1,56 @@
+//! The API's JSON replies: what the handlers send, what `--server` clients read, and
+//! what schemas/worker-api.openapi.json describes (generated from these types).
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::queue::{JobState, JobStatus};
+
+/// `GET /healthz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Health {
+    /// Always `ok`: the process serves.
+    pub status: String,
+}
+
+/// `GET /readyz`: each check is `ok` or says what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Readiness {
+    pub ready: bool,
+    pub queue: String,
+    pub image_cache: String,
+    /// The accelerator jobs run with (`kvm` or `tcg`), or why none is decided.
+    pub accelerator: String,
+}
+
+/// One page of `GET /v1/jobs`, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct JobPage {
+    pub jobs: Vec<JobStatus>,
+    /// Pass as `after` for the next page; null on the last.
+    pub next: Option<String>,
+}
+
+/// `POST /v1/jobs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Submitted {
+    pub job_id: String,
+}
+
+/// `POST /v1/jobs/ID/cancel`: `exception` (canceled while pending), `running` (stopped
+/// at its next heartbeat), or the state the job had already ended in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Canceled {
+    pub state: JobState,
+}
+
+/// Every error reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ApiError {
+    /// Stable and machine-readable (`no-such-job`, `forbidden`, ...: docs/api.md).
+    pub code: String,
+    /// For people: names the parameter, token, worker or file at fault.
+    pub message: String,
+}

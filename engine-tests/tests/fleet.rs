@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use engine_tests::{Job, Worker, base_config, wait_until, with_setting};
 use sha2::{Digest, Sha256};
+use test_support::http::Reply;
 use test_support::postgres::TestPostgres;
 use test_support::require;
 
@@ -23,58 +24,22 @@ fn free_port() -> u16 {
         .port()
 }
 
-struct Reply {
-    status: u16,
-    head: String,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "not JSON ({e}): {} {}",
-                self.status,
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-}
-
-/// One HTTP/1.1 request with `Connection: close`; the whole answer (de-chunked).
-fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> Reply {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .expect("timeout");
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
+/// A job's status through the API on `port`.
+fn status_of(port: u16, id: &str) -> serde_json::Value {
+    http(
+        port,
+        "GET",
+        &format!("/v1/jobs/{id}"),
+        Some(READ_TOKEN),
+        b"",
     )
-    .expect("request");
-    stream.write_all(body).expect("body");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("answer");
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a head");
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status");
-    let mut body = raw[split + 4..].to_vec();
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        body = dechunk(&body);
-    }
-    let reply = Reply { status, head, body };
+    .json()
+}
+
+/// One request (test_support's plain client), its reply checked against the OpenAPI
+/// document.
+fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> Reply {
+    let reply = test_support::http::request(port, method, path, token, body);
     conforms(method, path, &reply);
     reply
 }
@@ -126,14 +91,9 @@ fn conforms(method: &str, path: &str, reply: &Reply) {
         String::from_utf8_lossy(&reply.body)
     );
     let content_type = reply
-        .head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-type: ")
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
+        .header("content-type")
+        .unwrap_or_default()
+        .to_ascii_lowercase();
     let media = documented["content"]
         .as_object()
         .expect("documented content");
@@ -164,27 +124,6 @@ fn conforms(method: &str, path: &str, reply: &Reply) {
             "{method} {template} {}: {problems:?} in {body}",
             reply.status
         );
-    }
-}
-
-fn dechunk(mut raw: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = raw
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .expect("chunk size");
-        let size = usize::from_str_radix(
-            std::str::from_utf8(&raw[..line_end]).expect("hex").trim(),
-            16,
-        )
-        .expect("chunk size");
-        raw = &raw[line_end + 2..];
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&raw[..size]);
-        raw = &raw[size + 2..];
     }
 }
 
@@ -430,18 +369,7 @@ fn two_workers_serve_the_api_with_scoped_tokens_and_prometheus_counts_their_jobs
         Duration::from_millis(300),
         || {
             ids.iter()
-                .all(|id| {
-                    is_done(
-                        &http(
-                            ports[1],
-                            "GET",
-                            &format!("/v1/jobs/{id}"),
-                            Some(READ_TOKEN),
-                            b"",
-                        )
-                        .json(),
-                    )
-                })
+                .all(|id| is_done(&status_of(ports[1], id)))
                 .then_some(())
         },
     )
@@ -449,14 +377,7 @@ fn two_workers_serve_the_api_with_scoped_tokens_and_prometheus_counts_their_jobs
     let states: Vec<String> = ids
         .iter()
         .map(|id| {
-            http(
-                ports[1],
-                "GET",
-                &format!("/v1/jobs/{id}"),
-                Some(READ_TOKEN),
-                b"",
-            )
-            .json()["state"]
+            status_of(ports[1], id)["state"]
                 .as_str()
                 .expect("state")
                 .to_owned()
@@ -546,14 +467,7 @@ fn two_workers_serve_the_api_with_scoped_tokens_and_prometheus_counts_their_jobs
         );
         raw.extend_from_slice(&chunk[..n]);
     }
-    let during = http(
-        ports[1],
-        "GET",
-        &format!("/v1/jobs/{slow}"),
-        Some(READ_TOKEN),
-        b"",
-    )
-    .json();
+    let during = status_of(ports[1], &slow);
     assert_eq!(
         during["state"], "running",
         "the first line came while the job ran: {during}"
@@ -561,14 +475,7 @@ fn two_workers_serve_the_api_with_scoped_tokens_and_prometheus_counts_their_jobs
     stream.read_to_end(&mut raw).expect("the rest of the log");
     let text = String::from_utf8_lossy(&raw).into_owned();
     assert!(text.contains("second-line"), "{text}");
-    let after = http(
-        ports[1],
-        "GET",
-        &format!("/v1/jobs/{slow}"),
-        Some(READ_TOKEN),
-        b"",
-    )
-    .json();
+    let after = status_of(ports[1], &slow);
     assert_eq!(
         after["state"], "completed",
         "the stream ended with the job: {after}"
@@ -643,19 +550,7 @@ fn two_workers_serve_the_api_with_scoped_tokens_and_prometheus_counts_their_jobs
             "the job to end",
             Duration::from_secs(240),
             Duration::from_millis(300),
-            || {
-                is_done(
-                    &http(
-                        ports[1],
-                        "GET",
-                        &format!("/v1/jobs/{id}"),
-                        Some(READ_TOKEN),
-                        b"",
-                    )
-                    .json(),
-                )
-                .then_some(())
-            },
+            || is_done(&status_of(ports[1], id)).then_some(()),
         )
         .unwrap_or_else(|e| panic!("{e}; {}", both_logs()));
     };
@@ -881,14 +776,7 @@ fn two_workers_serve_the_api_with_scoped_tokens_and_prometheus_counts_their_jobs
     let mut all = ids.clone();
     all.extend([slow.clone(), cancel_me.clone(), with_artifact.clone()]);
     let state_of = |id: &str| {
-        http(
-            ports[1],
-            "GET",
-            &format!("/v1/jobs/{id}"),
-            Some(READ_TOKEN),
-            b"",
-        )
-        .json()["state"]
+        status_of(ports[1], id)["state"]
             .as_str()
             .expect("state")
             .to_owned()

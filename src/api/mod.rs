@@ -33,7 +33,7 @@ pub use tls::{TlsError, load_tls};
 use crate::config::{ApiListen, Scope};
 use crate::image::ImageCache;
 use crate::job::{JobDir, ResultReport};
-use crate::queue::{JobState, NewJob, Queue, QueueError};
+use crate::queue::{JobState, NewJob, Queue, QueueError, blocking};
 
 /// The largest payload `POST /v1/jobs` takes (the CLI's `submit` reads no more).
 const MAX_PAYLOAD: usize = 1 << 20;
@@ -234,15 +234,6 @@ fn query(request: &Request<Incoming>) -> Vec<(String, String)> {
             None => (p.to_owned(), String::new()),
         })
         .collect()
-}
-
-/// Runs a blocking queue call off the async executor.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, QueueError> + Send + 'static,
-) -> Result<T, QueueError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| Err(QueueError::Database(format!("a queue call panicked: {e}"))))
 }
 
 fn queue_error(error: &QueueError) -> Reply {
@@ -649,12 +640,7 @@ async fn log(
     tokio::spawn(async move {
         let _ = feed_log(queue, state_dir, status, offset, follow, tx).await;
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|chunk| (Ok::<_, Infallible>(Frame::data(chunk)), rx))
-    });
-    let mut response = Response::new(StreamBody::new(stream.boxed()).boxed_unsync());
+    let mut response = streamed(rx);
     let headers = response.headers_mut();
     headers.insert(
         CONTENT_TYPE,
@@ -662,6 +648,16 @@ async fn log(
     );
     headers.insert("x-qemu-worker-run", HeaderValue::from(run));
     response
+}
+
+/// A reply whose body is what arrives on `rx`, chunk by chunk, until it closes.
+fn streamed(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Reply {
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|chunk| (Ok::<_, Infallible>(Frame::data(chunk)), rx))
+    });
+    Response::new(StreamBody::new(stream.boxed()).boxed_unsync())
 }
 
 /// Sends the log's bytes from `offset` into `tx` until the job has ended and all of it
@@ -930,12 +926,7 @@ async fn file_reply(
     tokio::spawn(async move {
         let _ = send_file(file, start, length, tx).await;
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|chunk| (Ok::<_, Infallible>(Frame::data(chunk)), rx))
-    });
-    let mut response = Response::new(StreamBody::new(stream.boxed()).boxed_unsync());
+    let mut response = streamed(rx);
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, content_type);

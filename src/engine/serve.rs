@@ -8,7 +8,7 @@ use tokio::task::JoinSet;
 use super::run::{Engine, JobRun};
 use crate::api::Metrics;
 use crate::job::{ExceptionReason, JobDir};
-use crate::queue::{Claim, Queue, QueueError};
+use crate::queue::{Claim, Queue, QueueError, blocking};
 
 /// How long an idle worker waits for work before it looks for expired leases again (a
 /// PostgreSQL queue wakes it earlier when a job becomes pending).
@@ -31,15 +31,6 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// Runs a blocking queue call off the async executor.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, QueueError> + Send + 'static,
-) -> Result<T, QueueError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| Err(QueueError::Database(format!("a queue call panicked: {e}"))))
 }
 
 impl Worker {

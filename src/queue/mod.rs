@@ -17,6 +17,15 @@ pub use model::{Claim, ExpiredRun, JobState, JobStatus, NewJob, QueueError};
 pub use postgres::PostgresQueue;
 pub use sqlite::SqliteQueue;
 
+/// Runs a blocking queue call off the async executor (a panic in it is a database error).
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, QueueError> + Send + 'static,
+) -> Result<T, QueueError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(QueueError::Database(format!("a queue call panicked: {e}"))))
+}
+
 use crate::config::{QueueConfig, WorkerConfig};
 use crate::job::ResultReport;
 

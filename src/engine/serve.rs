@@ -70,6 +70,7 @@ impl Worker {
             }
         }
         tracing::info!(worker = %self.worker_id, capacity, "worker started");
+        let mut waiter: Option<tokio::task::JoinHandle<bool>> = None;
         while !*shutdown.borrow() {
             self.metrics.loop_tick();
             let queue = self.queue.clone();
@@ -116,13 +117,28 @@ impl Worker {
                     metrics.ended(&report);
                 });
             }
-            let queue = self.queue.clone();
             let idle = running.len() < capacity;
+            // One wait for work at a time, kept across turns of the loop: a wait that a
+            // job's end interrupted may already have taken the queue's notification,
+            // and a new wait would sleep through it (the claim would then come a POLL
+            // late).
+            if idle && waiter.is_none() {
+                let queue = self.queue.clone();
+                waiter = Some(tokio::task::spawn_blocking(move || {
+                    queue.wait_for_work(POLL)
+                }));
+            }
+            let mut woken = false;
             tokio::select! {
                 _ = shutdown.changed() => {}
                 Some(_) = running.join_next(), if !running.is_empty() => {}
-                _ = tokio::task::spawn_blocking(move || queue.wait_for_work(POLL)), if idle => {}
+                _ = async { waiter.as_mut().expect("a waiter while idle").await }, if idle => {
+                    woken = true;
+                }
                 () = tokio::time::sleep(POLL), if !idle => {}
+            }
+            if woken {
+                waiter = None;
             }
         }
         tracing::info!(running = running.len(), grace = ?self.grace, "shutting down: no more claims");

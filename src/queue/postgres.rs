@@ -20,8 +20,10 @@ const CHANNEL: &str = "qemu_worker_jobs";
 
 /// Tables are prefixed so the queue can share a database with other applications. The
 /// whole set-up runs under an advisory lock: workers starting together would otherwise
-/// race on `CREATE … IF NOT EXISTS`.
+/// race on `CREATE … IF NOT EXISTS`, whose NOTICEs ("already exists, skipping") are
+/// kept off every command's stderr.
 const SCHEMA: &str = "
+SET LOCAL client_min_messages = warning;
 SELECT pg_advisory_xact_lock(7239044417);
 CREATE SEQUENCE IF NOT EXISTS qw_job_seq;
 CREATE TABLE IF NOT EXISTS qw_jobs (

@@ -472,29 +472,30 @@ async fn list(state: &ApiState, query: &[(String, String)]) -> Reply {
             }
         }
     }
-    let queue = Arc::clone(&state.queue);
-    let jobs = match blocking(move || queue.list(filter)).await {
+    // One more than the page: whether there is a next one.
+    let (queue, asked) = (
+        Arc::clone(&state.queue),
+        crate::queue::Page {
+            after: after.clone(),
+            limit: Some(limit + 1),
+        },
+    );
+    let mut page = match blocking(move || queue.list(filter, &asked)).await {
         Ok(jobs) => jobs,
+        Err(QueueError::NotFound { job_id }) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad-query",
+                format!("after={job_id:?} is not a job"),
+            );
+        }
         Err(e) => return queue_error(&e),
     };
-    // Newest first; `after` is the last job id of the previous page.
-    let start = match &after {
-        Some(id) => match jobs.iter().position(|j| &j.job_id == id) {
-            Some(i) => i + 1,
-            None => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "bad-query",
-                    format!("after={id:?} is not a job in this listing"),
-                );
-            }
-        },
-        None => 0,
-    };
-    let total = jobs.len();
-    let page: Vec<_> = jobs.into_iter().skip(start).take(limit).collect();
-    let next = (start + page.len() < total)
-        .then(|| page.last().map(|j| j.job_id.clone()))
+    let next = (page.len() > limit)
+        .then(|| {
+            page.truncate(limit);
+            page.last().map(|j| j.job_id.clone())
+        })
         .flatten();
     json(StatusCode::OK, &model::JobPage { jobs: page, next })
 }

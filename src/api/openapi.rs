@@ -120,11 +120,11 @@ pub fn openapi_document() -> Value {
                         {"name": "limit", "in": "query", "required": false,
                          "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": super::DEFAULT_PAGE}},
                         {"name": "after", "in": "query", "required": false,
-                         "description": "The previous page's next.", "schema": {"type": "string"}}
+                         "description": "The previous page's next: the jobs submitted before this one (in any state).", "schema": {"type": "string"}}
                     ],
                     "responses": {
                         "200": reply("A page.", "JobPage"),
-                        "400": error("A parameter out of range, unknown, or an after that is not in the listing (code bad-query)."),
+                        "400": error("A parameter out of range or unknown, or an after that is no job (code bad-query)."),
                         "401": shared("Unauthenticated"), "403": shared("Forbidden"),
                         "405": shared("MethodNotAllowed"), "503": shared("QueueUnavailable")
                     }

@@ -66,7 +66,9 @@ pub(super) fn print_status(
 
 pub(super) fn jobs(loaded: &LoadedConfig, state: Option<String>) -> Result<ExitCode, Failure> {
     let state = parse_state(state)?;
-    let jobs = open_queue(loaded)?.list(state).exit_with(EXIT_OTHER)?;
+    let jobs = open_queue(loaded)?
+        .list(state, &qemu_worker::queue::Page::default())
+        .exit_with(EXIT_OTHER)?;
     print_jobs(&jobs)
 }
 

@@ -13,7 +13,7 @@ mod sqlite;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use model::{Claim, ExpiredRun, JobState, JobStatus, NewJob, QueueError};
+pub use model::{Claim, ExpiredRun, JobState, JobStatus, NewJob, Page, QueueError};
 pub use postgres::PostgresQueue;
 pub use sqlite::SqliteQueue;
 
@@ -71,8 +71,10 @@ pub trait Queue: Send + Sync + std::fmt::Debug {
     /// not canceled (`true`).
     fn release(&self, claim: &Claim) -> Result<bool, QueueError>;
 
-    /// Jobs, newest first, optionally in one state.
-    fn list(&self, state: Option<JobState>) -> Result<Vec<JobStatus>, QueueError>;
+    /// Jobs, newest first, optionally in one state: at most `page.limit` of them, those
+    /// older than the job `page.after` (which need not be in `state`; an unknown one is
+    /// `NotFound`). One query, paged by the database.
+    fn list(&self, state: Option<JobState>, page: &Page) -> Result<Vec<JobStatus>, QueueError>;
 
     fn status(&self, job_id: &str) -> Result<JobStatus, QueueError>;
 

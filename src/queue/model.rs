@@ -56,6 +56,13 @@ pub struct ExpiredRun {
     pub requeued: bool,
 }
 
+/// Which part of a listing: jobs older than `after` (a job id), at most `limit`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Page {
+    pub after: Option<String>,
+    pub limit: Option<usize>,
+}
+
 /// A job's state and, once it ended, its result report (`status --json`, the API).
 #[derive(
     Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,

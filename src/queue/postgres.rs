@@ -11,7 +11,7 @@ use std::time::Duration;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
 
-use super::model::{Claim, ExpiredRun, JobState, JobStatus, NewJob, QueueError};
+use super::model::{Claim, ExpiredRun, JobState, JobStatus, NewJob, Page, QueueError};
 use super::{Queue, id_suffix, queue_report, token};
 use crate::job::{ExceptionReason, ResultReport};
 
@@ -45,6 +45,8 @@ CREATE TABLE IF NOT EXISTS qw_jobs (
 );
 CREATE INDEX IF NOT EXISTS qw_jobs_pending ON qw_jobs (priority DESC, seq) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS qw_jobs_running ON qw_jobs (lease_until) WHERE state = 'running';
+CREATE INDEX IF NOT EXISTS qw_jobs_seq ON qw_jobs (seq);
+CREATE INDEX IF NOT EXISTS qw_jobs_state_seq ON qw_jobs (state, seq);
 CREATE TABLE IF NOT EXISTS qw_runs (
     job_id TEXT NOT NULL,
     run_id INTEGER NOT NULL,
@@ -460,15 +462,27 @@ impl Queue for PostgresQueue {
         row.map(|row| row.get(0)).ok_or_else(|| stale(claim))
     }
 
-    fn list(&self, state: Option<JobState>) -> Result<Vec<JobStatus>, QueueError> {
+    fn list(&self, state: Option<JobState>, page: &Page) -> Result<Vec<JobStatus>, QueueError> {
         let state = state.map(JobState::as_str);
+        let page = page.clone();
         let rows = self.connection.with(move |c| {
+            let before: Option<i64> = match &page.after {
+                Some(id) => Some(
+                    c.query_opt("SELECT seq FROM qw_jobs WHERE id = $1", &[id])
+                        .map_err(db)?
+                        .ok_or_else(|| QueueError::NotFound { job_id: id.clone() })?
+                        .get(0),
+                ),
+                None => None,
+            };
+            // LIMIT NULL is no limit.
+            let limit = page.limit.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
             c.query(
-                "SELECT id, state, run_id, runs, report,
-                 (SELECT worker FROM qw_runs r WHERE r.job_id = qw_jobs.id AND r.run_id = qw_jobs.run_id)
-                 FROM qw_jobs
-                 WHERE $1::text IS NULL OR state = $1 ORDER BY seq DESC",
-                &[&state],
+                &format!(
+                    "{STATUS_SELECT} WHERE ($1::text IS NULL OR state = $1)
+                     AND ($2::bigint IS NULL OR seq < $2) ORDER BY seq DESC LIMIT $3"
+                ),
+                &[&state, &before, &limit],
             )
             .map_err(db)
         })?;
@@ -478,13 +492,8 @@ impl Queue for PostgresQueue {
     fn status(&self, job_id: &str) -> Result<JobStatus, QueueError> {
         let id = job_id.to_owned();
         let row = self.connection.with(move |c| {
-            c.query_opt(
-                "SELECT id, state, run_id, runs, report,
-                 (SELECT worker FROM qw_runs r WHERE r.job_id = qw_jobs.id AND r.run_id = qw_jobs.run_id)
-                 FROM qw_jobs WHERE id = $1",
-                &[&id],
-            )
-            .map_err(db)
+            c.query_opt(&format!("{STATUS_SELECT} WHERE id = $1"), &[&id])
+                .map_err(db)
         })?;
         row.as_ref()
             .map(status_of)
@@ -538,6 +547,11 @@ impl Queue for PostgresQueue {
         })
     }
 }
+
+/// What `status` and `list` read of a job (the worker of its latest run included).
+const STATUS_SELECT: &str = "SELECT id, state, run_id, runs, report,
+    (SELECT worker FROM qw_runs r WHERE r.job_id = qw_jobs.id AND r.run_id = qw_jobs.run_id)
+    FROM qw_jobs";
 
 fn status_of(row: &postgres::Row) -> JobStatus {
     JobStatus {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::model::{Claim, ExpiredRun, JobState, JobStatus, NewJob, QueueError};
+use super::model::{Claim, ExpiredRun, JobState, JobStatus, NewJob, Page, QueueError};
 use super::{Queue, id_suffix, queue_report, token};
 use crate::job::{ExceptionReason, ResultReport};
 
@@ -27,6 +27,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_pending ON jobs (state, priority DESC, seq);
+CREATE INDEX IF NOT EXISTS jobs_seq ON jobs (seq);
+CREATE INDEX IF NOT EXISTS jobs_state_seq ON jobs (state, seq);
 CREATE TABLE IF NOT EXISTS runs (
     job_id TEXT NOT NULL,
     run_id INTEGER NOT NULL,
@@ -41,6 +43,24 @@ CREATE TABLE IF NOT EXISTS workers (
     seen_ms INTEGER NOT NULL
 );
 ";
+
+/// What `status` and `list` read of a job (the worker of its latest run included).
+const STATUS_SELECT: &str = "SELECT id, state, run_id, runs, report,
+    (SELECT worker FROM runs WHERE runs.job_id = jobs.id AND runs.run_id = jobs.run_id)
+    FROM jobs";
+
+fn status_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobStatus> {
+    Ok(JobStatus {
+        job_id: r.get(0)?,
+        state: JobState::parse(&r.get::<_, String>(1)?).unwrap_or(JobState::Exception),
+        run_id: u32::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+        runs: u32::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
+        report: r
+            .get::<_, Option<String>>(4)?
+            .and_then(|text| serde_json::from_str(&text).ok()),
+        worker: r.get(5)?,
+    })
+}
 
 /// The embedded queue: one SQLite database in WAL mode. Claims take the write lock
 /// up front (`BEGIN IMMEDIATE`), so two claimers never pick the same job.
@@ -390,47 +410,49 @@ impl Queue for SqliteQueue {
         })
     }
 
-    fn list(&self, state: Option<JobState>) -> Result<Vec<JobStatus>, QueueError> {
-        let ids: Vec<String> = self.with(|c| {
+    fn list(&self, state: Option<JobState>, page: &Page) -> Result<Vec<JobStatus>, QueueError> {
+        let page = page.clone();
+        self.with(|c| {
+            let before = match &page.after {
+                Some(id) => Some(
+                    c.query_row("SELECT seq FROM jobs WHERE id = ?1", [id], |r| {
+                        r.get::<_, i64>(0)
+                    })
+                    .optional()
+                    .map_err(db)?
+                    .ok_or_else(|| QueueError::NotFound { job_id: id.clone() })?,
+                ),
+                None => None,
+            };
+            // LIMIT -1 is no limit.
+            let limit = page
+                .limit
+                .map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
             let mut statement = c
-                .prepare("SELECT id FROM jobs WHERE ?1 IS NULL OR state = ?1 ORDER BY seq DESC")
+                .prepare(&format!(
+                    "{STATUS_SELECT} WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR seq < ?2)
+                     ORDER BY seq DESC LIMIT ?3"
+                ))
                 .map_err(db)?;
             let rows = statement
-                .query_map([state.map(JobState::as_str)], |r| r.get(0))
+                .query_map(
+                    params![state.map(JobState::as_str), before, limit],
+                    status_row,
+                )
                 .map_err(db)?;
             rows.collect::<Result<_, _>>().map_err(db)
-        })?;
-        ids.iter().map(|id| self.status(id)).collect()
+        })
     }
 
     fn status(&self, job_id: &str) -> Result<JobStatus, QueueError> {
         self.with(|c| {
             c.query_row(
-                "SELECT id, state, run_id, runs, report,
-                 (SELECT worker FROM runs WHERE runs.job_id = jobs.id AND runs.run_id = jobs.run_id)
-                 FROM jobs WHERE id = ?1",
+                &format!("{STATUS_SELECT} WHERE id = ?1"),
                 [job_id],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, i64>(3)?,
-                        r.get::<_, Option<String>>(4)?,
-                        r.get::<_, Option<String>>(5)?,
-                    ))
-                },
+                status_row,
             )
             .optional()
             .map_err(db)?
-            .map(|(id, state, run_id, runs, report, worker)| JobStatus {
-                job_id: id,
-                state: JobState::parse(&state).unwrap_or(JobState::Exception),
-                run_id: u32::try_from(run_id).unwrap_or(0),
-                runs: u32::try_from(runs).unwrap_or(0),
-                report: report.and_then(|r| serde_json::from_str(&r).ok()),
-                worker,
-            })
             .ok_or_else(|| QueueError::NotFound {
                 job_id: job_id.to_owned(),
             })

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use qemu_worker::job::{ExceptionReason, Resolution, ResultReport, ResultState};
-use qemu_worker::queue::{JobState, NewJob, PostgresQueue, Queue, QueueError, SqliteQueue};
+use qemu_worker::queue::{JobState, NewJob, Page, PostgresQueue, Queue, QueueError, SqliteQueue};
 use test_support::postgres::TestPostgres;
 
 const LEASE: Duration = Duration::from_secs(60);
@@ -58,6 +58,7 @@ conformance!(
     concurrent_claimers_never_claim_a_job_twice,
     a_shutting_down_worker_gives_its_jobs_back,
     jobs_are_listed_newest_first_and_by_state,
+    listings_are_paged_by_the_database,
     deadlines_end_pending_and_running_jobs,
     a_canceled_job_whose_run_is_lost_or_released_is_not_run_again,
     a_status_names_the_worker_of_the_latest_run_and_workers_record_their_api,
@@ -236,19 +237,77 @@ fn jobs_are_listed_newest_first_and_by_state(q: &dyn Queue) {
     let claim = q.claim("w", LEASE, 1).expect("claim").expect("job");
     assert_eq!(claim.job_id, a);
     let all: Vec<String> = q
-        .list(None)
+        .list(None, &Page::default())
         .expect("list")
         .into_iter()
         .map(|s| s.job_id)
         .collect();
     assert_eq!(all, [b.clone(), a.clone()]);
     let pending: Vec<String> = q
-        .list(Some(JobState::Pending))
+        .list(Some(JobState::Pending), &Page::default())
         .expect("list")
         .into_iter()
         .map(|s| s.job_id)
         .collect();
     assert_eq!(pending, [b]);
+}
+
+fn listings_are_paged_by_the_database(q: &dyn Queue) {
+    // The middle one first in line: claimed (running); the rest stay pending.
+    let ids: Vec<String> = (0..5)
+        .map(|n| {
+            let priority = if n == 2 { 9 } else { 0 };
+            q.enqueue(&job(&format!("p{n}"), priority), 0)
+                .expect("enqueue")
+        })
+        .collect();
+    let claim = q.claim("w", LEASE, 1).expect("claim").expect("job");
+    assert_eq!(claim.job_id, ids[2]);
+    let listed = |state, after: Option<&String>, limit| -> Vec<String> {
+        let page = Page {
+            after: after.cloned(),
+            limit,
+        };
+        q.list(state, &page)
+            .expect("list")
+            .into_iter()
+            .map(|s| s.job_id)
+            .collect()
+    };
+    assert_eq!(
+        listed(None, None, Some(2)),
+        [ids[4].clone(), ids[3].clone()]
+    );
+    assert_eq!(
+        listed(None, Some(&ids[3]), Some(2)),
+        [ids[2].clone(), ids[1].clone()]
+    );
+    assert_eq!(listed(None, Some(&ids[1]), None), [ids[0].clone()]);
+    assert!(listed(None, Some(&ids[0]), Some(10)).is_empty());
+    // `after` need not be in the filtered state: the running one pages pending jobs too.
+    assert_eq!(
+        listed(Some(JobState::Pending), Some(&ids[2]), None),
+        [ids[1].clone(), ids[0].clone()]
+    );
+    assert_eq!(
+        listed(Some(JobState::Running), None, None),
+        [ids[2].clone()]
+    );
+    assert_eq!(
+        listed(Some(JobState::Pending), Some(&ids[4]), Some(1)),
+        [ids[3].clone()]
+    );
+    let unknown = q.list(
+        None,
+        &Page {
+            after: Some("job-00000000-nothere".into()),
+            limit: None,
+        },
+    );
+    assert!(
+        matches!(unknown, Err(QueueError::NotFound { .. })),
+        "{unknown:?}"
+    );
 }
 
 fn deadlines_end_pending_and_running_jobs(q: &dyn Queue) {
@@ -450,7 +509,9 @@ fn a_status_names_the_worker_of_the_latest_run_and_workers_record_their_api(q: &
         (2, Some("worker-b"))
     );
     assert_eq!(
-        q.list(None).expect("list")[0].worker.as_deref(),
+        q.list(None, &Page::default()).expect("list")[0]
+            .worker
+            .as_deref(),
         Some("worker-b")
     );
 

@@ -139,7 +139,7 @@ const SUBMIT_TOKEN: &str = "qwt_submit-token-of-the-fleet-test-0123456789abcdef"
 
 fn api_setting(port: u16) -> String {
     format!(
-        "{{listen: \"127.0.0.1:{port}\", tokens: [\
+        "{{listen: \"127.0.0.1:{port}\", advertise: \"http://127.0.0.1:{port}\", tokens: [\
          {{name: scraper, scope: read, sha256: {}}}, \
          {{name: frontend, scope: submit, sha256: {}}}]}}",
         sha256_hex(READ_TOKEN),
@@ -946,5 +946,31 @@ fn two_workers_serve_the_api_with_scoped_tokens_and_prometheus_counts_their_jobs
     assert!(
         said.contains("502 holder-unreachable") && said.contains(&holder_id),
         "logs --server names the worker: {said}"
+    );
+
+    // Restarted on another port (a new worker id, and its old address dead), the holder
+    // still answers for the jobs in its state directory.
+    let moved = free_port();
+    std::fs::write(workers[holder].dir().join("worker.yml"), config(moved)).expect("worker.yml");
+    let _restarted = workers[holder].serve();
+    wait_until(
+        "the restarted worker to listen",
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        || TcpStream::connect(("127.0.0.1", moved)).ok(),
+    )
+    .unwrap_or_else(|e| panic!("{e}; {}", workers[holder].serve_log()));
+    let again = http(
+        moved,
+        "GET",
+        &format!("/v1/jobs/{with_artifact}/artifacts/public/dir/a.txt"),
+        Some(READ_TOKEN),
+        b"",
+    );
+    assert_eq!(
+        (again.status, again.body.as_slice()),
+        (200, &b"0123456789abcdef"[..]),
+        "{}",
+        String::from_utf8_lossy(&again.body)
     );
 }

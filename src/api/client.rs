@@ -59,8 +59,10 @@ impl ClientError {
 /// The HTTP client for `config`'s servers: the system's roots plus `caFile`.
 pub fn http_client(config: &ClientConfig) -> Result<reqwest::Client, ClientError> {
     crate::image::install_crypto_provider();
+    // No redirects: an API never sends one, and a token must not follow one elsewhere.
     let mut builder = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
+        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("qemu-worker/", env!("CARGO_PKG_VERSION")));
     if let Some(path) = &config.ca_file {
         let bad = |reason: String| ClientError::CaFile {
@@ -80,6 +82,11 @@ pub fn http_client(config: &ClientConfig) -> Result<reqwest::Client, ClientError
         reason: crate::error_chain::display_chain(&e),
     })
 }
+
+/// The largest JSON reply read (a page of 1,000 jobs with their reports fits).
+const MAX_JSON: usize = 64 << 20;
+/// The largest error reply read.
+const MAX_ERROR: usize = 64 << 10;
 
 /// One server of the API, with the token the requests carry.
 pub struct ApiClient {
@@ -117,6 +124,7 @@ impl ApiClient {
             crate::image::install_crypto_provider();
             let http = reqwest::Client::builder()
                 .unix_socket(Path::new(path))
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .map_err(|source| ClientError::Unreachable {
                     server: server.to_owned(),
@@ -169,11 +177,30 @@ impl ApiClient {
         &self,
         answer: reqwest::Response,
     ) -> Result<T, ClientError> {
-        let body = answer.bytes().await.map_err(|e| self.broken(e))?;
+        let body = self.bounded(answer, MAX_JSON).await?;
         serde_json::from_slice(&body).map_err(|e| ClientError::NotJson {
             server: self.server.clone(),
             reason: e.to_string(),
         })
+    }
+
+    /// A body of at most `limit` bytes (a server is not trusted to end it).
+    async fn bounded(
+        &self,
+        mut answer: reqwest::Response,
+        limit: usize,
+    ) -> Result<Vec<u8>, ClientError> {
+        let mut body = Vec::new();
+        while let Some(chunk) = answer.chunk().await.map_err(|e| self.broken(e))? {
+            if body.len() + chunk.len() > limit {
+                return Err(ClientError::NotJson {
+                    server: self.server.clone(),
+                    reason: format!("the reply is larger than {limit} bytes"),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
     }
 
     /// A broken body of a success, as an error naming the server.
@@ -202,7 +229,10 @@ impl ApiClient {
             return Ok(answer);
         }
         let status = answer.status().as_u16();
-        let text = answer.text().await.unwrap_or_default();
+        let text = match self.bounded(answer, MAX_ERROR).await {
+            Ok(body) => String::from_utf8_lossy(&body).into_owned(),
+            Err(_) => String::new(),
+        };
         let (code, message) = match serde_json::from_str::<ApiError>(&text) {
             Ok(e) => (e.code, e.message),
             Err(_) => ("unexpected".to_owned(), text.chars().take(500).collect()),

@@ -46,8 +46,13 @@ const MAX_DEADLINE_SECONDS: u64 = 10 * 365 * 24 * 3600;
 const FOLLOW_POLL: Duration = Duration::from_millis(500);
 /// Connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 512;
+/// How long a passed-on request waits for the holder's answer to begin.
+const PASS_ON_TIMEOUT: Duration = Duration::from_secs(30);
 
-type Body = UnsyncBoxBody<Bytes, Infallible>;
+/// Bodies fail (an upstream that broke off, a file that shrank) by aborting the
+/// connection, so a client never takes a short body for a whole one.
+type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+type Chunks = tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>;
 type Reply = Response<Body>;
 
 /// What the API serves from.
@@ -197,7 +202,11 @@ where
 }
 
 fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
-    let mut response = Response::new(Full::new(body.into()).boxed_unsync());
+    let mut response = Response::new(
+        Full::new(body.into())
+            .map_err(|never: Infallible| match never {})
+            .boxed_unsync(),
+    );
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -256,7 +265,7 @@ fn needed_scope(method: &Method, segments: &[&str]) -> Option<Scope> {
     }
 }
 
-async fn route(state: &ApiState, request: Request<Incoming>) -> Reply {
+async fn route(state: &Arc<ApiState>, request: Request<Incoming>) -> Reply {
     let path = request.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = request.method().clone();
@@ -587,7 +596,7 @@ async fn submit(state: &ApiState, request: Request<Incoming>) -> Reply {
 /// The job log of the latest run from `offset`; with `follow`, kept open and fed until
 /// the job ends (a new run starts again from its first byte, as `logs --follow` does).
 async fn log(
-    state: &ApiState,
+    state: &Arc<ApiState>,
     id: &str,
     query: &[(String, String)],
     request: &Request<Incoming>,
@@ -631,15 +640,18 @@ async fn log(
             Err(e) => return queue_error(&e),
         };
     }
-    if let Some(reply) = pass_on(state, status.worker.as_deref(), request).await {
+    if let Some(reply) = pass_on(state, &status, request).await {
         return reply;
     }
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
-    let queue = Arc::clone(&state.queue);
-    let state_dir = state.state_dir.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
     let run = status.run_id;
+    let feed = Feed {
+        state: Arc::clone(state),
+        authorization: request.headers().get(AUTHORIZATION).cloned(),
+        passed_on: request.headers().contains_key(PASSED_ON),
+    };
     tokio::spawn(async move {
-        let _ = feed_log(queue, state_dir, status, offset, follow, tx).await;
+        let _ = feed.log(status, offset, follow, tx).await;
     });
     let mut response = streamed(rx);
     let headers = response.headers_mut();
@@ -651,56 +663,122 @@ async fn log(
     response
 }
 
-/// A reply whose body is what arrives on `rx`, chunk by chunk, until it closes.
-fn streamed(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Reply {
+/// A reply whose body is what arrives on `rx`, chunk by chunk, until it closes (or an
+/// error aborts it).
+fn streamed(rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>) -> Reply {
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|chunk| (Ok::<_, Infallible>(Frame::data(chunk)), rx))
+        rx.recv().await.map(|chunk| (chunk.map(Frame::data), rx))
     });
     Response::new(StreamBody::new(stream.boxed()).boxed_unsync())
 }
 
-/// Sends the log's bytes from `offset` into `tx` until the job has ended and all of it
-/// went (or at once without `follow`); stops when the client goes away.
-async fn feed_log(
-    queue: Arc<dyn Queue>,
-    state_dir: PathBuf,
-    mut status: crate::queue::JobStatus,
-    mut offset: u64,
-    follow: bool,
-    tx: tokio::sync::mpsc::Sender<Bytes>,
-) -> Option<()> {
-    let mut run = status.run_id;
-    let mut buffer = vec![0u8; 64 << 10];
-    loop {
-        let finished = !matches!(status.state, JobState::Pending | JobState::Running);
-        let path = JobDir::of_run(&state_dir, &status.job_id, run).log();
-        if let Ok(mut file) = tokio::fs::File::open(&path).await {
-            file.seek(std::io::SeekFrom::Start(offset)).await.ok()?;
-            loop {
-                let n = file.read(&mut buffer).await.ok()?;
-                if n == 0 {
-                    break;
+/// What a log stream needs after its request: the API's state, and the caller's token
+/// for following a retried run onto another worker.
+struct Feed {
+    state: Arc<ApiState>,
+    authorization: Option<HeaderValue>,
+    /// This request was passed on to us: never pass it on again.
+    passed_on: bool,
+}
+
+impl Feed {
+    /// Sends the log's bytes from `offset` into `tx` until the job has ended and all of
+    /// it went (or at once without `follow`); stops when the client goes away. A retried
+    /// run that another worker took is followed from that worker's API.
+    async fn log(
+        self,
+        mut status: crate::queue::JobStatus,
+        mut offset: u64,
+        follow: bool,
+        tx: Chunks,
+    ) -> Option<()> {
+        let mut run = status.run_id;
+        let mut buffer = vec![0u8; 64 << 10];
+        loop {
+            let finished = !matches!(status.state, JobState::Pending | JobState::Running);
+            let path = JobDir::of_run(&self.state.state_dir, &status.job_id, run).log();
+            if let Ok(mut file) = tokio::fs::File::open(&path).await {
+                file.seek(std::io::SeekFrom::Start(offset)).await.ok()?;
+                loop {
+                    let n = file.read(&mut buffer).await.ok()?;
+                    if n == 0 {
+                        break;
+                    }
+                    offset += n as u64;
+                    tx.send(Ok(Bytes::copy_from_slice(&buffer[..n])))
+                        .await
+                        .ok()?;
                 }
-                offset += n as u64;
-                tx.send(Bytes::copy_from_slice(&buffer[..n])).await.ok()?;
+            }
+            if !follow || finished {
+                return Some(());
+            }
+            tokio::select! {
+                () = tokio::time::sleep(FOLLOW_POLL) => {}
+                () = tx.closed() => return None,
+            }
+            let (q, job) = (Arc::clone(&self.state.queue), status.job_id.clone());
+            status = blocking(move || q.status(&job)).await.ok()?;
+            if status.run_id != run {
+                run = status.run_id;
+                offset = 0;
+                if !self.passed_on && !held_here(&self.state, &status) {
+                    return self.elsewhere(&status, tx).await;
+                }
             }
         }
-        if !follow || finished {
-            return Some(());
-        }
-        tokio::select! {
-            () = tokio::time::sleep(FOLLOW_POLL) => {}
-            () = tx.closed() => return None,
-        }
-        let (q, job) = (Arc::clone(&queue), status.job_id.clone());
-        status = blocking(move || q.status(&job)).await.ok()?;
-        if status.run_id != run {
-            run = status.run_id;
-            offset = 0;
-        }
     }
+
+    /// The rest of a followed log from the worker that holds its latest run; an error
+    /// aborts the stream when that worker cannot be reached.
+    async fn elsewhere(&self, status: &crate::queue::JobStatus, tx: Chunks) -> Option<()> {
+        let broken = |why: String| Err(std::io::Error::other(why));
+        let Some(holder) = status.worker.clone() else {
+            return Some(());
+        };
+        let queue = Arc::clone(&self.state.queue);
+        let base = match blocking(move || queue.api_of(&holder)).await {
+            Ok(Some(base)) => base,
+            _ => {
+                let _ = tx
+                    .send(broken(
+                        "the retried run's worker recorded no API address".into(),
+                    ))
+                    .await;
+                return None;
+            }
+        };
+        let url = format!("{base}/v1/jobs/{}/log?follow=true", status.job_id);
+        let mut request = self.state.client.get(&url).header(PASSED_ON, "1");
+        if let Some(value) = &self.authorization {
+            request = request.header(AUTHORIZATION.as_str(), value.as_bytes());
+        }
+        let answer = match tokio::time::timeout(PASS_ON_TIMEOUT, request.send()).await {
+            Ok(Ok(answer)) if answer.status().is_success() => answer,
+            _ => {
+                let _ = tx
+                    .send(broken(format!(
+                        "the retried run's worker at {base} does not answer"
+                    )))
+                    .await;
+                return None;
+            }
+        };
+        let mut body = answer.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            tx.send(chunk.map_err(std::io::Error::other)).await.ok()?;
+        }
+        Some(())
+    }
+}
+
+/// Whether this worker holds the files of the job's latest run: its run directory is in
+/// our state directory (whoever ran it, under whatever worker id: a restarted worker
+/// keeps its state directory and gets a new id).
+fn held_here(state: &ApiState, status: &crate::queue::JobStatus) -> bool {
+    JobDir::of_run(&state.state_dir, &status.job_id, status.run_id)
+        .path()
+        .is_dir()
 }
 
 /// The latest run of a job that has ended, and its report; else the reply that says why
@@ -717,7 +795,7 @@ async fn ended_run(
     // The files are on the worker that ran the job.
     if let Some(request) = files
         && status.report.is_some()
-        && let Some(reply) = pass_on(state, status.worker.as_deref(), request).await
+        && let Some(reply) = pass_on(state, &status, request).await
     {
         return Err(reply);
     }
@@ -740,15 +818,18 @@ async fn ended_run(
 /// Marks a request one worker passed on to another: it is never passed on again.
 const PASSED_ON: &str = "x-qemu-worker-passed-on";
 
-/// When `holder` (the worker of the job's latest run) is another worker: its API's
-/// answer to the same request, streamed through; or a 502 naming it when it recorded
-/// no address or does not answer. `None` when this worker holds the files.
+/// When another worker holds the files of the job's latest run: its API's answer to
+/// the same request, streamed through; or a 502 naming it when it recorded no address
+/// or does not answer. `None` when this worker holds them.
 async fn pass_on(
     state: &ApiState,
-    holder: Option<&str>,
+    status: &crate::queue::JobStatus,
     request: &Request<Incoming>,
 ) -> Option<Reply> {
-    let holder = holder.filter(|h| *h != state.worker_id)?;
+    let holder = status.worker.as_deref().filter(|h| *h != state.worker_id)?;
+    if held_here(state, status) {
+        return None;
+    }
     if request.headers().contains_key(PASSED_ON) {
         // Passed on to us as the holder, yet the queue says another worker ran the job
         // (a newer run): answer from here rather than ping-pong.
@@ -780,15 +861,19 @@ async fn pass_on(
             forwarded = forwarded.header(name.as_str(), value.as_bytes());
         }
     }
-    let answer = match forwarded.send().await {
+    let why = match tokio::time::timeout(PASS_ON_TIMEOUT, forwarded.send()).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(e)) => Err(crate::error_chain::display_chain(&e)),
+        Err(_) => Err(format!("no answer within {} s", PASS_ON_TIMEOUT.as_secs())),
+    };
+    let answer = match why {
         Ok(answer) => answer,
-        Err(e) => {
+        Err(why) => {
             return Some(error(
                 StatusCode::BAD_GATEWAY,
                 "holder-unreachable",
                 format!(
-                    "the job ran on worker {holder}, whose API at {base} does not answer: {}",
-                    crate::error_chain::display_chain(&e)
+                    "the job ran on worker {holder}, whose API at {base} does not answer: {why}"
                 ),
             ));
         }
@@ -810,14 +895,11 @@ async fn pass_on(
             headers.insert(hyper::header::HeaderName::from_static(name), value);
         }
     }
-    // Streamed, not buffered: a chunk goes on as it comes; a broken upstream ends the
-    // body short (and Content-Length tells the client so).
+    // Streamed, not buffered: a chunk goes on as it comes; a broken upstream aborts
+    // the reply, so the client never takes a short body for a whole one.
     let stream = answer
         .bytes_stream()
-        .take_while(|chunk| std::future::ready(chunk.is_ok()))
-        .filter_map(|chunk| {
-            std::future::ready(chunk.ok().map(|c| Ok::<_, Infallible>(Frame::data(c))))
-        });
+        .map(|chunk| chunk.map(Frame::data).map_err(std::io::Error::other));
     let mut response = Response::new(StreamBody::new(stream.boxed()).boxed_unsync());
     *response.status_mut() = status;
     *response.headers_mut() = headers;
@@ -923,7 +1005,7 @@ async fn file_reply(
             return reply;
         }
     };
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
         let _ = send_file(file, start, length, tx).await;
     });
@@ -945,23 +1027,22 @@ async fn file_reply(
     response
 }
 
-async fn send_file(
-    mut file: tokio::fs::File,
-    start: u64,
-    mut left: u64,
-    tx: tokio::sync::mpsc::Sender<Bytes>,
-) -> Option<()> {
+async fn send_file(mut file: tokio::fs::File, start: u64, mut left: u64, tx: Chunks) -> Option<()> {
     file.seek(std::io::SeekFrom::Start(start)).await.ok()?;
     let mut buffer = vec![0u8; 64 << 10];
     while left > 0 {
         let want = usize::try_from(left.min(buffer.len() as u64)).unwrap_or(buffer.len());
         let n = file.read(&mut buffer[..want]).await.ok()?;
         if n == 0 {
-            // The file shrank under us: the body ends short and hyper reports it.
+            // The file shrank under us: abort the reply.
+            let shrank = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the file shrank");
+            let _ = tx.send(Err(shrank)).await;
             return None;
         }
         left -= n as u64;
-        tx.send(Bytes::copy_from_slice(&buffer[..n])).await.ok()?;
+        tx.send(Ok(Bytes::copy_from_slice(&buffer[..n])))
+            .await
+            .ok()?;
     }
     Some(())
 }

@@ -179,9 +179,10 @@ pub fn openapi_document() -> Value {
             "/v1/jobs/{id}/artifacts": {"get": {
                 "summary": "The artifacts the job's result report lists (scope read).",
                 "parameters": [job_id],
-                "responses": job_errors(with(json!({
-                    "200": {"description": "The list.", "content": {"application/json": {"schema": {"type": "array", "items": schema("ArtifactRecord")}}}}
-                }), &holder_errors))
+                "responses": job_errors(json!({
+                    "200": {"description": "The list.", "content": {"application/json": {"schema": {"type": "array", "items": schema("ArtifactRecord")}}}},
+                    "409": holder_errors["409"].clone()
+                }))
             }},
             "/v1/jobs/{id}/artifacts/{name}": {"get": {
                 "summary": "One listed artifact (scope read).",

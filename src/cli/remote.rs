@@ -81,10 +81,12 @@ pub(super) async fn jobs(client: &ApiClient, state: Option<String>) -> Result<Ex
             path.push_str(&format!("&after={}", segment(after)));
         }
         let page: JobPage = client.get_json(&path).await.map_err(failed)?;
+        let progressed = !page.jobs.is_empty();
         jobs.extend(page.jobs);
         match page.next {
-            Some(next) => after = Some(next),
-            None => break,
+            // A server that names the same page again, or an empty one, is not followed.
+            Some(next) if progressed && after.as_ref() != Some(&next) => after = Some(next),
+            _ => break,
         }
     }
     print_jobs(&jobs)
@@ -135,7 +137,7 @@ pub(super) async fn artifacts(
             .get(&format!("/v1/jobs/{id}/artifacts/{}", name.join("/")))
             .await
             .map_err(failed)?;
-        let written = download(client, answer, &target).await;
+        let written = download(client, answer, &target, artifact.size).await;
         let problem = match written {
             Ok((size, _)) if size != artifact.size => Some(format!(
                 "the artifact {} arrived with {size} bytes, the report lists {}",
@@ -161,11 +163,12 @@ pub(super) async fn artifacts(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Streams a body into `target`: its size and sha256.
+/// Streams a body into `target` (at most `listed` bytes): its size and sha256.
 async fn download(
     client: &ApiClient,
     answer: reqwest::Response,
     target: &Path,
+    listed: u64,
 ) -> anyhow::Result<(u64, String)> {
     use anyhow::Context;
     use tokio::io::AsyncWriteExt;
@@ -177,8 +180,13 @@ async fn download(
     let mut body = answer.bytes_stream();
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| client.broken(e))?;
-        hash.update(&chunk);
         size += chunk.len() as u64;
+        // No more than the report lists reaches the disk.
+        anyhow::ensure!(
+            size <= listed,
+            "more than the {listed} bytes the report lists"
+        );
+        hash.update(&chunk);
         file.write_all(&chunk)
             .await
             .with_context(|| format!("cannot write {}", target.display()))?;

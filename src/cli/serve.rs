@@ -56,7 +56,9 @@ pub(super) async fn serve(loaded: &LoadedConfig) -> Result<ExitCode, Failure> {
     // Where the other workers of a pool pass requests for this worker's files.
     let advertise = loaded.config.api.advertise.clone().or_else(|| {
         let address: std::net::SocketAddr = api.as_ref()?.address.parse().ok()?;
-        (!address.ip().is_unspecified()).then(|| format!("{scheme}://{address}"))
+        // Not 0.0.0.0 (which address?) nor loopback (another host would reach itself).
+        let ip = address.ip();
+        (!ip.is_unspecified() && !ip.is_loopback()).then(|| format!("{scheme}://{address}"))
     });
     match &advertise {
         Some(url) => {

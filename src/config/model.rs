@@ -88,8 +88,7 @@ pub struct ApiConfig {
     /// The base URL other workers of a PostgreSQL pool reach this API at, to pass on
     /// requests for the logs, artifacts and screenshots this worker holds. By default
     /// `http://HOST:PORT` (`https://` with `tls`) of a TCP `listen` on a specific
-    /// address; none for a unix
-    /// socket or an unspecified address (0.0.0.0).
+    /// address; none for a unix socket, an unspecified address (0.0.0.0) or loopback.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(r"^https?://[^/]+$"))]
     pub advertise: Option<String>,

@@ -136,7 +136,6 @@ pub enum HttpOutcome {
 /// Called with (bytes so far, total if known) as an archive streams in.
 pub type Progress = Arc<dyn Fn(u64, Option<u64>) + Send + Sync>;
 
-/// Downloads and unpacks images.
 /// reqwest is built without a default crypto provider (ring builds twice as fast as
 /// aws-lc here): installs ring, once per process, before any client is built.
 pub(crate) fn install_crypto_provider() {
@@ -146,6 +145,7 @@ pub(crate) fn install_crypto_provider() {
     });
 }
 
+/// Downloads and unpacks images.
 #[derive(Debug, Clone)]
 pub struct Fetcher {
     /// Built on the first HTTP request: loading the system's CA roots costs ~25 ms, which

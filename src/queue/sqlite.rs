@@ -428,17 +428,25 @@ impl Queue for SqliteQueue {
             let limit = page
                 .limit
                 .map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
-            let mut statement = c
-                .prepare(&format!(
-                    "{STATUS_SELECT} WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR seq < ?2)
-                     ORDER BY seq DESC LIMIT ?3"
-                ))
-                .map_err(db)?;
+            // Plain comparisons only (SQLite plans a statement once, so `?1 IS NULL OR
+            // state = ?1` would scan): one text per filter, and no cursor as i64::MAX.
+            let before = before.unwrap_or(i64::MAX);
+            let filtered = state.map(JobState::as_str);
+            let (sql, values): (String, Vec<&dyn rusqlite::ToSql>) = match &filtered {
+                Some(state) => (
+                    format!(
+                        "{STATUS_SELECT} WHERE state = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3"
+                    ),
+                    vec![state, &before, &limit],
+                ),
+                None => (
+                    format!("{STATUS_SELECT} WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2"),
+                    vec![&before, &limit],
+                ),
+            };
+            let mut statement = c.prepare(&sql).map_err(db)?;
             let rows = statement
-                .query_map(
-                    params![state.map(JobState::as_str), before, limit],
-                    status_row,
-                )
+                .query_map(values.as_slice(), status_row)
                 .map_err(db)?;
             rows.collect::<Result<_, _>>().map_err(db)
         })

@@ -424,7 +424,7 @@ fn two_workers_serve_the_api_with_scoped_tokens_and_prometheus_counts_their_jobs
     // A running job's log, streamed while it runs: the first line arrives while the job
     // is still running, the rest follows, and the stream ends when the job does.
     let slow = {
-        let body = Job::script("echo first-line; sleep 5; echo second-line").yaml();
+        let body = Job::script("echo first-line; sleep 8; echo second-line").yaml();
         let reply = http(
             ports[0],
             "POST",
@@ -472,6 +472,40 @@ fn two_workers_serve_the_api_with_scoped_tokens_and_prometheus_counts_their_jobs
         during["state"], "running",
         "the first line came while the job ran: {during}"
     );
+    // A screenshot of the running VM, taken now: by the worker that runs it, and passed
+    // on by the other; and the CLI's `screenshot` through the other.
+    for port in [ports[ran_on], ports[1 - ran_on]] {
+        let shot = http(
+            port,
+            "POST",
+            &format!("/v1/jobs/{slow}/screenshots"),
+            Some(READ_TOKEN),
+            b"",
+        );
+        assert_eq!(shot.status, 200, "{}", String::from_utf8_lossy(&shot.body));
+        assert!(shot.body.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+    }
+    let now = workers[1 - ran_on].dir().join("now.png");
+    let taken = workers[1 - ran_on]
+        .command(&["screenshot", &slow, "--out", &now.display().to_string()])
+        .args([
+            "--server",
+            &format!("http://127.0.0.1:{}", ports[1 - ran_on]),
+        ])
+        .env("QEMU_WORKER_TOKEN", READ_TOKEN)
+        .output()
+        .expect("qemu-worker runs");
+    assert!(
+        taken.status.success(),
+        "{}",
+        String::from_utf8_lossy(&taken.stderr)
+    );
+    assert!(
+        std::fs::read(&now)
+            .expect("the screenshot written")
+            .starts_with(b"\x89PNG\r\n\x1a\n"),
+        "not a PNG"
+    );
     stream.read_to_end(&mut raw).expect("the rest of the log");
     let text = String::from_utf8_lossy(&raw).into_owned();
     assert!(text.contains("second-line"), "{text}");
@@ -479,6 +513,19 @@ fn two_workers_serve_the_api_with_scoped_tokens_and_prometheus_counts_their_jobs
     assert_eq!(
         after["state"], "completed",
         "the stream ended with the job: {after}"
+    );
+    let ended = http(
+        ports[ran_on],
+        "POST",
+        &format!("/v1/jobs/{slow}/screenshots"),
+        Some(READ_TOKEN),
+        b"",
+    );
+    assert_eq!(
+        (ended.status, ended.json()["code"].clone()),
+        (409, "not-running".into()),
+        "{}",
+        String::from_utf8_lossy(&ended.body)
     );
 
     // Cancel: a pending job at once; 405 with Allow for a wrong method.

@@ -185,7 +185,7 @@ impl ApiClient {
     }
 
     /// A body of at most `limit` bytes (a server is not trusted to end it).
-    async fn bounded(
+    pub async fn bounded(
         &self,
         mut answer: reqwest::Response,
         limit: usize,

@@ -68,6 +68,8 @@ pub struct ApiState {
     pub worker_id: String,
     /// For passing requests on (trusting worker.yml `client.caFile` too).
     pub client: reqwest::Client,
+    /// The VMs of the jobs running here, for screenshots on demand.
+    pub live: crate::engine::LiveVms,
 }
 
 /// The running API; dropping it stops it and removes its socket.
@@ -363,6 +365,9 @@ async fn route(state: &Arc<ApiState>, request: Request<Incoming>) -> Reply {
             artifact(state, id, name, &request).await
         }
         (&Method::GET, ["v1", "jobs", id, "screenshot"]) => screenshot(state, id, &request).await,
+        (&Method::POST, ["v1", "jobs", id, "screenshots"]) => {
+            screenshot_now(state, id, &request).await
+        }
         (
             _,
             ["healthz"]
@@ -373,7 +378,7 @@ async fn route(state: &Arc<ApiState>, request: Request<Incoming>) -> Reply {
             | ["v1", "jobs", _, "artifacts", ..],
         ) => allow(&path, "GET"),
         (_, ["v1", "jobs"]) => allow(&path, "GET, POST"),
-        (_, ["v1", "jobs", _, "cancel"]) => allow(&path, "POST"),
+        (_, ["v1", "jobs", _, "cancel" | "screenshots"]) => allow(&path, "POST"),
         _ => error(
             StatusCode::NOT_FOUND,
             "not-found",
@@ -855,7 +860,9 @@ async fn pass_on(
         .path_and_query()
         .map_or("/", hyper::http::uri::PathAndQuery::as_str);
     let url = format!("{base}{path}");
-    let mut forwarded = state.client.get(&url).header(PASSED_ON, "1");
+    let method = reqwest::Method::from_bytes(request.method().as_str().as_bytes())
+        .unwrap_or(reqwest::Method::GET);
+    let mut forwarded = state.client.request(method, &url).header(PASSED_ON, "1");
     for name in [AUTHORIZATION, hyper::header::RANGE] {
         if let Some(value) = request.headers().get(&name) {
             forwarded = forwarded.header(name.as_str(), value.as_bytes());
@@ -963,6 +970,48 @@ async fn screenshot(state: &ApiState, id: &str, request: &Request<Incoming>) -> 
             format!("{id}'s run took no screenshot (its VM never ran, or QMP did not answer)"),
         ),
     }
+}
+
+/// A screenshot of a running job's VM, taken now (on the worker that runs it).
+async fn screenshot_now(state: &ApiState, id: &str, request: &Request<Incoming>) -> Reply {
+    if let Some(taken) = state.live.screenshot(id).await {
+        return match taken {
+            Ok(shot) => full(StatusCode::OK, "image/png", shot.png),
+            Err(crate::vm::ScreenshotError::NoDisplay) => error(
+                StatusCode::CONFLICT,
+                "no-display",
+                format!("{id}'s machine has no display (machine.graphics: none)"),
+            ),
+            Err(e) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "screenshot-failed",
+                format!(
+                    "{id}'s VM did not give a screenshot: {}",
+                    crate::error_chain::display_chain(&e)
+                ),
+            ),
+        };
+    }
+    let (queue, job) = (Arc::clone(&state.queue), id.to_owned());
+    let status = match blocking(move || queue.status(&job)).await {
+        Ok(status) => status,
+        Err(e) => return queue_error(&e),
+    };
+    if status.state == JobState::Running
+        && let Some(reply) = pass_on(state, &status, request).await
+    {
+        return reply;
+    }
+    let why = match (status.state, status.report.is_some()) {
+        (JobState::Running, _) => "its VM is not up (starting, or being torn down)".to_owned(),
+        (_, true) => format!("it ended; GET /v1/jobs/{id}/screenshot has its final screenshot"),
+        (state, false) => format!("it is {state}"),
+    };
+    error(
+        StatusCode::CONFLICT,
+        "not-running",
+        format!("{id} has no VM running now: {why}"),
+    )
 }
 
 /// A file streamed with `Content-Length`, honouring one `Range: bytes=…` (206, or 416

@@ -198,6 +198,16 @@ pub fn openapi_document() -> Value {
                     "416": error("The range is outside the file (code bad-range).")
                 })))
             }},
+            "/v1/jobs/{id}/screenshots": {"post": {
+                "summary": "A screenshot of a running job's VM, taken now (scope read); passed on to the worker that runs it.",
+                "parameters": [job_id],
+                "responses": job_errors(json!({
+                    "200": {"description": "The PNG.", "content": {"image/png": {"schema": {"type": "string", "contentMediaType": "image/png"}}}},
+                    "409": error("The job has no VM running now (code not-running: pending, starting, ended), or its machine has no display (no-display)."),
+                    "502": holder_errors["502"].clone(),
+                    "503": error("The VM did not give a screenshot (code screenshot-failed), or the queue does not answer (queue-unavailable).")
+                }))
+            }},
             "/v1/jobs/{id}/screenshot": {"get": {
                 "summary": "The run's final screenshot (scope read).",
                 "parameters": [job_id, range],

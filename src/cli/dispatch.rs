@@ -69,10 +69,11 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             | Command::Logs { .. }
             | Command::Artifacts { .. }
             | Command::Cancel { .. }
+            | Command::Screenshot { .. }
     );
     if server.is_some() && !queue_command {
         return Err(anyhow::anyhow!(
-            "--server applies to submit, status, jobs, logs, artifacts and cancel"
+            "--server applies to submit, status, jobs, logs, artifacts, cancel and screenshot"
         ))
         .exit_with(EXIT_USAGE);
     }
@@ -134,6 +135,14 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 None => queue::cancel(&loaded, &job),
             }
         }
+        Command::Screenshot { job, out } => {
+            let loaded = load()?;
+            let client = match api_client(&loaded, server.as_deref())? {
+                Some(client) => client,
+                None => local_api(&loaded)?,
+            };
+            block_on(remote::screenshot(&client, &job, &out))
+        }
         Command::Schema { out } => {
             let written = write_schemas(&out).exit_with(EXIT_OTHER)?;
             for path in written {
@@ -193,6 +202,30 @@ fn api_client(
     qemu_worker::api::client::ApiClient::new(server, client)
         .map(Some)
         .exit_with(EXIT_USAGE)
+}
+
+/// This host's own API (worker.yml api.listen), for what only the worker running a job
+/// can do.
+fn local_api(
+    loaded: &qemu_worker::config::LoadedConfig,
+) -> Result<qemu_worker::api::client::ApiClient, Failure> {
+    use qemu_worker::config::ApiListen;
+    let scheme = if loaded.config.api.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let server = match loaded.config.api_listen() {
+        ApiListen::Unix(path) => format!("unix:{}", path.display()),
+        ApiListen::Tcp(address) => format!("{scheme}://{address}"),
+        ApiListen::Off => {
+            return Err(anyhow::anyhow!(
+                "this needs serve's API: worker.yml api.listen is off; give --server URL"
+            ))
+            .exit_with(EXIT_USAGE);
+        }
+    };
+    qemu_worker::api::client::ApiClient::new(&server, &loaded.config.client).exit_with(EXIT_USAGE)
 }
 
 /// Runs an async command on a multi-threaded runtime of its own.

@@ -30,6 +30,7 @@ pub(super) async fn run_job(
         cache: cache.clone(),
         helper: std::env::current_exe().exit_with(EXIT_OTHER)?,
         guest_tools: Default::default(),
+        live: Default::default(),
     };
     let (signals, cancel_rx) = cancel_on_signals("the job");
     let report = engine

@@ -79,6 +79,13 @@ pub(super) enum Command {
     },
     /// Cancel a job: a pending one at once, a running one at its next heartbeat.
     Cancel { job: String },
+    /// Take a screenshot of a running job's VM now (through serve's API: --server,
+    /// worker.yml client.server, else this host's api.listen) and write it as PNG.
+    Screenshot {
+        job: String,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
     /// Check a job payload (YAML or JSON; `-` for stdin) and print every problem.
     Validate {
         payload: PathBuf,

@@ -198,3 +198,29 @@ async fn download(
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// A screenshot of a running job's VM, taken now, written to `out` as PNG.
+pub(super) async fn screenshot(
+    client: &ApiClient,
+    job: &str,
+    out: &Path,
+) -> Result<ExitCode, Failure> {
+    let answer = client
+        .post(
+            &format!("/v1/jobs/{}/screenshots", segment(job)),
+            Vec::new(),
+        )
+        .await
+        .map_err(failed)?;
+    // A screenshot is a PNG of the guest's display: a few hundred KiB at most.
+    let png = client.bounded(answer, 64 << 20).await.map_err(failed)?;
+    std::fs::write(out, &png)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))
+        .exit_with(EXIT_OTHER)?;
+    print(&format!(
+        "{} bytes written to {}\n",
+        png.len(),
+        out.display()
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}

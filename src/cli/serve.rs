@@ -35,6 +35,7 @@ pub(super) async fn serve(loaded: &LoadedConfig) -> Result<ExitCode, Failure> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let client =
         qemu_worker::api::client::http_client(&loaded.config.client).exit_with(EXIT_OTHER)?;
+    let live = qemu_worker::engine::LiveVms::default();
     let api = qemu_worker::api::start_api(
         &listen,
         tls,
@@ -46,6 +47,7 @@ pub(super) async fn serve(loaded: &LoadedConfig) -> Result<ExitCode, Failure> {
             state_dir: loaded.config.state_dir.clone(),
             worker_id: worker_id.clone(),
             client,
+            live: live.clone(),
         },
     )
     .await
@@ -80,6 +82,7 @@ pub(super) async fn serve(loaded: &LoadedConfig) -> Result<ExitCode, Failure> {
             cache: cache.clone(),
             helper: std::env::current_exe().exit_with(EXIT_OTHER)?,
             guest_tools: Default::default(),
+            live,
         },
         queue,
         worker_id: worker_id.clone(),

@@ -29,6 +29,7 @@ pub(super) async fn vm(loaded: &LoadedConfig, command: VmCommand) -> Result<Exit
         cache: cache.clone(),
         helper: std::env::current_exe().exit_with(EXIT_OTHER)?,
         guest_tools: Default::default(),
+        live: Default::default(),
     };
     let (progress, bar) = progress_bar();
     let name = format!("vm-boot-{}", std::process::id());

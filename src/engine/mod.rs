@@ -10,6 +10,7 @@ mod boot;
 mod collect;
 mod context;
 mod error;
+mod live;
 mod prepare;
 mod resolve;
 mod run;
@@ -19,5 +20,6 @@ mod wait;
 
 pub use bare::BareVm;
 pub use error::JobError;
+pub use live::LiveVms;
 pub use run::{Engine, JobRun};
 pub use serve::{Worker, cleanup_orphans};

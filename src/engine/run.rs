@@ -37,6 +37,8 @@ pub struct Engine {
     pub helper: PathBuf,
     /// The guest tools served to cloud-init VMs, read when the first one starts.
     pub guest_tools: tokio::sync::OnceCell<GuestTools>,
+    /// The running jobs' VMs, for the API's screenshots on demand.
+    pub live: super::LiveVms,
 }
 
 impl Engine {
@@ -74,6 +76,11 @@ impl Engine {
             Ok(running) => running,
             Err(error) => return Happened::before_vm(Ending::Error(error)),
         };
+        let live = self.live.register(
+            &ctx.job.job_id,
+            running.vm.qmp().clone(),
+            running.vm.run_dir().path().to_path_buf(),
+        );
         let ending = self
             .await_run(
                 ctx,
@@ -96,6 +103,7 @@ impl Engine {
             } else {
                 (None, None)
             };
+        drop(live);
         let torn = self.tear_down(ctx, running).await;
         Happened {
             ending,

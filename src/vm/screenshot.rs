@@ -63,11 +63,13 @@ async fn screenshot_as(
     timeout: Duration,
     png: bool,
 ) -> Result<Screenshot, ScreenshotError> {
-    let path = dir.join(if png {
-        "screendump.png"
-    } else {
-        "screendump.ppm"
-    });
+    // One file per screenshot: the final one and those asked for on demand may overlap.
+    static TAKEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = TAKEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!(
+        "screendump-{n}.{}",
+        if png { "png" } else { "ppm" }
+    ));
     let filename = path.display().to_string();
     let arguments = if png {
         json!({"filename": filename, "format": "png"})

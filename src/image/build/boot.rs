@@ -72,6 +72,7 @@ impl BuildWorker {
                 cache,
                 helper: self.helper.clone(),
                 guest_tools: Default::default(),
+                live: Default::default(),
             },
             _state: state,
         })

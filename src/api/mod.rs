@@ -350,7 +350,13 @@ async fn route(state: &Arc<ApiState>, request: Request<Incoming>) -> Reply {
         (&Method::POST, ["v1", "jobs", id, "cancel"]) => {
             let (queue, id) = (Arc::clone(&state.queue), (*id).to_owned());
             match blocking(move || queue.cancel(&id)).await {
-                Ok(job_state) => json(StatusCode::OK, &model::Canceled { state: job_state }),
+                Ok(job_state) => json(
+                    StatusCode::OK,
+                    &model::Canceled {
+                        outcome: crate::queue::CancelOutcome::of(job_state),
+                        was: job_state,
+                    },
+                ),
                 Err(e) => queue_error(&e),
             }
         }

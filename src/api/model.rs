@@ -4,7 +4,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::queue::{JobState, JobStatus};
+use crate::queue::{CancelOutcome, JobState, JobStatus};
 
 /// `GET /healthz`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -39,11 +39,14 @@ pub struct Submitted {
     pub job_id: String,
 }
 
-/// `POST /v1/jobs/ID/cancel`: `exception` (canceled while pending), `running` (stopped
-/// at its next heartbeat), or the state the job had already ended in.
+/// `POST /v1/jobs/ID/cancel`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Canceled {
-    pub state: JobState,
+    /// `canceled` (it was pending: now `exception/canceled`), `requested` (it is
+    /// running: its worker stops it at the next heartbeat), or `already-ended`.
+    pub outcome: CancelOutcome,
+    /// The job's state before the cancel.
+    pub was: JobState,
 }
 
 /// Every error reply.

@@ -120,18 +120,19 @@ pub(super) fn cancel(loaded: &LoadedConfig, job: &str) -> Result<ExitCode, Failu
     print_canceled(job, state)
 }
 
-/// What `cancel` prints, from the database or the API.
+/// What `cancel` prints, from the database or the API: `was` is the job's state before.
 pub(super) fn print_canceled(
     job: &str,
-    state: qemu_worker::queue::JobState,
+    was: qemu_worker::queue::JobState,
 ) -> Result<ExitCode, Failure> {
+    use qemu_worker::queue::CancelOutcome;
     print(&format!(
         "{job}: {}\n",
-        match state {
-            qemu_worker::queue::JobState::Running =>
-                "cancel requested; its worker stops it at the next heartbeat",
-            qemu_worker::queue::JobState::Exception => "canceled",
-            _ => "already finished",
+        match CancelOutcome::of(was) {
+            CancelOutcome::Requested =>
+                "cancel requested; its worker stops it at the next heartbeat".to_owned(),
+            CancelOutcome::Canceled => "canceled".to_owned(),
+            CancelOutcome::AlreadyEnded => format!("already ended ({was})"),
         }
     ))?;
     Ok(ExitCode::SUCCESS)

@@ -98,7 +98,7 @@ pub(super) async fn cancel(client: &ApiClient, job: &str) -> Result<ExitCode, Fa
         .await
         .map_err(failed)?;
     let canceled: Canceled = client.read_json(answer).await.map_err(failed)?;
-    print_canceled(job, canceled.state)
+    print_canceled(job, canceled.was)
 }
 
 /// The log as it comes: with `follow`, until the job ends (the server follows a retried

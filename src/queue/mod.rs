@@ -13,7 +13,7 @@ mod sqlite;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use model::{Claim, ExpiredRun, JobState, JobStatus, NewJob, Page, QueueError};
+pub use model::{CancelOutcome, Claim, ExpiredRun, JobState, JobStatus, NewJob, Page, QueueError};
 pub use postgres::PostgresQueue;
 pub use sqlite::SqliteQueue;
 
@@ -63,7 +63,7 @@ pub trait Queue: Send + Sync + std::fmt::Debug {
 
     /// Cancels a job: a pending one ends at once as `exception/canceled`; a running one
     /// is flagged, and its worker learns it at the next heartbeat. Returns the job's
-    /// state after the call.
+    /// state before the call (`CancelOutcome::of` says what that means).
     fn cancel(&self, job_id: &str) -> Result<JobState, QueueError>;
 
     /// Gives a run's job back (the worker is shutting down): the run ends as

@@ -18,6 +18,27 @@ impl JobState {
     }
 }
 
+string_enum! {
+    /// What a cancel did: ended a pending job, asked a running one's worker to stop it,
+    /// or found the job already ended (its state says how).
+    pub enum CancelOutcome {
+        Canceled = "canceled",
+        Requested = "requested",
+        AlreadyEnded = "already-ended",
+    }
+}
+
+impl CancelOutcome {
+    /// The outcome of canceling a job that was in `state`.
+    pub fn of(state: JobState) -> Self {
+        match state {
+            JobState::Pending => Self::Canceled,
+            JobState::Running => Self::Requested,
+            _ => Self::AlreadyEnded,
+        }
+    }
+}
+
 /// A job to add to the queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewJob {

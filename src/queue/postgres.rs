@@ -414,12 +414,14 @@ impl Queue for PostgresQueue {
         let text = queue_report(ExceptionReason::Canceled)?;
         let id = job_id.to_owned();
         let row = self.connection.with(move |c| {
+            // The state before: the row locked, then changed (SET reads the old row).
             c.query_opt(
-                "UPDATE qw_jobs SET
-                    state = CASE WHEN state = 'pending' THEN 'exception' ELSE state END,
-                    report = CASE WHEN state = 'pending' THEN $2 ELSE report END,
-                    cancel_requested = cancel_requested OR state = 'running'
-                 WHERE id = $1 RETURNING state",
+                "UPDATE qw_jobs j SET
+                    state = CASE WHEN j.state = 'pending' THEN 'exception' ELSE j.state END,
+                    report = CASE WHEN j.state = 'pending' THEN $2 ELSE j.report END,
+                    cancel_requested = j.cancel_requested OR j.state = 'running'
+                 FROM (SELECT id, state FROM qw_jobs WHERE id = $1 FOR UPDATE) was
+                 WHERE j.id = was.id RETURNING was.state",
                 &[&id, &text],
             )
             .map_err(db)

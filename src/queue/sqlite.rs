@@ -364,7 +364,7 @@ impl Queue for SqliteQueue {
                         params![job_id, text],
                     )
                     .map_err(db)?;
-                    Ok(JobState::Exception)
+                    Ok(JobState::Pending)
                 }
                 JobState::Running => {
                     c.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?1", [job_id])

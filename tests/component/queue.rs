@@ -159,6 +159,13 @@ fn expired_leases_requeue_until_the_retry_limit(q: &dyn Queue) {
 fn cancel_ends_pending_jobs_and_signals_running_ones(q: &dyn Queue) {
     let pending = q.enqueue(&job("a", 0), 0).expect("enqueue");
     let running = q.enqueue(&job("b", 0), 0).expect("enqueue");
+    // The state before: pending (now canceled).
+    assert_eq!(q.cancel(&pending).expect("cancel"), JobState::Pending);
+    assert_eq!(
+        q.status(&pending).expect("status").state,
+        JobState::Exception
+    );
+    // Once ended, a cancel changes nothing and says how it ended.
     assert_eq!(q.cancel(&pending).expect("cancel"), JobState::Exception);
     assert_eq!(
         q.status(&pending)

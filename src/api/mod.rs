@@ -262,7 +262,9 @@ fn error_reply(status: StatusCode, code: &str, e: &impl std::fmt::Display) -> Re
 fn needed_scope(method: &Method, segments: &[&str]) -> Option<Scope> {
     match (method, segments) {
         (_, ["healthz"] | ["readyz"]) => None,
-        (&Method::POST, ["v1", "jobs"] | ["v1", "jobs", _, "cancel"]) => Some(Scope::Submit),
+        (&Method::POST, ["v1", "jobs"] | ["v1", "jobs", _, "cancel" | "release"]) => {
+            Some(Scope::Submit)
+        }
         _ => Some(Scope::Read),
     }
 }
@@ -374,6 +376,7 @@ async fn route(state: &Arc<ApiState>, request: Request<Incoming>) -> Reply {
         (&Method::POST, ["v1", "jobs", id, "screenshots"]) => {
             screenshot_now(state, id, &request).await
         }
+        (&Method::POST, ["v1", "jobs", id, "release"]) => release(state, id, &request).await,
         (
             _,
             ["healthz"]
@@ -384,7 +387,7 @@ async fn route(state: &Arc<ApiState>, request: Request<Incoming>) -> Reply {
             | ["v1", "jobs", _, "artifacts", ..],
         ) => allow(&path, "GET"),
         (_, ["v1", "jobs"]) => allow(&path, "GET, POST"),
-        (_, ["v1", "jobs", _, "cancel" | "screenshots"]) => allow(&path, "POST"),
+        (_, ["v1", "jobs", _, "cancel" | "screenshots" | "release"]) => allow(&path, "POST"),
         _ => error(
             StatusCode::NOT_FOUND,
             "not-found",
@@ -976,6 +979,31 @@ async fn screenshot(state: &ApiState, id: &str, request: &Request<Incoming>) -> 
             format!("{id}'s run took no screenshot (its VM never ran, or QMP did not answer)"),
         ),
     }
+}
+
+/// Lets a failed job's VM kept for debugging go (on the worker that keeps it).
+async fn release(state: &ApiState, id: &str, request: &Request<Incoming>) -> Reply {
+    if state.live.release(id) {
+        return json(StatusCode::OK, &model::Released { released: true });
+    }
+    let (queue, job) = (Arc::clone(&state.queue), id.to_owned());
+    let status = match blocking(move || queue.status(&job)).await {
+        Ok(status) => status,
+        Err(e) => return queue_error(&e),
+    };
+    if status.report.is_some()
+        && let Some(reply) = pass_on(state, &status, request).await
+    {
+        return reply;
+    }
+    error(
+        StatusCode::CONFLICT,
+        "not-kept",
+        format!(
+            "{id} has no VM kept for debugging ({}; only a failed job with debug.keepAliveOnFailure keeps one, until its time is up)",
+            status.state
+        ),
+    )
 }
 
 /// A screenshot of a running job's VM, taken now (on the worker that runs it).

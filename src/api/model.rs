@@ -49,6 +49,12 @@ pub struct Canceled {
     pub was: JobState,
 }
 
+/// `POST /v1/jobs/ID/release`: the kept VM is being torn down.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Released {
+    pub released: bool,
+}
+
 /// Every error reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ApiError {

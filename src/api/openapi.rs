@@ -4,7 +4,7 @@
 use schemars::generate::SchemaSettings;
 use serde_json::{Value, json};
 
-use super::model::{ApiError, Canceled, Health, JobPage, Readiness, Submitted};
+use super::model::{ApiError, Canceled, Health, JobPage, Readiness, Released, Submitted};
 use super::{MAX_DEADLINE_SECONDS, MAX_PAGE, MAX_PAYLOAD};
 use crate::job::ArtifactRecord;
 use crate::queue::JobStatus;
@@ -21,6 +21,7 @@ pub fn openapi_document() -> Value {
     generator.subschema_for::<JobStatus>();
     generator.subschema_for::<Submitted>();
     generator.subschema_for::<Canceled>();
+    generator.subschema_for::<Released>();
     generator.subschema_for::<ArtifactRecord>();
     generator.subschema_for::<ApiError>();
     let components: serde_json::Map<String, Value> =
@@ -197,6 +198,15 @@ pub fn openapi_document() -> Value {
                     "400": error("A broken %-escape in the name (code bad-path)."),
                     "416": error("The range is outside the file (code bad-range).")
                 })))
+            }},
+            "/v1/jobs/{id}/release": {"post": {
+                "summary": "Let a failed job's VM kept for debugging go (scope submit); passed on to the worker that keeps it.",
+                "parameters": [job_id],
+                "responses": job_errors(json!({
+                    "200": reply("It is being torn down.", "Released"),
+                    "409": error("The job has no VM kept (code not-kept)."),
+                    "502": holder_errors["502"].clone()
+                }))
             }},
             "/v1/jobs/{id}/screenshots": {"post": {
                 "summary": "A screenshot of a running job's VM, taken now (scope read); passed on to the worker that runs it.",

@@ -70,10 +70,11 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             | Command::Artifacts { .. }
             | Command::Cancel { .. }
             | Command::Screenshot { .. }
+            | Command::Release { .. }
     );
     if server.is_some() && !queue_command {
         return Err(anyhow::anyhow!(
-            "--server applies to submit, status, jobs, logs, artifacts, cancel and screenshot"
+            "--server applies to submit, status, jobs, logs, artifacts, cancel, screenshot and release"
         ))
         .exit_with(EXIT_USAGE);
     }
@@ -135,12 +136,12 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 None => queue::cancel(&loaded, &job),
             }
         }
+        Command::Release { job } => {
+            let client = running_job_api(&load()?, server.as_deref())?;
+            block_on(remote::release(&client, &job))
+        }
         Command::Screenshot { job, out } => {
-            let loaded = load()?;
-            let client = match api_client(&loaded, server.as_deref())? {
-                Some(client) => client,
-                None => local_api(&loaded)?,
-            };
+            let client = running_job_api(&load()?, server.as_deref())?;
             block_on(remote::screenshot(&client, &job, &out))
         }
         Command::Schema { out } => {
@@ -204,8 +205,19 @@ fn api_client(
         .exit_with(EXIT_USAGE)
 }
 
-/// This host's own API (worker.yml api.listen), for what only the worker running a job
-/// can do.
+/// For what only a worker can do to a job's VM: `--server` or `client.server`, else
+/// this host's own API (worker.yml api.listen).
+fn running_job_api(
+    loaded: &qemu_worker::config::LoadedConfig,
+    server: Option<&str>,
+) -> Result<qemu_worker::api::client::ApiClient, Failure> {
+    match api_client(loaded, server)? {
+        Some(client) => Ok(client),
+        None => local_api(loaded),
+    }
+}
+
+/// This host's own API (worker.yml api.listen).
 fn local_api(
     loaded: &qemu_worker::config::LoadedConfig,
 ) -> Result<qemu_worker::api::client::ApiClient, Failure> {

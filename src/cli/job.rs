@@ -42,6 +42,7 @@ pub(super) async fn run_job(
             live_log: true,
             cancel: cancel_rx,
             keep_disk: None,
+            keep_failed: false,
         })
         .await;
     signals.abort();

@@ -79,6 +79,9 @@ pub(super) enum Command {
     },
     /// Cancel a job: a pending one at once, a running one at its next heartbeat.
     Cancel { job: String },
+    /// Let a failed job's VM kept for debugging (debug.keepAliveOnFailure) go, through
+    /// serve's API as `screenshot` does.
+    Release { job: String },
     /// Take a screenshot of a running job's VM now (through serve's API: --server,
     /// worker.yml client.server, else this host's api.listen) and write it as PNG.
     Screenshot {

@@ -224,3 +224,13 @@ pub(super) async fn screenshot(
     ))?;
     Ok(ExitCode::SUCCESS)
 }
+
+/// Lets a failed job's kept VM go.
+pub(super) async fn release(client: &ApiClient, job: &str) -> Result<ExitCode, Failure> {
+    client
+        .post(&format!("/v1/jobs/{}/release", segment(job)), Vec::new())
+        .await
+        .map_err(failed)?;
+    print(&format!("{job}: its kept VM is being torn down\n"))?;
+    Ok(ExitCode::SUCCESS)
+}

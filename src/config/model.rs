@@ -51,6 +51,31 @@ pub struct WorkerConfig {
     pub api: ApiConfig,
     #[serde(default)]
     pub client: ClientConfig,
+    #[serde(default)]
+    pub debug: DebugConfig,
+}
+
+/// What jobs may ask for to debug their failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DebugConfig {
+    /// The most minutes a payload's `debug.keepAliveOnFailure` may keep a failed job's
+    /// VM running (counted against capacity); 0 keeps none.
+    #[serde(default = "default_keep_alive")]
+    #[schemars(range(max = 1440))]
+    pub max_keep_alive_minutes: u32,
+}
+
+impl Default for DebugConfig {
+    fn default() -> Self {
+        Self {
+            max_keep_alive_minutes: default_keep_alive(),
+        }
+    }
+}
+
+fn default_keep_alive() -> u32 {
+    60
 }
 
 /// How the CLI's queue commands (`submit`, `status`, `jobs`, `logs`, `artifacts`,

@@ -17,6 +17,8 @@ pub struct LiveVms(Arc<Mutex<HashMap<String, LiveVm>>>);
 struct LiveVm {
     qmp: QmpClient,
     run_dir: PathBuf,
+    /// Set while the job's VM is kept after a failure: notified to let it go.
+    release: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// Removes its job's VM from the registry when dropped (before the VM is torn down).
@@ -24,6 +26,19 @@ struct LiveVm {
 pub(crate) struct Registered {
     vms: LiveVms,
     job_id: String,
+}
+
+impl Registered {
+    /// Marks the VM as kept after its job failed; the signal lets it go.
+    pub(crate) fn release_signal(&self) -> Arc<tokio::sync::Notify> {
+        let signal = Arc::new(tokio::sync::Notify::new());
+        if let Ok(mut vms) = self.vms.0.lock()
+            && let Some(vm) = vms.get_mut(&self.job_id)
+        {
+            vm.release = Some(Arc::clone(&signal));
+        }
+        signal
+    }
 }
 
 impl Drop for Registered {
@@ -37,12 +52,44 @@ impl Drop for Registered {
 impl LiveVms {
     pub(crate) fn register(&self, job_id: &str, qmp: QmpClient, run_dir: PathBuf) -> Registered {
         if let Ok(mut vms) = self.0.lock() {
-            vms.insert(job_id.to_owned(), LiveVm { qmp, run_dir });
+            vms.insert(
+                job_id.to_owned(),
+                LiveVm {
+                    qmp,
+                    run_dir,
+                    release: None,
+                },
+            );
         }
         Registered {
             vms: self.clone(),
             job_id: job_id.to_owned(),
         }
+    }
+
+    /// Lets a kept VM go; `false` when the job has no VM kept here.
+    pub fn release(&self, job_id: &str) -> bool {
+        let signal = self
+            .0
+            .lock()
+            .ok()
+            .and_then(|vms| vms.get(job_id).and_then(|vm| vm.release.clone()));
+        match signal {
+            Some(signal) => {
+                // notify_one stores a permit: a release asked just before the VM waits
+                // for it is not lost.
+                signal.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether the job's VM is kept here after its failure.
+    pub fn is_kept(&self, job_id: &str) -> bool {
+        self.0
+            .lock()
+            .is_ok_and(|vms| vms.get(job_id).is_some_and(|vm| vm.release.is_some()))
     }
 
     /// A screenshot of the job's VM now; `None` when it has no VM running here.

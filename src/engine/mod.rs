@@ -10,6 +10,7 @@ mod boot;
 mod collect;
 mod context;
 mod error;
+mod keep;
 mod live;
 mod prepare;
 mod resolve;
@@ -20,6 +21,7 @@ mod wait;
 
 pub use bare::BareVm;
 pub use error::JobError;
+pub use keep::{KeptVm, Released};
 pub use live::LiveVms;
 pub use run::{Engine, JobRun};
 pub use serve::{Worker, cleanup_orphans};

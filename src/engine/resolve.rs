@@ -30,6 +30,20 @@ pub enum Ending {
 }
 
 impl Ending {
+    /// A failure of the job itself, whose VM is worth a look (payload
+    /// `debug.keepAliveOnFailure`): not a success, a refusal before any VM, a VM that
+    /// ended, or a stop from outside.
+    pub fn is_failure(&self) -> bool {
+        match self {
+            Self::Exited(code) => *code != 0,
+            Self::TimedOut { .. }
+            | Self::NeverStarted { .. }
+            | Self::Error(_)
+            | Self::ServiceLost => true,
+            Self::Rejected(_) | Self::Stopped(_) | Self::GuestEnded(_) => false,
+        }
+    }
+
     /// The job-log line that says what the worker did about it, written when it happens.
     pub fn note(&self) -> Option<String> {
         match self {

@@ -26,6 +26,10 @@ pub struct JobRun {
     /// and once its command exits 0 the guest is asked to power off (within
     /// `shutdownSeconds`) and its whole disk is written here as one raw file.
     pub keep_disk: Option<PathBuf>,
+    /// Whether a failed job's VM may be kept after its result (payload
+    /// `debug.keepAliveOnFailure`): jobs run by `serve`, which counts it against its
+    /// capacity and lets it go.
+    pub keep_failed: bool,
 }
 
 /// What the engine needs besides the job: the configuration, the image cache, and the
@@ -46,6 +50,17 @@ impl Engine {
     /// panics on bad input; every VM, socket and namespace it made is gone when it
     /// returns.
     pub async fn run(&self, job: &JobRun) -> ResultReport {
+        let (report, kept) = self.run_keeping(job).await;
+        if let Some(kept) = kept {
+            kept.discard(super::Released::Stopping).await;
+        }
+        report
+    }
+
+    /// [`Engine::run`], except that a failed job's VM may be handed back still running
+    /// (payload `debug.keepAliveOnFailure`, with `job.keep_failed`): the caller records
+    /// the result, then holds it.
+    pub async fn run_keeping(&self, job: &JobRun) -> (ResultReport, Option<super::KeptVm>) {
         let started = std::time::Instant::now();
         let mut ctx = match JobContext::open(job, &self.config).await {
             Ok(ctx) => ctx,
@@ -57,24 +72,24 @@ impl Engine {
                     millis: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 }];
                 write_report(&job.job_dir, &report).await;
-                return report;
+                return (report, None);
             }
         };
-        let happened = self.drive(&mut ctx).await;
-        ctx.finish(resolve(happened)).await
+        let (happened, kept) = self.drive(&mut ctx).await;
+        (ctx.finish(resolve(happened)).await, kept)
     }
 
     /// The lifecycle: prepare → boot or resume → await task and result → collect →
     /// tear down. Each phase returns what the next needs; an ending before the VM
     /// runs skips straight to the resolution.
-    async fn drive(&self, ctx: &mut JobContext<'_>) -> Happened {
+    async fn drive(&self, ctx: &mut JobContext<'_>) -> (Happened, Option<super::KeptVm>) {
         let prepared = match self.prepare(ctx).await {
             Ok(prepared) => prepared,
-            Err(ending) => return Happened::before_vm(ending),
+            Err(ending) => return (Happened::before_vm(ending), None),
         };
         let mut running = match self.boot_or_resume(ctx, &prepared).await {
             Ok(running) => running,
-            Err(error) => return Happened::before_vm(Ending::Error(error)),
+            Err(error) => return (Happened::before_vm(Ending::Error(error)), None),
         };
         let live = self.live.register(
             &ctx.job.job_id,
@@ -103,14 +118,48 @@ impl Engine {
             } else {
                 (None, None)
             };
+        let keep = prepared
+            .payload
+            .debug
+            .and_then(|d| d.keep_alive_on_failure)
+            .filter(|_| ctx.job.keep_failed && ending.is_failure());
+        if let Some(minutes) = keep
+            && running.vm.wait(Duration::ZERO).await.is_none()
+        {
+            let torn = self.account_kept(ctx, &running).await;
+            let job = &ctx.job.job_id;
+            ctx.note(&format!(
+                "the job failed: its VM is kept running for {minutes} minute(s) for a look \
+                 (debug.keepAliveOnFailure). `qemu-worker screenshot {job} --out screen.png` \
+                 shows its display; `qemu-worker release {job}` lets it go"
+            ))
+            .await;
+            let release = live.release_signal();
+            let kept = super::KeptVm {
+                running,
+                live,
+                minutes,
+                log: ctx.log(),
+                release,
+            };
+            let happened = Happened {
+                ending,
+                collection,
+                screenshot,
+                metadata: Some(torn.metadata),
+                console: torn.console,
+            };
+            return (happened, Some(kept));
+        }
         drop(live);
         let torn = self.tear_down(ctx, running).await;
-        Happened {
+        let happened = Happened {
             ending,
             collection,
             screenshot,
             metadata: Some(torn.metadata),
             console: torn.console,
-        }
+        };
+        (happened, None)
     }
 }

@@ -111,6 +111,7 @@ impl Worker {
                     self.queue.clone(),
                     claim,
                     stop_rx.clone(),
+                    shutdown.clone(),
                 );
                 running.spawn(async move {
                     let report = job.await;
@@ -159,12 +160,15 @@ impl Worker {
 }
 
 /// Runs one claimed job: heartbeats its claim, stops it when the claim is lost, the job
-/// is canceled or the worker stops, and records its outcome.
+/// is canceled or the worker stops, and records its outcome; then holds a failed job's
+/// VM kept for debugging until it is let go (its slot stays taken meanwhile).
 async fn run_claimed(
     engine: Engine,
     queue: Arc<dyn Queue>,
     claim: Claim,
     mut stop: watch::Receiver<bool>,
+    // The worker's shutdown: a kept VM is let go at once, not after the grace period.
+    stopping: watch::Receiver<bool>,
 ) -> crate::job::ResultReport {
     let (cancel, cancel_rx) = watch::channel(None);
     let heartbeat = Duration::from_secs(engine.config.timeouts.heartbeat_seconds);
@@ -204,8 +208,8 @@ async fn run_claimed(
         })
     };
     let job_dir = JobDir::of_run(&engine.config.state_dir, &claim.job_id, claim.run_id);
-    let report = engine
-        .run(&JobRun {
+    let (report, kept) = engine
+        .run_keeping(&JobRun {
             job_id: claim.job_id.clone(),
             run_id: claim.run_id,
             payload: claim.payload.clone(),
@@ -213,6 +217,7 @@ async fn run_claimed(
             live_log: false,
             cancel: cancel_rx,
             keep_disk: None,
+            keep_failed: true,
         })
         .await;
     watcher.abort();
@@ -235,6 +240,12 @@ async fn run_claimed(
         Err(error) => {
             tracing::warn!(job_id = %claim.job_id, %error, "could not record the outcome")
         }
+    }
+    // Kept after its failure: the job has its result; its VM (and this slot) waits.
+    if let Some(kept) = kept {
+        tracing::info!(job_id = %claim.job_id, run_id = claim.run_id, "VM kept for debugging");
+        let why = kept.hold(stopping).await;
+        tracing::info!(job_id = %claim.job_id, run_id = claim.run_id, released = ?why, "kept VM torn down");
     }
     report
 }

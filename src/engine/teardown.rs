@@ -49,21 +49,13 @@ impl Engine {
     /// Budgets are read here, at the very end: connections refused during the
     /// collection count too.
     pub(super) async fn tear_down(&self, ctx: &mut JobContext<'_>, running: Running) -> TornDown {
+        let metadata = metadata_usage(ctx, &running).await;
         let Running {
             mut vm,
             service,
             tap,
             ..
         } = running;
-        let metadata = service.usage();
-        if metadata.idle_logs_closed > 0 {
-            ctx.note(&format!(
-                "{} log stream(s) sent nothing for {} s and were closed (logs.idleSeconds); the guest tools open a new one for more output",
-                metadata.idle_logs_closed,
-                metadata.log_idle.as_secs()
-            ))
-            .await;
-        }
         let known_exit = vm.wait(Duration::ZERO).await.is_some();
         let console = vm.console();
         // The job's disk is thrown away: no power-off to wait for.
@@ -76,11 +68,38 @@ impl Engine {
         ctx.phase("teardown");
         TornDown {
             metadata,
-            console: ConsoleSummary {
-                dropped: console.dropped(),
-                limit: console.limit(),
-                write_failed: console.write_failed(),
-            },
+            console: console_summary(&console),
         }
+    }
+
+    /// What the report says of a VM that is kept running after its job failed: its
+    /// budgets so far. It is torn down later ([`super::KeptVm`]).
+    pub(super) async fn account_kept(&self, ctx: &JobContext<'_>, running: &Running) -> TornDown {
+        TornDown {
+            metadata: metadata_usage(ctx, running).await,
+            console: console_summary(&running.vm.console()),
+        }
+    }
+}
+
+/// The metadata service's budgets, with a job-log line for closed idle log streams.
+async fn metadata_usage(ctx: &JobContext<'_>, running: &Running) -> MetadataUsage {
+    let metadata = running.service.usage();
+    if metadata.idle_logs_closed > 0 {
+        ctx.note(&format!(
+            "{} log stream(s) sent nothing for {} s and were closed (logs.idleSeconds); the guest tools open a new one for more output",
+            metadata.idle_logs_closed,
+            metadata.log_idle.as_secs()
+        ))
+        .await;
+    }
+    metadata
+}
+
+fn console_summary(console: &crate::vm::ConsoleUsage) -> ConsoleSummary {
+    ConsoleSummary {
+        dropped: console.dropped(),
+        limit: console.limit(),
+        write_failed: console.write_failed(),
     }
 }

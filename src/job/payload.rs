@@ -44,6 +44,22 @@ pub struct JobPayload {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 65536))]
     pub user_data: Option<String>,
+    /// Help for debugging the job when it fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debug: Option<JobDebug>,
+}
+
+/// What a job asks for to debug its failure.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JobDebug {
+    /// Minutes to keep the VM running after the job failed (its result is recorded at
+    /// once): for `qemu-worker screenshot` and a look, until `qemu-worker release` or
+    /// the time is up. At most worker.yml `debug.maxKeepAliveMinutes`; jobs run by
+    /// `serve` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1440))]
+    pub keep_alive_on_failure: Option<u32>,
 }
 
 /// A job's network wishes; the worker grants them only as far as worker.yml allows.

@@ -28,6 +28,8 @@ pub struct PayloadContext {
     pub allowed_image_dirs: Vec<PathBuf>,
     /// worker.yml `network.allowOutbound`.
     pub allow_outbound: bool,
+    /// worker.yml `debug.maxKeepAliveMinutes`.
+    pub max_keep_alive_minutes: u32,
 }
 
 impl PayloadContext {
@@ -37,6 +39,7 @@ impl PayloadContext {
             machine: config.machine.clone(),
             allowed_image_dirs: config.images.allowed_local_dirs.clone(),
             allow_outbound: config.network.allow_outbound,
+            max_keep_alive_minutes: config.debug.max_keep_alive_minutes,
         }
     }
 }
@@ -100,6 +103,22 @@ pub fn validate_payload(text: &str, context: &PayloadContext, identity: &Identit
             "/network/outbound",
             "this worker does not allow outbound network access (worker.yml \
              `network.allowOutbound`)",
+        ));
+    }
+
+    if let Some(minutes) = value
+        .pointer("/debug/keepAliveOnFailure")
+        .and_then(Value::as_u64)
+        && minutes > u64::from(context.max_keep_alive_minutes)
+    {
+        issues.push(Issue::new(
+            "/debug/keepAliveOnFailure",
+            match context.max_keep_alive_minutes {
+                0 => "this worker keeps no failed job's VM (worker.yml `debug.maxKeepAliveMinutes` is 0)".to_owned(),
+                max => format!(
+                    "{minutes} minutes is more than this worker keeps a VM ({max}, worker.yml `debug.maxKeepAliveMinutes`)"
+                ),
+            },
         ));
     }
 
@@ -435,7 +454,39 @@ mod tests {
             machine: MachineDefinition::default(),
             allowed_image_dirs: vec![PathBuf::from("/srv/images")],
             allow_outbound: false,
+            max_keep_alive_minutes: 30,
         }
+    }
+
+    #[test]
+    fn keep_alive_is_bounded_by_the_worker() {
+        let payload = |minutes: u32| {
+            format!(
+                "image: https://example.com/i.tar.zst\ncommand: [/bin/false]\nmaxRunTime: 60\n\
+                 debug: {{keepAliveOnFailure: {minutes}}}\n"
+            )
+        };
+        assert!(check(&payload(30)).issues.is_empty());
+        let denied = check(&payload(31));
+        assert_eq!(denied.issues.len(), 1, "{:?}", denied.issues);
+        assert_eq!(denied.issues[0].path, "/debug/keepAliveOnFailure");
+        assert!(
+            denied.issues[0].message.contains("(30, worker.yml"),
+            "{:?}",
+            denied.issues
+        );
+        let none = PayloadContext {
+            max_keep_alive_minutes: 0,
+            ..context()
+        };
+        let refused = validate_payload(&payload(1), &none, &Identity::derive("job", 0));
+        assert!(
+            refused.issues[0]
+                .message
+                .contains("keeps no failed job's VM"),
+            "{:?}",
+            refused.issues
+        );
     }
 
     #[test]

@@ -155,6 +155,7 @@ pub(super) async fn run_step(
             live_log: worker.live_log,
             cancel: worker.cancel.clone(),
             keep_disk: Some(disk.to_path_buf()),
+            keep_failed: false,
         })
         .await;
     if let Some(reason @ (ExceptionReason::Canceled | ExceptionReason::WorkerShutdown)) =

@@ -123,7 +123,7 @@ impl Engine {
             .debug
             .and_then(|d| d.keep_alive_on_failure)
             .filter(|_| ctx.job.keep_failed && ending.is_failure());
-        if let Some(minutes) = keep
+        let (torn, kept) = if let Some(minutes) = keep
             && running.vm.wait(Duration::ZERO).await.is_none()
         {
             let torn = self.account_kept(ctx, &running).await;
@@ -142,17 +142,11 @@ impl Engine {
                 log: ctx.log(),
                 release,
             };
-            let happened = Happened {
-                ending,
-                collection,
-                screenshot,
-                metadata: Some(torn.metadata),
-                console: torn.console,
-            };
-            return (happened, Some(kept));
-        }
-        drop(live);
-        let torn = self.tear_down(ctx, running).await;
+            (torn, Some(kept))
+        } else {
+            drop(live);
+            (self.tear_down(ctx, running).await, None)
+        };
         let happened = Happened {
             ending,
             collection,
@@ -160,6 +154,6 @@ impl Engine {
             metadata: Some(torn.metadata),
             console: torn.console,
         };
-        (happened, None)
+        (happened, kept)
     }
 }

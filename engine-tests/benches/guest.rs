@@ -6,6 +6,9 @@
 //! 2. Log streaming throughput: 64 MiB of command output, guest → job log.
 //! 3. Artifact throughput for a 256 MiB file through the agent port, next to a raw
 //!    `cat` of the same file into a second virtio-serial port. Goal: ≥ 0.5×.
+//! 4. Shell keystroke round trip (a key typed into a shell's terminal until the guest's
+//!    echo of it comes back through the agent port), p50/p99 of 200, next to the
+//!    quickest way qemu-ga offers: `guest-exec` of `echo` with its output.
 //!
 //! `cargo bench -p engine-tests --bench guest` (needs images/build-test-image). The
 //! guestfwd helper is the worker binary's (QEMU_WORKER_BIN, which bench/run sets to the
@@ -16,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use engine_tests::vm::{cached_test_image, metadata_network, test_launch, test_machine};
-use qemu_worker::artifacts::AgentClient;
+use qemu_worker::artifacts::{AgentClient, ShellEvent, ShellRequest};
 use qemu_worker::job::ArtifactKind;
 use qemu_worker::metadata::{
     LogSink, MetadataHandle, MetadataLimits, Task, start_metadata_service,
@@ -92,6 +95,7 @@ fn main() {
         metadata_latency(scratch.path(), &lease).await;
         log_throughput(scratch.path(), &lease).await;
         artifact_throughput(scratch.path(), &lease).await;
+        shell_round_trip(scratch.path(), &lease).await;
         drop(lease);
         cache.close().await;
     });
@@ -304,5 +308,94 @@ async fn artifact_throughput(scratch: &Path, lease: &qemu_worker::image::ImageLe
         ..Default::default()
     }
     .emit();
+    s.vm.teardown().await;
+}
+
+async fn shell_round_trip(scratch: &Path, lease: &qemu_worker::image::ImageLease) {
+    let mut s = start(scratch, lease, "sh", "echo ready; sleep 600", &[]).await;
+    s.vm.resume().await.expect("cont");
+    let agent = AgentClient::connect(
+        Path::new(&s.vm.run_dir().agent_socket()),
+        Duration::from_secs(120),
+    )
+    .await
+    .expect("agent");
+    let request = ShellRequest {
+        command: Some(vec!["/bin/sh".into()]),
+        tty: true,
+        rows: 24,
+        cols: 80,
+        term: None,
+    };
+    let mut shell = agent.shells().open(&request).await.expect("a shell");
+    // Until the prompt: the shell reads its terminal from here on.
+    let mut shown = Vec::new();
+    while !shown.ends_with(b"# ") {
+        match tokio::time::timeout(Duration::from_secs(60), shell.next()).await {
+            Ok(ShellEvent::Output { data, .. }) => shown.extend_from_slice(&data),
+            other => panic!("no prompt: {other:?}"),
+        }
+    }
+    let mut keys = Vec::new();
+    for i in 0..200 {
+        // A line at a time stays short of the terminal's line buffer.
+        let key = if i % 50 == 49 { b"\r" } else { b"x" };
+        let started = Instant::now();
+        shell.write(key).await.expect("a key");
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), shell.next()).await {
+                Ok(ShellEvent::Output { data, .. }) if data.contains(&key[0]) => break,
+                Ok(ShellEvent::Output { .. }) => {}
+                other => panic!("no echo: {other:?}"),
+            }
+        }
+        if key == b"x" {
+            keys.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+        if i % 50 == 49 {
+            // The shell runs the line of x's (not found) and prompts again.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            while let Ok(ShellEvent::Output { .. }) =
+                tokio::time::timeout(Duration::from_millis(100), shell.next()).await
+            {}
+        }
+    }
+    drop(shell);
+    drop(agent);
+    let mut qga = qemu_worker::qemu::QgaClient::connect(
+        Path::new(&s.vm.run_dir().qga_socket()),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("qemu-ga");
+    let mut exec = Vec::new();
+    for _ in 0..50 {
+        let started = Instant::now();
+        let out = qga
+            .exec("/bin/echo", &["x"], Duration::from_secs(30))
+            .await
+            .expect("guest-exec");
+        assert_eq!(out.stdout, b"x\n");
+        exec.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    let mut sorted = keys.clone();
+    sorted.sort_by(f64::total_cmp);
+    let mut exec_sorted = exec.clone();
+    exec_sorted.sort_by(f64::total_cmp);
+    let pick = |v: &[f64], q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    for (label, q) in [("p50", 0.5), ("p99", 0.99)] {
+        figure::Figure {
+            figure: &format!("shell keystroke round trip, {label} of {}", sorted.len()),
+            unit: "ms",
+            samples: &[pick(&sorted, q)],
+            baseline_name: "qemu-ga guest-exec of echo with its output (50 runs)",
+            baseline: &[pick(&exec_sorted, q)],
+            goal: "",
+            met: None,
+            note: "agent port, guest tools' pty, under TCG; qemu-ga is polled every 20 ms",
+            ..Default::default()
+        }
+        .emit();
+    }
     s.vm.teardown().await;
 }

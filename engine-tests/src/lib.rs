@@ -11,10 +11,12 @@
 //! - [`wait_until`]: tests wait for a state, never for a fixed time.
 //! - [`assets`]: the test image and generated hostile archives, pinned by hash in
 //!   `engine-tests/assets.json`.
+//! - [`pty`]: a real pseudo-terminal, for interactive commands (`qemu-worker shell`).
 //! - [`vm`]: the VM runtime in process on the test image, for the cases and benchmarks
 //!   that drive the library rather than the binary.
 
 pub mod assets;
+pub mod pty;
 pub mod vm;
 
 use std::path::{Path, PathBuf};
@@ -697,7 +699,16 @@ impl Outcome {
 impl std::fmt::Display for Outcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let json = serde_json::to_string(&self.report).map_err(|_| std::fmt::Error)?;
-        f.write_str(&json)
+        f.write_str(&json)?;
+        // What a failed assertion needs next to the report: the ends of the job's log
+        // and of the guest's console.
+        for name in ["job.log", "console.log"] {
+            let text = std::fs::read_to_string(self.job_dir.join(name)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(30)..];
+            write!(f, "\n--- {name} (last {} lines)\n{}", tail.len(), tail.join("\n"))?;
+        }
+        Ok(())
     }
 }
 

@@ -1,15 +1,18 @@
 //! The guest side of the agent port (docs/guest-agent.md): serves file and folder
-//! requests from the host over the virtio-serial port `org.qemu-worker.agent.0`.
+//! requests from the host over the virtio-serial port `org.qemu-worker.agent.0`, and
+//! carries shells (`shell.rs`) in between.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use qemu_worker_protocol::agent::{
-    self, BAD_REQUEST, DATA, DONE, Done, END, FILE, FileEnd, FileHeader, GET, Get, GetKind,
-    NOT_A_DIRECTORY, NOT_A_FILE, NOT_FOUND, PARK, REFUSE, RESUME, Refusal, SKIP, SYNC, Skipped,
-    TOO_LARGE,
+    self, BAD_REQUEST, CLOSE, DATA, DONE, Done, END, FILE, FileEnd, FileHeader, GET, Get, GetKind,
+    Hello, INPUT, NOT_A_DIRECTORY, NOT_A_FILE, NOT_FOUND, OPEN, PARK, REFUSE, RESIZE, RESUME,
+    Refusal, SKIP, SYNC, Skipped, TOO_LARGE, VERSION,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -50,29 +53,107 @@ fn find_port(name: &str) -> Option<PathBuf> {
         .map(|port| Path::new("/dev").join(port.file_name()))
 }
 
+/// The port's writer, shared by the answers and the shells: each frame is written
+/// whole under its lock.
+pub(crate) type Port = Arc<Mutex<io::BufWriter<File>>>;
+
+/// Bumped by each [`SYNC`]: an answer in progress stops at its next frame (the host
+/// has started afresh and discards everything before the echo).
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// Reads the host's frames. Shell frames are handled at once; requests (everything
+/// else) go to one answering thread in order, so that a long answer never holds up a
+/// shell's keystrokes and a [`SYNC`] echo always comes after the answer before it.
 fn serve(mut reader: File, writer: File) -> io::Result<()> {
-    let mut out = io::BufWriter::with_capacity(CHUNK + 16, writer);
-    loop {
+    let port: Port = Arc::new(Mutex::new(io::BufWriter::with_capacity(CHUNK + 16, writer)));
+    let (requests, queue) = mpsc::sync_channel::<(u8, Vec<u8>)>(16);
+    let answering = {
+        let port = Arc::clone(&port);
+        std::thread::spawn(move || answer_requests(&port, &queue))
+    };
+    let served = (|| loop {
         let (kind, payload) = read_frame(&mut reader)?;
         match kind {
-            SYNC => write_frame(&mut out, SYNC, &payload)?,
-            PARK if crate::park::parked() => write_frame(&mut out, PARK, &[])?,
-            PARK => error(
-                &mut out,
-                BAD_REQUEST,
-                "not asked to park for a boot snapshot",
-            )?,
-            RESUME if crate::park::resume() => write_frame(&mut out, RESUME, &[])?,
-            RESUME => error(&mut out, BAD_REQUEST, "not parked for a boot snapshot")?,
-            GET => match serde_json::from_slice::<Get>(&payload) {
-                #[cfg(feature = "hostile")]
-                Ok(get) if crate::hostile::answer(&mut out, &get.path)? => {}
-                Ok(get) => send(&mut out, &get)?,
-                Err(e) => error(&mut out, BAD_REQUEST, &e.to_string())?,
-            },
-            _ => error(&mut out, BAD_REQUEST, "unknown frame type")?,
+            OPEN | INPUT | RESIZE | CLOSE => crate::shell::handle(&port, kind, &payload),
+            SYNC => {
+                // A new host connection: the shells of the old one are gone with it.
+                GENERATION.fetch_add(1, Ordering::SeqCst);
+                crate::shell::close_all();
+                requests.send((kind, payload)).map_err(io::Error::other)?;
+            }
+            _ => requests.send((kind, payload)).map_err(io::Error::other)?,
         }
-        out.flush()?;
+    })();
+    drop(requests);
+    crate::shell::close_all();
+    let _ = answering.join();
+    served
+}
+
+/// Answers requests one at a time, each frame under the port's lock.
+fn answer_requests(port: &Mutex<io::BufWriter<File>>, queue: &mpsc::Receiver<(u8, Vec<u8>)>) {
+    while let Ok((kind, payload)) = queue.recv() {
+        let mut out = Locked { port, guard: None };
+        if answer(&mut out, kind, &payload)
+            .and_then(|()| out.flush())
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+fn answer(out: &mut Locked<'_>, kind: u8, payload: &[u8]) -> io::Result<()> {
+    match kind {
+        SYNC => write_frame(out, SYNC, payload),
+        VERSION => control(
+            out,
+            VERSION,
+            &Hello {
+                version: agent::PROTOCOL_VERSION,
+            },
+        ),
+        PARK if crate::park::parked() => write_frame(out, PARK, &[]),
+        PARK => error(out, BAD_REQUEST, "not asked to park for a boot snapshot"),
+        RESUME if crate::park::resume() => write_frame(out, RESUME, &[]),
+        RESUME => error(out, BAD_REQUEST, "not parked for a boot snapshot"),
+        GET => match serde_json::from_slice::<Get>(payload) {
+            #[cfg(feature = "hostile")]
+            Ok(get) if crate::hostile::answer(out, &get.path)? => Ok(()),
+            Ok(get) => send(out, &get),
+            Err(e) => error(out, BAD_REQUEST, &e.to_string()),
+        },
+        _ => error(out, BAD_REQUEST, "unknown frame type"),
+    }
+}
+
+/// A writer that takes the port's lock at its first write and lets it go at `flush`:
+/// [`write_frame`] flushes after each frame, so shells' frames come in between.
+struct Locked<'a> {
+    port: &'a Mutex<io::BufWriter<File>>,
+    guard: Option<std::sync::MutexGuard<'a, io::BufWriter<File>>>,
+}
+
+impl Write for Locked<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.guard.is_none() {
+            self.guard = Some(
+                self.port
+                    .lock()
+                    .map_err(|_| io::Error::other("port lock"))?,
+            );
+        }
+        match self.guard.as_mut() {
+            Some(guard) => guard.write(buf),
+            None => Err(io::Error::other("port lock")),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.guard.take() {
+            Some(mut guard) => guard.flush(),
+            None => Ok(()),
+        }
     }
 }
 
@@ -91,7 +172,8 @@ fn read_frame(reader: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
 pub(crate) fn write_frame(out: &mut impl Write, kind: u8, payload: &[u8]) -> io::Result<()> {
     let len = u32::try_from(payload.len()).map_err(|_| io::Error::other("frame too large"))?;
     out.write_all(&agent::head(kind, len))?;
-    out.write_all(payload)
+    out.write_all(payload)?;
+    out.flush()
 }
 
 /// A control frame: `value` as JSON.
@@ -150,6 +232,7 @@ fn send(out: &mut impl Write, get: &Get) -> io::Result<()> {
     let mut sent_files = 0u64;
     let mut sent_bytes = 0u64;
     let mut buffer = vec![0u8; CHUNK];
+    let generation = GENERATION.load(Ordering::SeqCst);
     for (name, path, size) in files {
         let mut file = match File::open(&path) {
             Ok(file) => file,
@@ -166,6 +249,9 @@ fn send(out: &mut impl Write, get: &Get) -> io::Result<()> {
         let mut hasher = get.verify.then(Sha256::new);
         let mut left = size;
         while left > 0 {
+            if GENERATION.load(Ordering::SeqCst) != generation {
+                return Ok(()); // the host started afresh: it discards the rest anyway
+            }
             let want = (left as usize).min(CHUNK);
             let n = file.read(&mut buffer[..want])?;
             if n == 0 {

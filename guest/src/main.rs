@@ -20,6 +20,7 @@ mod agent;
 #[cfg(feature = "hostile")]
 mod hostile;
 mod park;
+mod shell;
 
 /// The metadata service, as every VM sees it.
 const METADATA: &str = metadata::ADDRESS;

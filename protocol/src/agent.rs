@@ -7,6 +7,11 @@
 //! it did not send; then [`DONE`] — or [`REFUSE`] instead of all of it. [`PARK`] and
 //! [`RESUME`] carry the boot snapshot handshake (see [`crate::snapshot`]); the guest
 //! echoes each, or answers [`REFUSE`].
+//!
+//! Version 2 adds shells: [`VERSION`] says which version the tools speak (tools of
+//! version 1 refuse it as an unknown frame), and [`OPEN`], [`INPUT`], [`RESIZE`] and
+//! [`CLOSE`] drive shell channels whose [`OUTPUT`] and [`EXITED`] frames come in between
+//! the frames of an answer. Requests are still answered one at a time, in order.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +27,24 @@ pub const GET: u8 = b'G';
 pub const PARK: u8 = b'P';
 /// Host → guest: the snapshot is taken (or given up); go on (no payload). Echoed, empty.
 pub const RESUME: u8 = b'R';
+/// Both ways: the host's [`Hello`] asks which version the tools speak; they answer
+/// with theirs. Tools of version 1 answer [`REFUSE`] ([`BAD_REQUEST`]).
+pub const VERSION: u8 = b'V';
+/// Host → guest: an [`Open`] starts a shell channel (no answer; its [`OUTPUT`] and
+/// [`EXITED`] frames follow).
+pub const OPEN: u8 = b'O';
+/// Host → guest: the channel (4 bytes, big-endian) then bytes for the shell's stdin;
+/// no bytes closes its stdin.
+pub const INPUT: u8 = b'I';
+/// Host → guest: a [`Resize`] of a channel's terminal.
+pub const RESIZE: u8 = b'W';
+/// Host → guest: a [`Channel`] to end: its processes are killed.
+pub const CLOSE: u8 = b'C';
+/// Guest → host: the channel (4 bytes, big-endian), the stream ([`STDOUT`] or
+/// [`STDERR`]), then bytes the shell wrote.
+pub const OUTPUT: u8 = b'B';
+/// Guest → host: an [`Exited`] ends a channel; nothing of it follows.
+pub const EXITED: u8 = b'T';
 /// Guest → host: a [`FileHeader`]; the file's bytes follow.
 pub const FILE: u8 = b'F';
 /// Guest → host: bytes of the open file.
@@ -34,6 +57,17 @@ pub const SKIP: u8 = b'K';
 pub const REFUSE: u8 = b'X';
 /// Guest → host: a [`Done`] ends the answer.
 pub const DONE: u8 = b'Z';
+
+/// The version these frames make; the tools answer [`VERSION`] with it.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// The first version with shells.
+pub const SHELL_VERSION: u32 = 2;
+/// [`OUTPUT`] streams.
+pub const STDOUT: u8 = 1;
+pub const STDERR: u8 = 2;
+/// Largest [`INPUT`] or [`OUTPUT`] payload either side sends (channel and stream
+/// included); a guest's reads of a shell's output are smaller.
+pub const MAX_SHELL_DATA: usize = 16 << 10;
 
 /// Type byte and length.
 pub const HEAD_LEN: usize = 5;
@@ -113,6 +147,57 @@ pub struct Done {
     pub bytes: u64,
 }
 
+/// [`VERSION`]: the version of the agent protocol one side speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u32,
+}
+
+/// [`OPEN`]: a shell channel. `command` is run as it is (no shell in between); without
+/// one the tools start a login shell (`/bin/bash -l`, else `/bin/sh -l`). With `tty`
+/// it runs on a new pseudo-terminal of `rows` × `cols` (stdout carries everything it
+/// writes); without, on pipes (stdout and stderr apart).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Open {
+    pub channel: u32,
+    pub command: Option<Vec<String>>,
+    pub tty: bool,
+    pub rows: u16,
+    pub cols: u16,
+    /// `TERM` for the shell (`xterm-256color` if none).
+    pub term: Option<String>,
+}
+
+/// [`RESIZE`]: a channel's terminal is now `rows` × `cols`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resize {
+    pub channel: u32,
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// [`CLOSE`]: the channel to end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Channel {
+    pub channel: u32,
+}
+
+/// [`EXITED`]: how a channel's command ended: its exit code, or the signal that killed
+/// it, or why it could not start (`error`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exited {
+    pub channel: u32,
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub error: Option<String>,
+}
+
+/// The channel a shell data frame ([`INPUT`], [`OUTPUT`]) is for, and the rest.
+pub fn split_channel(payload: &[u8]) -> Option<(u32, &[u8])> {
+    let (channel, rest) = payload.split_first_chunk::<4>()?;
+    Some((u32::from_be_bytes(*channel), rest))
+}
+
 /// Refusal codes.
 pub const NOT_FOUND: &str = "not-found";
 pub const TOO_LARGE: &str = "too-large";
@@ -129,5 +214,11 @@ mod tests {
     fn a_head_round_trips() {
         assert_eq!(head(FILE, 258), [b'F', 0, 0, 1, 2]);
         assert_eq!(parse_head(head(DATA, MAX_DATA as u32)), (DATA, MAX_DATA));
+    }
+
+    #[test]
+    fn a_channel_is_split_from_its_data() {
+        assert_eq!(split_channel(&[0, 0, 1, 2, 9]), Some((258, &[9u8][..])));
+        assert_eq!(split_channel(&[0, 0, 1]), None);
     }
 }

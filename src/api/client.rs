@@ -211,6 +211,36 @@ impl ApiClient {
         }
     }
 
+    /// Opens the WebSocket at `path` (with its query).
+    pub async fn websocket(&self, path: &str) -> Result<reqwest::Upgraded, ClientError> {
+        let mut key = [0u8; 16];
+        let _ = rustix::rand::getrandom(&mut key, rustix::rand::GetRandomFlags::empty());
+        let mut request = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header(
+                "sec-websocket-key",
+                base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key),
+            );
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let answer = request
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                server: self.server.clone(),
+                source,
+            })?;
+        if answer.status() != reqwest::StatusCode::SWITCHING_PROTOCOLS {
+            return Err(self.refused(answer).await);
+        }
+        answer.upgrade().await.map_err(|e| self.broken(e))
+    }
+
     async fn send(
         &self,
         mut request: reqwest::RequestBuilder,
@@ -228,6 +258,11 @@ impl ApiClient {
         if answer.status().is_success() {
             return Ok(answer);
         }
+        Err(self.refused(answer).await)
+    }
+
+    /// The error an answer that is not a success says.
+    async fn refused(&self, answer: reqwest::Response) -> ClientError {
         let status = answer.status().as_u16();
         let text = match self.bounded(answer, MAX_ERROR).await {
             Ok(body) => String::from_utf8_lossy(&body).into_owned(),
@@ -237,12 +272,12 @@ impl ApiClient {
             Ok(e) => (e.code, e.message),
             Err(_) => ("unexpected".to_owned(), text.chars().take(500).collect()),
         };
-        Err(ClientError::Api {
+        ClientError::Api {
             server: self.server.clone(),
             status,
             code,
             message,
-        })
+        }
     }
 }
 

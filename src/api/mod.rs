@@ -7,6 +7,7 @@ pub mod client;
 mod metrics;
 pub mod model;
 mod openapi;
+mod socket;
 mod tls;
 
 use std::convert::Infallible;
@@ -200,6 +201,7 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10))
         .serve_connection(io, service)
+        .with_upgrades()
         .await;
 }
 
@@ -262,6 +264,7 @@ fn error_reply(status: StatusCode, code: &str, e: &impl std::fmt::Display) -> Re
 fn needed_scope(method: &Method, segments: &[&str]) -> Option<Scope> {
     match (method, segments) {
         (_, ["healthz"] | ["readyz"]) => None,
+        (&Method::GET, ["v1", "jobs", _, "shell"]) => Some(Scope::Admin),
         (&Method::POST, ["v1", "jobs"] | ["v1", "jobs", _, "cancel" | "release"]) => {
             Some(Scope::Submit)
         }
@@ -377,13 +380,22 @@ async fn route(state: &Arc<ApiState>, request: Request<Incoming>) -> Reply {
             screenshot_now(state, id, &request).await
         }
         (&Method::POST, ["v1", "jobs", id, "release"]) => release(state, id, &request).await,
+        (&Method::GET, ["v1", "jobs", id, "shell"]) => {
+            let id = (*id).to_owned();
+            socket::shell(state, &id, request).await
+        }
         (
             _,
             ["healthz"]
             | ["readyz"]
             | ["metrics"]
             | ["v1", "jobs", _]
-            | ["v1", "jobs", _, "log" | "artifacts" | "screenshot"]
+            | [
+                "v1",
+                "jobs",
+                _,
+                "log" | "artifacts" | "screenshot" | "shell",
+            ]
             | ["v1", "jobs", _, "artifacts", ..],
         ) => allow(&path, "GET"),
         (_, ["v1", "jobs"]) => allow(&path, "GET, POST"),
@@ -840,29 +852,9 @@ async fn pass_on(
     status: &crate::queue::JobStatus,
     request: &Request<Incoming>,
 ) -> Option<Reply> {
-    let holder = status.worker.as_deref().filter(|h| *h != state.worker_id)?;
-    if held_here(state, status) {
-        return None;
-    }
-    if request.headers().contains_key(PASSED_ON) {
-        // Passed on to us as the holder, yet the queue says another worker ran the job
-        // (a newer run): answer from here rather than ping-pong.
-        return None;
-    }
-    let (queue, worker) = (Arc::clone(&state.queue), holder.to_owned());
-    let base = match blocking(move || queue.api_of(&worker)).await {
-        Ok(Some(base)) => base,
-        Ok(None) => {
-            return Some(error(
-                StatusCode::BAD_GATEWAY,
-                "holder-unknown",
-                format!(
-                    "the job ran on worker {holder}, which recorded no API address \
-                     (worker.yml api.advertise) to fetch its files from"
-                ),
-            ));
-        }
-        Err(e) => return Some(queue_error(&e)),
+    let base = match holder_api(state, status, request).await? {
+        Ok(base) => base,
+        Err(reply) => return Some(reply),
     };
     let path = request
         .uri()
@@ -882,18 +874,54 @@ async fn pass_on(
         Ok(Err(e)) => Err(crate::error_chain::display_chain(&e)),
         Err(_) => Err(format!("no answer within {} s", PASS_ON_TIMEOUT.as_secs())),
     };
-    let answer = match why {
-        Ok(answer) => answer,
-        Err(why) => {
-            return Some(error(
-                StatusCode::BAD_GATEWAY,
-                "holder-unreachable",
-                format!(
-                    "the job ran on worker {holder}, whose API at {base} does not answer: {why}"
-                ),
-            ));
-        }
-    };
+    match why {
+        Ok(answer) => Some(passed_back(answer).await),
+        Err(why) => Some(holder_unreachable(status, &base, &why)),
+    }
+}
+
+/// The API of the worker that holds the job, when it is another's: `None` to answer
+/// here, or the reply that says why it cannot be reached.
+async fn holder_api(
+    state: &ApiState,
+    status: &crate::queue::JobStatus,
+    request: &Request<Incoming>,
+) -> Option<Result<String, Reply>> {
+    let holder = status.worker.as_deref().filter(|h| *h != state.worker_id)?;
+    if held_here(state, status) {
+        return None;
+    }
+    if request.headers().contains_key(PASSED_ON) {
+        // Passed on to us as the holder, yet the queue says another worker ran the job
+        // (a newer run): answer from here rather than ping-pong.
+        return None;
+    }
+    let (queue, worker) = (Arc::clone(&state.queue), holder.to_owned());
+    Some(match blocking(move || queue.api_of(&worker)).await {
+        Ok(Some(base)) => Ok(base),
+        Ok(None) => Err(error(
+            StatusCode::BAD_GATEWAY,
+            "holder-unknown",
+            format!(
+                "the job ran on worker {holder}, which recorded no API address \
+                 (worker.yml api.advertise) to fetch its files from"
+            ),
+        )),
+        Err(e) => Err(queue_error(&e)),
+    })
+}
+
+fn holder_unreachable(status: &crate::queue::JobStatus, base: &str, why: &str) -> Reply {
+    let holder = status.worker.as_deref().unwrap_or("?");
+    error(
+        StatusCode::BAD_GATEWAY,
+        "holder-unreachable",
+        format!("the job ran on worker {holder}, whose API at {base} does not answer: {why}"),
+    )
+}
+
+/// The holder's answer, streamed on.
+async fn passed_back(answer: reqwest::Response) -> Reply {
     let status = StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut headers = hyper::HeaderMap::new();
     for name in [
@@ -919,7 +947,7 @@ async fn pass_on(
     let mut response = Response::new(StreamBody::new(stream.boxed()).boxed_unsync());
     *response.status_mut() = status;
     *response.headers_mut() = headers;
-    Some(response)
+    response
 }
 
 /// One artifact the report lists, by its stored name (`public/logs/a.txt`; the path's

@@ -4,11 +4,12 @@
 //! `Receiver`, and a broken answer is left behind by resynchronising.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use qemu_worker_protocol::agent::{
-    self, DATA, DONE, END, FILE, FileEnd, FileHeader, Get, GetKind, REFUSE, Refusal, SKIP, SYNC,
-    Skipped,
+    self, DATA, DONE, END, EXITED, FILE, FileEnd, FileHeader, Get, GetKind, Hello, OUTPUT, REFUSE,
+    Refusal, SKIP, SYNC, Skipped, VERSION,
 };
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
@@ -16,7 +17,9 @@ use tokio::net::UnixStream;
 
 use super::budget::Budget;
 use super::receive::{ReceiveError, Received, Receiver};
+use super::shell::{Shared, ShellOpener};
 use crate::config::ArtifactStoreConfig;
+use crate::error_chain::DisplayChain;
 use crate::job::ArtifactKind;
 
 /// Largest control frame (headers, errors) accepted from the guest.
@@ -73,17 +76,30 @@ impl AgentError {
     }
 }
 
-/// A connection to the guest tools' agent port.
+/// A connection to the guest tools' agent port. A task reads every frame the guest
+/// sends: shells' frames go to their channels, everything else to the one request in
+/// progress (requests are answered one at a time, in order).
 #[derive(Debug)]
 pub struct AgentClient {
-    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
-    writer: BufWriter<tokio::net::unix::OwnedWriteHalf>,
+    answers: tokio::sync::mpsc::Receiver<Result<(u8, Vec<u8>), AgentError>>,
+    shared: Arc<Shared>,
+    demux: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for AgentClient {
+    fn drop(&mut self) {
+        // The demux task holds the other strong reference: with it gone, the
+        // connection closes (QEMU takes one at a time) and every shell on it ends.
+        self.demux.abort();
+        self.shared.lose("the agent port connection was closed");
+    }
 }
 
 impl AgentClient {
     /// Connects and synchronizes: a SYNC with a fresh nonce is sent (again every second)
     /// and every byte before its echo is discarded, so bytes left over from an earlier,
-    /// interrupted answer never pass for a new one, whatever they look like.
+    /// interrupted answer never pass for a new one, whatever they look like. Then asks
+    /// the tools' protocol version (tools of version 1 refuse the question).
     pub async fn connect(path: &Path, wait: Duration) -> Result<Self, AgentError> {
         let stream = UnixStream::connect(path)
             .await
@@ -92,71 +108,88 @@ impl AgentClient {
                 source,
             })?;
         let (read, write) = stream.into_split();
-        let mut client = Self {
-            reader: BufReader::with_capacity(MAX_DATA_FRAME + 5, read),
-            writer: BufWriter::new(write),
-        };
+        let mut reader = BufReader::with_capacity(MAX_DATA_FRAME + 5, read);
+        let mut writer = BufWriter::new(write);
         let deadline = Instant::now() + wait;
         loop {
             let nonce = nonce();
-            client.send(SYNC, &nonce).await?;
+            write_frame(&mut writer, SYNC, &nonce).await?;
             let attempt =
                 Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now()));
-            match tokio::time::timeout(attempt, client.skip_to_sync(&nonce)).await {
-                Ok(Ok(())) => return Ok(client),
+            match tokio::time::timeout(attempt, skip_to_sync(&mut reader, &nonce)).await {
+                Ok(Ok(())) => break,
                 Ok(Err(e)) => return Err(e),
                 Err(_) if Instant::now() >= deadline => return Err(AgentError::NoAgent(wait)),
                 Err(_) => {}
             }
         }
+        let hello = serde_json::to_vec(&Hello {
+            version: agent::PROTOCOL_VERSION,
+        })
+        .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        write_frame(&mut writer, VERSION, &hello).await?;
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(2));
+        let version =
+            match tokio::time::timeout(left, read_frame(&mut reader, MAX_CONTROL_FRAME)).await {
+                Err(_) => {
+                    return Err(AgentError::NoAnswer {
+                        frame: VERSION as char,
+                        wait: left,
+                    });
+                }
+                Ok(answer) => match answer? {
+                    (VERSION, payload) => control::<Hello>(&payload)?.version,
+                    // Tools before version 2 answer an unknown frame with a refusal.
+                    (REFUSE, _) => 1,
+                    (other, payload) => {
+                        return Err(AgentError::Protocol(format!(
+                            "a {}-byte frame of type {other} in answer to V",
+                            payload.len()
+                        )));
+                    }
+                },
+            };
+        let shared = Arc::new(Shared::new(writer, version));
+        let (answer, answers) = tokio::sync::mpsc::channel(2);
+        let demux = tokio::spawn(demux(reader, Arc::clone(&shared), answer));
+        Ok(Self {
+            answers,
+            shared,
+            demux,
+        })
     }
 
-    /// Reads until the echo of `nonce`, as raw bytes: what comes before it is not read
-    /// as frames (a left-over length would otherwise be taken for one).
-    async fn skip_to_sync(&mut self, nonce: &[u8]) -> Result<(), AgentError> {
-        // The sync frame: its head, then the nonce.
-        let mut pattern = agent::head(SYNC, agent::NONCE_LEN as u32).to_vec();
-        pattern.extend_from_slice(nonce);
-        let mut carry: Vec<u8> = Vec::with_capacity(pattern.len());
-        loop {
-            let buffer = self.reader.fill_buf().await?;
-            if buffer.is_empty() {
-                return Err(AgentError::Io(std::io::ErrorKind::UnexpectedEof.into()));
-            }
-            let read = buffer.len();
-            let mut hay = std::mem::take(&mut carry);
-            let before = hay.len();
-            hay.extend_from_slice(buffer);
-            if let Some(at) = hay.windows(pattern.len()).position(|w| w == pattern) {
-                self.reader.consume(at + pattern.len() - before);
-                return Ok(());
-            }
-            self.reader.consume(read);
-            carry = hay[hay.len().saturating_sub(pattern.len() - 1)..].to_vec();
-        }
+    /// Whether the connection is gone (a broken frame, the guest tools went away).
+    pub fn is_closed(&self) -> bool {
+        self.demux.is_finished()
+    }
+
+    /// The agent protocol version the guest tools speak (1 for tools without shells).
+    pub fn version(&self) -> u32 {
+        self.shared.version
+    }
+
+    /// Opens shells on this connection, at the same time as its requests.
+    pub fn shells(&self) -> ShellOpener {
+        ShellOpener(Arc::downgrade(&self.shared))
     }
 
     async fn send(&mut self, kind: u8, payload: &[u8]) -> Result<(), AgentError> {
-        let len = u32::try_from(payload.len())
-            .map_err(|_| AgentError::Protocol("request too large".into()))?;
-        self.writer.write_all(&agent::head(kind, len)).await?;
-        self.writer.write_all(payload).await?;
-        self.writer.flush().await?;
-        Ok(())
+        self.shared.send(kind, payload).await
     }
 
+    /// The next frame of the answer in progress.
     async fn frame(&mut self, max: usize) -> Result<(u8, Vec<u8>), AgentError> {
-        let mut head = [0u8; agent::HEAD_LEN];
-        self.reader.read_exact(&mut head).await?;
-        let (kind, len) = agent::parse_head(head);
-        if len > max {
-            return Err(AgentError::Protocol(format!(
-                "a {len}-byte frame, over the limit of {max}"
-            )));
+        match self.answers.recv().await {
+            Some(Ok((kind, payload))) if payload.len() > max => Err(AgentError::Protocol(format!(
+                "a {}-byte frame of type {kind}, over the limit of {max}",
+                payload.len()
+            ))),
+            Some(answer) => answer,
+            None => Err(AgentError::Io(std::io::ErrorKind::UnexpectedEof.into())),
         }
-        let mut payload = vec![0u8; len];
-        self.reader.read_exact(&mut payload).await?;
-        Ok((kind, payload))
     }
 
     /// Sends a handshake frame (`PARK` or `RESUME`, no payload) and waits up to `wait`
@@ -293,6 +326,83 @@ impl AgentClient {
         };
         let _ = tokio::fs::remove_dir_all(&partial).await;
         received
+    }
+}
+
+/// Reads until the echo of `nonce`, as raw bytes: what comes before it is not read as
+/// frames (a left-over length would otherwise be taken for one).
+async fn skip_to_sync(reader: &mut Reader, nonce: &[u8]) -> Result<(), AgentError> {
+    // The sync frame: its head, then the nonce.
+    let mut pattern = agent::head(SYNC, agent::NONCE_LEN as u32).to_vec();
+    pattern.extend_from_slice(nonce);
+    let mut carry: Vec<u8> = Vec::with_capacity(pattern.len());
+    loop {
+        let buffer = reader.fill_buf().await?;
+        if buffer.is_empty() {
+            return Err(AgentError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        let read = buffer.len();
+        let mut hay = std::mem::take(&mut carry);
+        let before = hay.len();
+        hay.extend_from_slice(buffer);
+        if let Some(at) = hay.windows(pattern.len()).position(|w| w == pattern) {
+            reader.consume(at + pattern.len() - before);
+            return Ok(());
+        }
+        reader.consume(read);
+        carry = hay[hay.len().saturating_sub(pattern.len() - 1)..].to_vec();
+    }
+}
+
+type Reader = BufReader<tokio::net::unix::OwnedReadHalf>;
+pub(super) type Writer = BufWriter<tokio::net::unix::OwnedWriteHalf>;
+
+async fn write_frame(writer: &mut Writer, kind: u8, payload: &[u8]) -> Result<(), AgentError> {
+    let len = u32::try_from(payload.len())
+        .map_err(|_| AgentError::Protocol("request too large".into()))?;
+    writer.write_all(&agent::head(kind, len)).await?;
+    writer.write_all(payload).await?;
+    writer.flush().await?;
+    Ok(())
+}
+
+async fn read_frame(reader: &mut Reader, max: usize) -> Result<(u8, Vec<u8>), AgentError> {
+    let mut head = [0u8; agent::HEAD_LEN];
+    reader.read_exact(&mut head).await?;
+    let (kind, len) = agent::parse_head(head);
+    if len > max {
+        return Err(AgentError::Protocol(format!(
+            "a {len}-byte frame, over the limit of {max}"
+        )));
+    }
+    let mut payload = vec![0u8; len];
+    reader.read_exact(&mut payload).await?;
+    Ok((kind, payload))
+}
+
+/// Reads every frame the guest sends: shells' frames to their channels, the rest to
+/// the request in progress. Ends at the first broken frame, which the request (if
+/// any) is told of; every shell is told the connection is lost.
+async fn demux(
+    mut reader: Reader,
+    shared: Arc<Shared>,
+    answers: tokio::sync::mpsc::Sender<Result<(u8, Vec<u8>), AgentError>>,
+) {
+    loop {
+        match read_frame(&mut reader, MAX_DATA_FRAME).await {
+            Ok((OUTPUT, payload)) => shared.output(&payload).await,
+            Ok((EXITED, payload)) => shared.exited(&payload),
+            Ok(frame) => {
+                if answers.send(Ok(frame)).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                shared.lose(&format!("the agent port failed: {}", DisplayChain(&e)));
+                let _ = answers.send(Err(e)).await;
+                break;
+            }
+        }
     }
 }
 

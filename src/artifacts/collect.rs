@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::agent_port::AgentClient;
 use super::budget::Budget;
+use super::link::{AgentLink, LinkGuard};
 use super::receive::{ReceiveError, Receiver};
 use crate::config::ArtifactStoreConfig;
 use crate::error_chain::{DisplayChain, display_chain};
@@ -17,8 +17,8 @@ use crate::schema::Issue;
 /// Where the transports are reached on the host.
 #[derive(Debug, Clone)]
 pub struct ArtifactSources {
-    /// The agent port's socket (the guest tools).
-    pub agent: PathBuf,
+    /// The agent port (the guest tools), shared with shells into the VM.
+    pub agent: AgentLink,
     /// qemu-ga's socket, when the machine has the guest agent.
     pub qga: Option<PathBuf>,
 }
@@ -39,7 +39,7 @@ pub struct Collection {
 /// The artifact transport in use: the one interface every way of bringing a guest path
 /// into a `Receiver` sits behind (the guest tools' agent port, qemu-ga for files).
 enum Transport {
-    Agent(AgentClient),
+    Agent(LinkGuard),
     Qga(Box<QgaClient>),
     /// Neither answers; why.
     Gone(String),
@@ -60,13 +60,14 @@ impl Transport {
         receiver: &mut Receiver<'_>,
     ) -> Result<(), TransportFailure> {
         match self {
-            Self::Agent(agent) => agent
-                .fetch(&spec.path, spec.kind, false, receiver)
-                .await
-                .map_err(|e| TransportFailure {
-                    message: display_chain(&e),
-                    reconnect: !e.in_step(),
-                }),
+            Self::Agent(agent) => match agent.client() {
+                Ok(client) => client.fetch(&spec.path, spec.kind, false, receiver).await,
+                Err(e) => Err(e),
+            }
+            .map_err(|e| TransportFailure {
+                message: display_chain(&e),
+                reconnect: !e.in_step(),
+            }),
             Self::Qga(qga) => {
                 through_qga(qga, spec, receiver)
                     .await
@@ -101,20 +102,19 @@ pub async fn collect_artifacts(
     // Idle guest tools answer in milliseconds even under TCG; with qemu-ga to fall back
     // on, do not make every such job wait long for tools the image lacks.
     let wait = Duration::from_secs(if sources.qga.is_some() { 10 } else { 30 });
-    let mut transport =
-        match AgentClient::connect(&sources.agent, wait.min(budget.time_left())).await {
-            Ok(agent) => Transport::Agent(agent),
-            Err(e) => {
-                fall_back(
-                    sources,
-                    &budget,
-                    display_chain(&e),
-                    "artifacts",
-                    &mut collection.notes,
-                )
-                .await
-            }
-        };
+    let mut transport = match sources.agent.lock(wait.min(budget.time_left())).await {
+        Ok(agent) => Transport::Agent(agent),
+        Err(e) => {
+            fall_back(
+                sources,
+                &budget,
+                display_chain(&e),
+                "artifacts",
+                &mut collection.notes,
+            )
+            .await
+        }
+    };
     for (index, spec) in specs.iter().enumerate() {
         let at = format!("/artifacts/{index}");
         if budget.deadline_passed() {
@@ -147,15 +147,12 @@ pub async fn collect_artifacts(
                     at,
                     format!("artifact {}: {message}; nothing of it was kept", spec.name),
                 ));
-                if reconnect {
+                if reconnect && let Transport::Agent(agent) = &mut transport {
                     // The rest of a broken answer may still be on the port: start
-                    // afresh. QEMU's socket takes one connection at a time, so the old
-                    // one goes first.
-                    drop(transport);
+                    // afresh (shells on the old connection end with it).
                     let wait = Duration::from_secs(10).min(budget.time_left());
-                    transport = match AgentClient::connect(&sources.agent, wait).await {
-                        Ok(agent) => Transport::Agent(agent),
-                        Err(e) => fall_back(
+                    if let Err(e) = agent.reconnect(wait).await {
+                        transport = fall_back(
                             sources,
                             &budget,
                             format!(
@@ -165,8 +162,8 @@ pub async fn collect_artifacts(
                             "the remaining artifacts",
                             &mut collection.notes,
                         )
-                        .await,
-                    };
+                        .await;
+                    }
                 }
             }
         }

@@ -71,10 +71,11 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             | Command::Cancel { .. }
             | Command::Screenshot { .. }
             | Command::Release { .. }
+            | Command::Shell { .. }
     );
     if server.is_some() && !queue_command {
         return Err(anyhow::anyhow!(
-            "--server applies to submit, status, jobs, logs, artifacts, cancel, screenshot and release"
+            "--server applies to submit, status, jobs, logs, artifacts, cancel, screenshot, release and shell"
         ))
         .exit_with(EXIT_USAGE);
     }
@@ -143,6 +144,20 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Screenshot { job, out } => {
             let client = running_job_api(&load()?, server.as_deref())?;
             block_on(remote::screenshot(&client, &job, &out))
+        }
+        Command::Shell {
+            job,
+            tty,
+            no_tty,
+            command,
+        } => {
+            let client = running_job_api(&load()?, server.as_deref())?;
+            let tty = match (tty, no_tty) {
+                (true, _) => true,
+                (_, true) => false,
+                _ => std::io::IsTerminal::is_terminal(&std::io::stdin()),
+            };
+            block_on(super::shell::shell(&client, &job, tty, command))
         }
         Command::Schema { out } => {
             let written = write_schemas(&out).exit_with(EXIT_OTHER)?;

@@ -10,6 +10,7 @@ mod notify;
 mod queue;
 mod remote;
 mod serve;
+mod shell;
 mod vm;
 
 pub(crate) use dispatch::main;

@@ -89,6 +89,23 @@ pub(super) enum Command {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
+    /// Open a shell in a running job's guest (or run CMD there), through serve's API as
+    /// `screenshot` does (a token with scope admin). On a terminal it gets one of its
+    /// own; otherwise stdin and stdout are piped (`echo cmd | qemu-worker shell JOB`).
+    /// Exits with the command's status.
+    Shell {
+        job: String,
+        /// A terminal even when stdin is not one (--tty), or none even when it is
+        /// (--no-tty).
+        #[arg(long, overrides_with = "no_tty")]
+        tty: bool,
+        #[arg(long)]
+        no_tty: bool,
+        /// The command and its arguments (run as they are, no shell in between);
+        /// without, the image's login shell.
+        #[arg(last = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
     /// Check a job payload (YAML or JSON; `-` for stdin) and print every problem.
     Validate {
         payload: PathBuf,

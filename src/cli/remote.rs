@@ -18,7 +18,7 @@ use super::queue::{parse_state, print_canceled, print_jobs, print_status, target
 
 /// A refusal the caller can fix (a bad job id, a job that has not ended, a bad
 /// payload) exits 2 as the database path does; everything else 3.
-fn failed(error: ClientError) -> Failure {
+pub(super) fn failed(error: ClientError) -> Failure {
     let code = match error.status() {
         Some(400 | 404 | 409 | 413 | 416) => EXIT_USAGE,
         _ => EXIT_OTHER,
@@ -27,7 +27,7 @@ fn failed(error: ClientError) -> Failure {
 }
 
 /// A job id as one path segment.
-fn segment(text: &str) -> String {
+pub(super) fn segment(text: &str) -> String {
     text.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {

@@ -5,7 +5,7 @@ use super::boot::Running;
 use super::context::JobContext;
 use super::prepare::Prepared;
 use super::run::Engine;
-use crate::artifacts::{ArtifactSources, Collection, collect_artifacts};
+use crate::artifacts::{AgentLink, ArtifactSources, Collection, collect_artifacts};
 use crate::job::FINAL_SCREENSHOT;
 use crate::vm::take_screenshot;
 
@@ -17,10 +17,11 @@ impl Engine {
         ctx: &mut JobContext<'_>,
         prepared: &Prepared,
         running: &Running,
+        agent: &AgentLink,
     ) -> (Collection, Option<String>) {
         let vm = &running.vm;
         let sources = ArtifactSources {
-            agent: PathBuf::from(vm.run_dir().agent_socket()),
+            agent: agent.clone(),
             qga: prepared
                 .machine
                 .guest_agent

@@ -1,11 +1,12 @@
 //! The VMs of this worker's running jobs, for what is asked of them while they run (a
-//! screenshot now, through the API).
+//! screenshot now, a shell, through the API).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::artifacts::{AgentError, AgentLink, Shell, ShellRequest};
 use crate::qemu::QmpClient;
 use crate::vm::{Screenshot, ScreenshotError, take_screenshot};
 
@@ -17,6 +18,8 @@ pub struct LiveVms(Arc<Mutex<HashMap<String, LiveVm>>>);
 struct LiveVm {
     qmp: QmpClient,
     run_dir: PathBuf,
+    /// Its agent port, for shells.
+    agent: AgentLink,
     /// Set while the job's VM is kept after a failure: notified to let it go.
     release: Option<Arc<tokio::sync::Notify>>,
 }
@@ -50,13 +53,20 @@ impl Drop for Registered {
 }
 
 impl LiveVms {
-    pub(crate) fn register(&self, job_id: &str, qmp: QmpClient, run_dir: PathBuf) -> Registered {
+    pub(crate) fn register(
+        &self,
+        job_id: &str,
+        qmp: QmpClient,
+        run_dir: PathBuf,
+        agent: AgentLink,
+    ) -> Registered {
         if let Ok(mut vms) = self.0.lock() {
             vms.insert(
                 job_id.to_owned(),
                 LiveVm {
                     qmp,
                     run_dir,
+                    agent,
                     release: None,
                 },
             );
@@ -96,5 +106,15 @@ impl LiveVms {
     pub async fn screenshot(&self, job_id: &str) -> Option<Result<Screenshot, ScreenshotError>> {
         let vm = self.0.lock().ok()?.get(job_id).cloned()?;
         Some(take_screenshot(&vm.qmp, &vm.run_dir, Duration::from_secs(10)).await)
+    }
+
+    /// A shell in the job's VM; `None` when it has no VM running here.
+    pub async fn shell(
+        &self,
+        job_id: &str,
+        request: &ShellRequest,
+    ) -> Option<Result<Shell, AgentError>> {
+        let agent = self.0.lock().ok()?.get(job_id)?.agent.clone();
+        Some(agent.open_shell(request, Duration::from_secs(10)).await)
     }
 }

@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use super::context::{JobContext, write_report};
 use super::resolve::{Ending, Happened, resolve};
+use crate::artifacts::AgentLink;
 use crate::cloud_init::GuestTools;
 use crate::config::WorkerConfig;
 use crate::image::ImageCache;
@@ -91,10 +92,13 @@ impl Engine {
             Ok(running) => running,
             Err(error) => return (Happened::before_vm(Ending::Error(error)), None),
         };
+        // One agent port connection for the collection and any shell into the VM.
+        let agent = AgentLink::new(running.vm.run_dir().agent_socket().into());
         let live = self.live.register(
             &ctx.job.job_id,
             running.vm.qmp().clone(),
             running.vm.run_dir().path().to_path_buf(),
+            agent.clone(),
         );
         let ending = self
             .await_run(
@@ -113,7 +117,7 @@ impl Engine {
         };
         let (collection, screenshot) =
             if ending.collects() && running.vm.wait(Duration::ZERO).await.is_none() {
-                let (collection, screenshot) = self.collect(ctx, &prepared, &running).await;
+                let (collection, screenshot) = self.collect(ctx, &prepared, &running, &agent).await;
                 (Some(collection), screenshot)
             } else {
                 (None, None)
@@ -145,6 +149,7 @@ impl Engine {
             (torn, Some(kept))
         } else {
             drop(live);
+            agent.close().await;
             (self.tear_down(ctx, running).await, None)
         };
         let happened = Happened {

@@ -706,7 +706,12 @@ impl std::fmt::Display for Outcome {
             let text = std::fs::read_to_string(self.job_dir.join(name)).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
             let tail = &lines[lines.len().saturating_sub(30)..];
-            write!(f, "\n--- {name} (last {} lines)\n{}", tail.len(), tail.join("\n"))?;
+            write!(
+                f,
+                "\n--- {name} (last {} lines)\n{}",
+                tail.len(),
+                tail.join("\n")
+            )?;
         }
         Ok(())
     }

@@ -186,14 +186,19 @@ fn a_shell_reaches_a_running_job_and_its_kept_vm() {
     let sleeping = |pty: &mut Pty| {
         pty.type_text("ps | grep -c '[s]leep 987'\r");
         let before = pty.shown().len();
-        wait_until("ps", Duration::from_secs(30), Duration::from_millis(50), || {
-            let shown = pty.shown();
-            let tail = &shown[before..];
-            ["\n0\r", "\n1\r"]
-                .iter()
-                .find(|c| tail.contains(**c))
-                .map(|c| *c == "\n1\r")
-        })
+        wait_until(
+            "ps",
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            || {
+                let shown = pty.shown();
+                let tail = &shown[before..];
+                ["\n0\r", "\n1\r"]
+                    .iter()
+                    .find(|c| tail.contains(**c))
+                    .map(|c| *c == "\n1\r")
+            },
+        )
         .unwrap_or_else(|e| panic!("{e}:\n{}", pty.shown()))
     };
     wait_until("the sleep to start", T, Duration::from_millis(200), || {
@@ -202,9 +207,12 @@ fn a_shell_reaches_a_running_job_and_its_kept_vm() {
     .expect("sleep 987 runs in the guest");
     aborted.kill().expect("kill");
     let _ = aborted.wait();
-    wait_until("the sleep to be killed", T, Duration::from_millis(200), || {
-        (!sleeping(&mut first)).then_some(())
-    })
+    wait_until(
+        "the sleep to be killed",
+        T,
+        Duration::from_millis(200),
+        || (!sleeping(&mut first)).then_some(()),
+    )
     .expect("sleep 987 is gone once its client went away");
 
     // A command as it is, its status the CLI's.

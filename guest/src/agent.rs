@@ -159,7 +159,20 @@ impl Write for Locked<'_> {
 
 fn read_frame(reader: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
     let mut head = [0u8; agent::HEAD_LEN];
-    reader.read_exact(&mut head)?;
+    // Between frames, a read of nothing means the host's end is not connected (it went,
+    // or its going is told late: the port's events and its data come on different
+    // queues). The port stays open: closing it would drop what the next host already
+    // sent (its SYNC, its first request), and nothing would answer it.
+    let mut got = 0;
+    while got < head.len() {
+        match reader.read(&mut head[got..]) {
+            Ok(0) if got == 0 => std::thread::sleep(Duration::from_millis(20)),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
     let (kind, len) = agent::parse_head(head);
     if len > agent::MAX_CONTROL {
         return Err(io::Error::other("request frame too large"));

@@ -366,10 +366,22 @@ async fn write_frame(writer: &mut Writer, kind: u8, payload: &[u8]) -> Result<()
     Ok(())
 }
 
+/// The largest frame of `kind` the guest may send: data (a file's, a shell's) in
+/// [`DATA`] and [`OUTPUT`] frames, control frames within [`MAX_CONTROL_FRAME`]; refused
+/// at the head, before waiting for bytes that may never come.
+fn limit_of(kind: u8) -> usize {
+    match kind {
+        DATA => MAX_DATA_FRAME,
+        OUTPUT => agent::MAX_SHELL_DATA + 1,
+        _ => MAX_CONTROL_FRAME,
+    }
+}
+
 async fn read_frame(reader: &mut Reader, max: usize) -> Result<(u8, Vec<u8>), AgentError> {
     let mut head = [0u8; agent::HEAD_LEN];
     reader.read_exact(&mut head).await?;
     let (kind, len) = agent::parse_head(head);
+    let max = max.min(limit_of(kind));
     if len > max {
         return Err(AgentError::Protocol(format!(
             "a {len}-byte frame, over the limit of {max}"

@@ -11,11 +11,13 @@
 //! - [`wait_until`]: tests wait for a state, never for a fixed time.
 //! - [`assets`]: the test image and generated hostile archives, pinned by hash in
 //!   `engine-tests/assets.json`.
+//! - [`browser`]: a real headless browser (chromium over WebDriver), for the web page.
 //! - [`pty`]: a real pseudo-terminal, for interactive commands (`qemu-worker shell`).
 //! - [`vm`]: the VM runtime in process on the test image, for the cases and benchmarks
 //!   that drive the library rather than the binary.
 
 pub mod assets;
+pub mod browser;
 pub mod pty;
 pub mod vm;
 

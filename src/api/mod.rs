@@ -4,11 +4,13 @@
 
 mod auth;
 pub mod client;
+mod display;
 mod metrics;
 pub mod model;
 mod openapi;
 mod socket;
 mod tls;
+mod ui;
 
 use std::convert::Infallible;
 use std::path::PathBuf;
@@ -71,6 +73,8 @@ pub struct ApiState {
     pub client: reqwest::Client,
     /// The VMs of the jobs running here, for screenshots on demand.
     pub live: crate::engine::LiveVms,
+    /// noVNC, for the web page's view of a job's display.
+    pub novnc: PathBuf,
 }
 
 /// The running API; dropping it stops it and removes its socket.
@@ -264,6 +268,8 @@ fn error_reply(status: StatusCode, code: &str, e: &impl std::fmt::Display) -> Re
 fn needed_scope(method: &Method, segments: &[&str]) -> Option<Scope> {
     match (method, segments) {
         (_, ["healthz"] | ["readyz"]) => None,
+        // The pages hold no data; their script calls the API with the user's token.
+        (&Method::GET, ["ui", ..] | ["favicon.ico"]) => None,
         (&Method::GET, ["v1", "jobs", _, "shell"]) => Some(Scope::Admin),
         (&Method::POST, ["v1", "jobs"] | ["v1", "jobs", _, "cancel" | "release"]) => {
             Some(Scope::Submit)
@@ -276,12 +282,13 @@ async fn route(state: &Arc<ApiState>, request: Request<Incoming>) -> Reply {
     let path = request.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = request.method().clone();
+    let authorization = request
+        .headers()
+        .get(AUTHORIZATION)
+        .map(|v| v.as_bytes().to_vec())
+        .or_else(|| socket::subprotocol_token(&request));
     if let Some(needed) = needed_scope(&method, &segments) {
-        let authorization = request
-            .headers()
-            .get(AUTHORIZATION)
-            .map(HeaderValue::as_bytes);
-        match state.tokens.check(authorization, needed) {
+        match state.tokens.check(authorization.as_deref(), needed) {
             Ok(_) => {}
             Err(Refusal::Unauthenticated) => {
                 tracing::info!(%method, %path, "API request refused: no valid bearer token");
@@ -310,6 +317,7 @@ async fn route(state: &Arc<ApiState>, request: Request<Incoming>) -> Reply {
         }
     }
     match (&method, segments.as_slice()) {
+        (&Method::GET, ["ui", ..]) => ui::serve(&state.novnc, &segments, &request).await,
         (&Method::GET, ["healthz"]) => json(
             StatusCode::OK,
             &model::Health {
@@ -383,6 +391,14 @@ async fn route(state: &Arc<ApiState>, request: Request<Incoming>) -> Reply {
         (&Method::GET, ["v1", "jobs", id, "shell"]) => {
             let id = (*id).to_owned();
             socket::shell(state, &id, request).await
+        }
+        (&Method::GET, ["v1", "jobs", id, "display"]) => {
+            let id = (*id).to_owned();
+            let control = state
+                .tokens
+                .check(authorization.as_deref(), Scope::Admin)
+                .is_ok();
+            socket::display(state, &id, request, control).await
         }
         (
             _,

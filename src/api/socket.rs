@@ -1,6 +1,8 @@
 //! The API's WebSockets (docs/api.md): `GET /v1/jobs/ID/shell`, a shell in a running
-//! job's guest. A job that runs on another worker is passed on to it, byte for byte
-//! after both upgrades.
+//! job's guest, and `GET /v1/jobs/ID/display`, its screen (`display.rs`). A job that runs
+//! on another worker is passed on to it, byte for byte after both upgrades. Browsers
+//! cannot set `Authorization` on a WebSocket: they may offer the token as a
+//! subprotocol `bearer.TOKEN` instead.
 
 use std::sync::Arc;
 
@@ -63,7 +65,41 @@ fn websocket_key(request: &Request<Incoming>) -> Option<HeaderValue> {
         .flatten()
 }
 
-fn switching(key: &HeaderValue) -> Reply {
+/// The subprotocols the client offers.
+fn offered(request: &Request<Incoming>) -> Vec<String> {
+    request
+        .headers()
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+/// `Bearer TOKEN` from a WebSocket's `bearer.TOKEN` subprotocol, for a browser.
+pub(super) fn subprotocol_token(request: &Request<Incoming>) -> Option<Vec<u8>> {
+    websocket_key(request)?;
+    offered(request)
+        .iter()
+        .find_map(|p| p.strip_prefix("bearer."))
+        .map(|token| format!("Bearer {token}").into_bytes())
+}
+
+/// The subprotocol the answer names: `binary` when offered (noVNC), else the first
+/// that is not a token; a browser that offered only its token gets that back (it
+/// fails a handshake that names none of those it offered).
+fn chosen(offered: &[String]) -> Option<String> {
+    offered
+        .iter()
+        .find(|p| *p == "binary")
+        .or_else(|| offered.iter().find(|p| !p.starts_with("bearer.")))
+        .or_else(|| offered.first())
+        .cloned()
+}
+
+fn switching(key: &HeaderValue, protocol: Option<&str>) -> Reply {
     let mut reply = super::full(StatusCode::SWITCHING_PROTOCOLS, "text/plain", Bytes::new());
     reply.headers_mut().remove(hyper::header::CONTENT_TYPE);
     let headers = reply.headers_mut();
@@ -71,6 +107,9 @@ fn switching(key: &HeaderValue) -> Reply {
     headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
     if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
         headers.insert("sec-websocket-accept", accept);
+    }
+    if let Some(protocol) = protocol.and_then(|p| HeaderValue::from_str(p).ok()) {
+        headers.insert("sec-websocket-protocol", protocol);
     }
     reply
 }
@@ -173,7 +212,45 @@ pub(super) async fn shell(
                 .await;
         pump(socket, shell).await;
     });
-    switching(&key)
+    switching(&key, chosen(&offered(&request)).as_deref())
+}
+
+/// `GET /v1/jobs/ID/display`: `control` (scope admin) lets the viewer's input through.
+pub(super) async fn display(
+    state: &Arc<ApiState>,
+    id: &str,
+    mut request: Request<Incoming>,
+    control: bool,
+) -> Reply {
+    let path = request.uri().path().to_owned();
+    let Some(key) = websocket_key(&request) else {
+        return not_websocket(&path);
+    };
+    let vnc = match state.live.display_socket(id) {
+        Some(Some(vnc)) => vnc,
+        Some(None) => {
+            return error(
+                StatusCode::CONFLICT,
+                "no-display",
+                format!("{id}'s machine has no display (machine.graphics: none)"),
+            );
+        }
+        None => return elsewhere(state, id, &key, request).await,
+    };
+    let upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else {
+            return;
+        };
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(MAX_MESSAGE))
+            .max_frame_size(Some(MAX_MESSAGE));
+        let socket =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        super::display::bridge(socket, &vnc, control).await;
+    });
+    switching(&key, chosen(&offered(&request)).as_deref())
 }
 
 /// Carries a shell over a WebSocket until it exits, is lost, or the client leaves (which
@@ -238,7 +315,10 @@ where
     let _ = sink.send(Message::Close(Some(close_frame(1000, "")))).await;
 }
 
-fn close_frame(code: u16, reason: &str) -> tokio_tungstenite::tungstenite::protocol::CloseFrame {
+pub(super) fn close_frame(
+    code: u16,
+    reason: &str,
+) -> tokio_tungstenite::tungstenite::protocol::CloseFrame {
     tokio_tungstenite::tungstenite::protocol::CloseFrame {
         code: code.into(),
         reason: reason.chars().take(100).collect::<String>().into(),
@@ -276,8 +356,10 @@ async fn elsewhere(
             .header("upgrade", "websocket")
             .header("sec-websocket-version", "13")
             .header("sec-websocket-key", key.as_bytes());
-        if let Some(value) = request.headers().get(hyper::header::AUTHORIZATION) {
-            forwarded = forwarded.header("authorization", value.as_bytes());
+        for name in ["authorization", "sec-websocket-protocol"] {
+            for value in request.headers().get_all(name) {
+                forwarded = forwarded.header(name, value.as_bytes());
+            }
         }
         let answer = match tokio::time::timeout(super::PASS_ON_TIMEOUT, forwarded.send()).await {
             Ok(Ok(answer)) => answer,
@@ -307,7 +389,7 @@ async fn elsewhere(
             let (mut ours, mut theirs) = (TokioIo::new(ours), theirs);
             let _ = tokio::io::copy_bidirectional(&mut ours, &mut theirs).await;
         });
-        return switching(key);
+        return switching(key, chosen(&offered(&request)).as_deref());
     }
     let why = match (status.state, status.report.is_some()) {
         (JobState::Running, _) => "its VM is not up (starting, or being torn down)".to_owned(),
@@ -364,6 +446,21 @@ mod tests {
             let error = shell_request(&q(&pairs)).expect_err("refused");
             assert!(error.starts_with(named), "{error}");
         }
+    }
+
+    #[test]
+    fn the_answer_names_an_offered_subprotocol_never_needlessly_the_token() {
+        let offer = |list: &[&str]| list.iter().map(|p| (*p).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            chosen(&offer(&["bearer.x", "binary"])).as_deref(),
+            Some("binary")
+        );
+        assert_eq!(
+            chosen(&offer(&["bearer.x", "base64"])).as_deref(),
+            Some("base64")
+        );
+        assert_eq!(chosen(&offer(&["bearer.x"])).as_deref(), Some("bearer.x"));
+        assert_eq!(chosen(&[]), None);
     }
 
     #[test]

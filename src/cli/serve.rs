@@ -48,6 +48,12 @@ pub(super) async fn serve(loaded: &LoadedConfig) -> Result<ExitCode, Failure> {
             worker_id: worker_id.clone(),
             client,
             live: live.clone(),
+            novnc: loaded
+                .config
+                .api
+                .novnc
+                .clone()
+                .unwrap_or_else(|| "/usr/share/novnc".into()),
         },
     )
     .await

@@ -125,6 +125,11 @@ pub struct ApiConfig {
     /// Serve HTTPS on a TCP `listen` (rustls; TLS 1.2 and 1.3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ApiTls>,
+    /// Where noVNC is (the folder holding `core/rfb.js`), for the web page's view of a
+    /// running job's display: by default Debian's `/usr/share/novnc` (package
+    /// `novnc`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub novnc: Option<PathBuf>,
 }
 
 /// The API's certificate and key (PEM files, read when `serve` starts).

@@ -117,4 +117,12 @@ impl LiveVms {
         let agent = self.0.lock().ok()?.get(job_id)?.agent.clone();
         Some(agent.open_shell(request, Duration::from_secs(10)).await)
     }
+
+    /// The VNC socket of the job's VM: `None` when it has no VM running here,
+    /// `Some(None)` when its machine has no display.
+    pub fn display_socket(&self, job_id: &str) -> Option<Option<PathBuf>> {
+        let run_dir = self.0.lock().ok()?.get(job_id)?.run_dir.clone();
+        let socket = run_dir.join("vnc.sock");
+        Some(socket.exists().then_some(socket))
+    }
 }

@@ -218,6 +218,42 @@ pub fn openapi_document() -> Value {
                     "503": error("The VM did not give a screenshot (code screenshot-failed), or the queue does not answer (queue-unavailable).")
                 }))
             }},
+            "/v1/jobs/{id}/shell": {"get": {
+                "summary": "A shell in a running (or kept) job's guest, as a WebSocket (scope admin; docs/api.md says its messages); passed on to the worker that runs the job.",
+                "parameters": [job_id,
+                    {"name": "tty", "in": "query", "required": false, "description": "A terminal of its own (default false: pipes).", "schema": {"type": "boolean"}},
+                    {"name": "rows", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 24}},
+                    {"name": "cols", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 80}},
+                    {"name": "term", "in": "query", "required": false, "description": "TERM for the shell.", "schema": {"type": "string", "maxLength": 64}},
+                    {"name": "command", "in": "query", "required": false, "description": "The command, once per argument, run as it is; without, the image's login shell.", "schema": {"type": "array", "items": {"type": "string"}, "maxItems": 256}, "style": "form", "explode": true}],
+                "responses": job_errors(json!({
+                    "101": {"description": "Switching to the WebSocket."},
+                    "400": error("Not a WebSocket upgrade (code not-websocket), or a bad parameter (bad-query, naming it)."),
+                    "409": error("The job has no VM running now (code not-running), or its guest gives no shell (shell-failed: tools too old, too many shells)."),
+                    "502": holder_errors["502"].clone()
+                }))
+            }},
+            "/v1/jobs/{id}/display": {"get": {
+                "summary": "A running (or kept) job's screen as a WebSocket of RFB (what noVNC speaks; scope read: view-only, admin: with input); passed on to the worker that runs the job. Browsers may give the token as a subprotocol bearer.TOKEN.",
+                "parameters": [job_id],
+                "responses": job_errors(json!({
+                    "101": {"description": "Switching to the WebSocket."},
+                    "400": error("Not a WebSocket upgrade (code not-websocket)."),
+                    "409": error("The job has no VM running now (code not-running), or its machine has no display (no-display)."),
+                    "502": holder_errors["502"].clone()
+                }))
+            }},
+            "/ui": {"get": {
+                "summary": "The web page: the job list (it calls this API with the user's token).",
+                "security": [],
+                "responses": {"200": {"description": "The page.", "content": {"text/html": {"schema": {"type": "string"}}}}}
+            }},
+            "/ui/job": {"get": {
+                "summary": "The web page of one job: status, live log, screenshots, display.",
+                "security": [],
+                "parameters": [{"name": "id", "in": "query", "required": true, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "The page.", "content": {"text/html": {"schema": {"type": "string"}}}}}
+            }},
             "/v1/jobs/{id}/screenshot": {"get": {
                 "summary": "The run's final screenshot (scope read).",
                 "parameters": [job_id, range],

@@ -4,7 +4,8 @@
 //! guest's screen: a region of the canvas matches a QMP screenshot taken at the same
 //! moment, and the canvas is the display's size (taskcluster's DisplayTestCase
 //! TestDisplays). The display WebSocket refuses a job without a display and one that
-//! does not exist (TestInvalidDisplayName), and a plain GET of it.
+//! does not exist (TestInvalidDisplayName), and a plain GET of it. worker.yml's
+//! periodic screenshots are taken while the job runs, bounded in count.
 
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -68,8 +69,13 @@ fn the_web_page_lists_jobs_follows_a_log_and_shows_the_display() {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
+    // A screenshot every second while a command runs, three at most.
     let config = with_setting(
-        &with_setting(&base_config(), "capacity", "2"),
+        &with_setting(
+            &with_setting(&base_config(), "capacity", "2"),
+            "debug",
+            "{screenshotEverySeconds: 1, maxScreenshots: 3}",
+        ),
         "api",
         &format!(
             "{{listen: \"127.0.0.1:{port}\", tokens: [{{name: viewer, scope: read, sha256: {sha256}}}]}}"
@@ -243,6 +249,41 @@ fn the_web_page_lists_jobs_follows_a_log_and_shows_the_display() {
     drop(browser);
     let _ = worker.cli(&["cancel", &job]);
     let _ = worker.cli(&["cancel", &blind]);
+
+    // The screenshots taken while it ran: three, listed in its report, each a PNG of
+    // the display; no fourth.
+    wait_until("the job to end", T, Duration::from_millis(250), || {
+        (worker.status(&job)["state"] == "exception").then_some(())
+    })
+    .expect("canceled");
+    let report = &worker.status(&job)["report"];
+    assert_eq!(
+        report["screenshots"],
+        serde_json::json!([
+            "screenshots/every-0001.png",
+            "screenshots/every-0002.png",
+            "screenshots/every-0003.png"
+        ]),
+        "{report}"
+    );
+    let every = test_support::http::request(
+        port,
+        "GET",
+        &format!("/v1/jobs/{job}/screenshots/every-0002.png"),
+        Some(READER),
+        b"",
+    );
+    assert_eq!(every.status, 200);
+    assert!(every.body.starts_with(b"\x89PNG\r\n\x1a\n"));
+    let none = test_support::http::request(
+        port,
+        "GET",
+        &format!("/v1/jobs/{job}/screenshots/every-0004.png"),
+        Some(READER),
+        b"",
+    );
+    assert_eq!(none.status, 404);
+    assert!(String::from_utf8_lossy(&none.body).contains("no-screenshot"));
 }
 
 fn base64_decode(text: &str) -> Vec<u8> {

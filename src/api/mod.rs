@@ -383,7 +383,12 @@ async fn route(state: &Arc<ApiState>, request: Request<Incoming>) -> Reply {
         (&Method::GET, ["v1", "jobs", id, "artifacts", name @ ..]) => {
             artifact(state, id, name, &request).await
         }
-        (&Method::GET, ["v1", "jobs", id, "screenshot"]) => screenshot(state, id, &request).await,
+        (&Method::GET, ["v1", "jobs", id, "screenshot"]) => {
+            screenshot(state, id, None, &request).await
+        }
+        (&Method::GET, ["v1", "jobs", id, "screenshots", name]) => {
+            screenshot(state, id, Some(name), &request).await
+        }
         (&Method::POST, ["v1", "jobs", id, "screenshots"]) => {
             screenshot_now(state, id, &request).await
         }
@@ -412,7 +417,8 @@ async fn route(state: &Arc<ApiState>, request: Request<Incoming>) -> Reply {
                 _,
                 "log" | "artifacts" | "screenshot" | "shell",
             ]
-            | ["v1", "jobs", _, "artifacts", ..],
+            | ["v1", "jobs", _, "artifacts", ..]
+            | ["v1", "jobs", _, "screenshots", _],
         ) => allow(&path, "GET"),
         (_, ["v1", "jobs"]) => allow(&path, "GET, POST"),
         (_, ["v1", "jobs", _, "cancel" | "screenshots" | "release"]) => allow(&path, "POST"),
@@ -1003,11 +1009,40 @@ async fn artifact(state: &ApiState, id: &str, name: &[&str], request: &Request<I
     reply
 }
 
-async fn screenshot(state: &ApiState, id: &str, request: &Request<Incoming>) -> Reply {
+async fn screenshot(
+    state: &ApiState,
+    id: &str,
+    name: Option<&str>,
+    request: &Request<Incoming>,
+) -> Reply {
     let (dir, report) = match ended_run(state, id, Some(request)).await {
         Ok(run) => run,
         Err(reply) => return reply,
     };
+    // One the run took while its command ran, by the name the report lists.
+    if let Some(name) = name {
+        let listed = report
+            .screenshots
+            .iter()
+            .find(|s| s.strip_prefix("screenshots/") == Some(name));
+        return match listed {
+            Some(relative) => {
+                file_reply(
+                    &dir.file(relative),
+                    HeaderValue::from_static("image/png"),
+                    request,
+                )
+                .await
+            }
+            None => error(
+                StatusCode::NOT_FOUND,
+                "no-screenshot",
+                format!(
+                    "{id}'s report lists no screenshot {name:?} (its `screenshots` has those taken while it ran)"
+                ),
+            ),
+        };
+    }
     match report.screenshot {
         Some(relative) => {
             file_reply(

@@ -254,6 +254,13 @@ pub fn openapi_document() -> Value {
                 "parameters": [{"name": "id", "in": "query", "required": true, "schema": {"type": "string"}}],
                 "responses": {"200": {"description": "The page.", "content": {"text/html": {"schema": {"type": "string"}}}}}
             }},
+            "/v1/jobs/{id}/screenshots/{name}": {"get": {
+                "summary": "A screenshot the run took while its command ran (worker.yml debug.screenshotEverySeconds), by the name its report's screenshots list ends with (every-0001.png); scope read.",
+                "parameters": [job_id, {"name": "name", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^every-[0-9]{4}\\.png$"}}, range],
+                "responses": job_errors(with(with(file("The PNG.", "image/png", false), &holder_errors), &json!({
+                    "416": error("The range is outside the file (code bad-range).")
+                })))
+            }},
             "/v1/jobs/{id}/screenshot": {"get": {
                 "summary": "The run's final screenshot (scope read).",
                 "parameters": [job_id, range],

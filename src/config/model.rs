@@ -64,14 +64,30 @@ pub struct DebugConfig {
     #[serde(default = "default_keep_alive")]
     #[schemars(range(max = 1440))]
     pub max_keep_alive_minutes: u32,
+    /// Take a screenshot of each job's VM every this many seconds while its command
+    /// runs (`screenshots/every-NNNN.png` in the job directory, listed in the report's
+    /// `screenshots`); 0 takes none.
+    #[serde(default)]
+    #[schemars(range(max = 86400))]
+    pub screenshot_every_seconds: u32,
+    /// The most such screenshots of one job (the first ones are kept).
+    #[serde(default = "default_max_screenshots")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_screenshots: u32,
 }
 
 impl Default for DebugConfig {
     fn default() -> Self {
         Self {
             max_keep_alive_minutes: default_keep_alive(),
+            screenshot_every_seconds: 0,
+            max_screenshots: default_max_screenshots(),
         }
     }
+}
+
+fn default_max_screenshots() -> u32 {
+    20
 }
 
 fn default_keep_alive() -> u32 {

@@ -86,6 +86,8 @@ pub struct Happened {
     pub collection: Option<Collection>,
     /// The final screenshot, relative to the job directory.
     pub screenshot: Option<String>,
+    /// Those taken while the command ran, relative to the job directory.
+    pub screenshots: Vec<String>,
     /// The metadata service's budgets, counted to the end of the job.
     pub metadata: Option<MetadataUsage>,
     pub console: ConsoleSummary,
@@ -98,6 +100,7 @@ impl Happened {
             ending,
             collection: None,
             screenshot: None,
+            screenshots: Vec::new(),
             metadata: None,
             console: ConsoleSummary::default(),
         }
@@ -149,6 +152,7 @@ pub fn resolve(happened: Happened) -> ResultReport {
         report.errors.extend(collection.problems);
     }
     report.screenshot = happened.screenshot;
+    report.screenshots = happened.screenshots;
     if let Some(usage) = happened.metadata.filter(|u| u.refused_connections > 0) {
         report.errors.push(Issue::new(
             "",

@@ -152,10 +152,13 @@ impl Engine {
             agent.close().await;
             (self.tear_down(ctx, running).await, None)
         };
+        let screenshots =
+            super::wait::periodic_taken(ctx.dir(), self.config.debug.max_screenshots).await;
         let happened = Happened {
             ending,
             collection,
             screenshot,
+            screenshots,
             metadata: Some(torn.metadata),
             console: torn.console,
         };

@@ -19,8 +19,16 @@ impl Engine {
         max_run_time: u64,
     ) -> Ending {
         let mut cancel = ctx.job.cancel.clone();
+        let periodic = periodic_screenshots(
+            running.vm.qmp().clone(),
+            running.vm.run_dir().path().to_path_buf(),
+            ctx.dir().clone(),
+            self.config.debug.screenshot_every_seconds,
+            self.config.debug.max_screenshots,
+        );
         let ending = tokio::select! {
             ending = self.await_task_then_result(ctx, running, snapshots, max_run_time) => ending,
+            ending = periodic => ending,
             reason = cancel.wait_for(Option::is_some) => {
                 Ending::Stopped(reason.ok().and_then(|r| *r).unwrap_or(ExceptionReason::Canceled))
             }
@@ -78,6 +86,56 @@ impl Engine {
             },
         }
     }
+}
+
+/// Takes a screenshot every `every` seconds (none when 0), at most `max`, into the job
+/// directory. It never ends: the run's other arms do.
+async fn periodic_screenshots(
+    qmp: crate::qemu::QmpClient,
+    run_dir: std::path::PathBuf,
+    dir: crate::job::JobDir,
+    every: u32,
+    max: u32,
+) -> Ending {
+    if every > 0 {
+        let mut ticks = tokio::time::interval(Duration::from_secs(u64::from(every)));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await; // the first tick is now: the guest has shown nothing yet
+        let mut taken = 0;
+        while taken < max {
+            ticks.tick().await;
+            // A VM without a display, or one that does not answer now, is tried again.
+            let Ok(shot) =
+                crate::vm::take_screenshot(&qmp, &run_dir, Duration::from_secs(10)).await
+            else {
+                continue;
+            };
+            taken += 1;
+            let path = dir.file(&crate::job::periodic_screenshot(taken));
+            if let Some(parent) = path.parent() {
+                let _ = tokio::fs::create_dir_all(parent).await;
+            }
+            let _ = tokio::fs::write(&path, &shot.png).await;
+        }
+    }
+    std::future::pending().await
+}
+
+/// The periodic screenshots in the job directory, in order.
+pub(super) async fn periodic_taken(dir: &crate::job::JobDir, max: u32) -> Vec<String> {
+    let mut taken = Vec::new();
+    for index in 1..=max {
+        let name = crate::job::periodic_screenshot(index);
+        if tokio::fs::try_exists(dir.file(&name))
+            .await
+            .unwrap_or(false)
+        {
+            taken.push(name);
+        } else {
+            break;
+        }
+    }
+    taken
 }
 
 /// Saves the VM as the boot snapshot `key` once its guest took the park request (the

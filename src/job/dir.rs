@@ -11,6 +11,10 @@ pub struct JobDir {
 
 /// Where the final screenshot goes, relative to the job directory (as the report names it).
 pub const FINAL_SCREENSHOT: &str = "screenshots/final.png";
+/// The screenshots taken while a job runs: `screenshots/every-0001.png` and on.
+pub fn periodic_screenshot(index: u32) -> String {
+    format!("screenshots/every-{index:04}.png")
+}
 
 impl JobDir {
     /// The directory of run `run_id` of `job_id` under the state directory.

@@ -11,7 +11,7 @@ mod resolve;
 pub(crate) mod string_enum;
 mod validate;
 
-pub use dir::{FINAL_SCREENSHOT, JobDir};
+pub use dir::{FINAL_SCREENSHOT, JobDir, periodic_screenshot};
 pub use identity::Identity;
 pub use limits::{CpuTopology, LimitViolation, MachineLimits, RequestedResources};
 pub use machine::{

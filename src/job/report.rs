@@ -92,6 +92,10 @@ pub struct ResultReport {
     /// The final screenshot (PNG), relative to the job directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub screenshot: Option<String>,
+    /// The screenshots taken while the command ran (worker.yml
+    /// `debug.screenshotEverySeconds`), relative to the job directory, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub screenshots: Vec<String>,
     /// Milliseconds spent in each phase of the job, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub timings: Vec<PhaseTiming>,
@@ -149,6 +153,7 @@ impl ResultReport {
             skipped: Vec::new(),
             skipped_count: 0,
             screenshot: None,
+            screenshots: Vec::new(),
             timings: Vec::new(),
             snapshot: Vec::new(),
         }

@@ -152,7 +152,12 @@ async function jobPage() {
     showDisplay(id, screen).catch(showError);
   } else {
     screen.replaceWith(element("p", { textContent: `The job is ${status.state}: it has no display now.` }));
-    if (status.report && status.report.screenshot) {
+    const report = status.report || {};
+    for (const name of report.screenshots || []) {
+      const file = name.replace(/^screenshots\//, "");
+      api(`/v1/jobs/${encodeURIComponent(id)}/screenshots/${file}`).then((a) => showScreenshot(a, shots)).catch(() => {});
+    }
+    if (report.screenshot) {
       api(`/v1/jobs/${encodeURIComponent(id)}/screenshot`).then((a) => showScreenshot(a, shots)).catch(() => {});
     }
   }

@@ -312,7 +312,7 @@ async fn artifact_throughput(scratch: &Path, lease: &qemu_worker::image::ImageLe
 }
 
 async fn shell_round_trip(scratch: &Path, lease: &qemu_worker::image::ImageLease) {
-    let mut s = start(scratch, lease, "sh", "echo ready; sleep 600", &[]).await;
+    let s = start(scratch, lease, "sh", "echo ready; sleep 600", &[]).await;
     s.vm.resume().await.expect("cont");
     let agent = AgentClient::connect(
         Path::new(&s.vm.run_dir().agent_socket()),
@@ -330,7 +330,8 @@ async fn shell_round_trip(scratch: &Path, lease: &qemu_worker::image::ImageLease
     let mut shell = agent.shells().open(&request).await.expect("a shell");
     // Until the prompt: the shell reads its terminal from here on.
     let mut shown = Vec::new();
-    while !shown.ends_with(b"# ") {
+    // busybox's prompt is `~ # ` (and a cursor position query after it).
+    while !shown.windows(2).any(|w| w == b"# ") {
         match tokio::time::timeout(Duration::from_secs(60), shell.next()).await {
             Ok(ShellEvent::Output { data, .. }) => shown.extend_from_slice(&data),
             other => panic!("no prompt: {other:?}"),

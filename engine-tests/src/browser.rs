@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 
 use serde_json::{Value, json};
 
-use crate::wait_until;
+use crate::{free_port, wait_until};
 
 /// A browser session.
 #[derive(Debug)]
@@ -17,13 +17,6 @@ pub struct Browser {
     driver: Child,
     port: u16,
     session: String,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 impl Browser {

@@ -29,6 +29,14 @@ use std::time::{Duration, Instant};
 use qemu_worker::job::{ExceptionReason, ResultReport, ResultState};
 use test_support::{processes_under, require, rss_kib};
 
+/// A TCP port on loopback that nothing listens on now (for an API, a driver).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 /// The `qemu-worker` binary under test: `QEMU_WORKER_BIN`, or the workspace's build
 /// (checked once per process: every CLI call goes through here).
 pub fn worker_binary() -> PathBuf {

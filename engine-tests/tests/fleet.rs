@@ -10,19 +10,11 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use engine_tests::{Job, Worker, base_config, wait_until, with_setting};
+use engine_tests::{Job, Worker, base_config, free_port, wait_until, with_setting};
 use sha2::{Digest, Sha256};
 use test_support::http::Reply;
 use test_support::postgres::TestPostgres;
 use test_support::require;
-
-/// A loopback port nobody listens on now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 /// A job's status through the API on `port`.
 fn status_of(port: u16, id: &str) -> serde_json::Value {

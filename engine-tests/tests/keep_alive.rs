@@ -7,17 +7,10 @@
 
 use std::time::Duration;
 
-use engine_tests::{Job, Worker, base_config, wait_until, with_setting};
+use engine_tests::{Job, Worker, base_config, free_port, wait_until, with_setting};
 use sha2::{Digest, Sha256};
 
 const TOKEN: &str = "qwt_keepalive-test-token-0000000000000000000000000000000000000000";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 fn failing(minutes: u32) -> Job {
     Job::script("echo about-to-fail; exit 3")

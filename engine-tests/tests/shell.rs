@@ -12,26 +12,11 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use engine_tests::pty::Pty;
-use engine_tests::{Job, Worker, base_config, wait_until, with_setting};
-use sha2::{Digest, Sha256};
+use engine_tests::{Job, Worker, base_config, free_port, wait_until, with_setting};
 
 const ADMIN: &str = "qwt_shell-test-admin-token-00000000000000000000000000000000000000";
 const READER: &str = "qwt_shell-test-read-token-000000000000000000000000000000000000000";
 const T: Duration = Duration::from_secs(60);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-fn hex_sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 fn wait_for(worker: &Worker, what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
     wait_until(
@@ -85,8 +70,8 @@ fn a_shell_reaches_a_running_job_and_its_kept_vm() {
     let port = free_port();
     let tokens = format!(
         "[{{name: admin, scope: admin, sha256: {}}}, {{name: reader, scope: read, sha256: {}}}]",
-        hex_sha256(ADMIN.as_bytes()),
-        hex_sha256(READER.as_bytes())
+        engine_tests::assets::sha256_hex(ADMIN.as_bytes()),
+        engine_tests::assets::sha256_hex(READER.as_bytes())
     );
     let config = with_setting(
         &with_setting(

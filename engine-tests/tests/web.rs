@@ -11,18 +11,10 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use engine_tests::browser::Browser;
-use engine_tests::{Job, Worker, base_config, wait_until, with_setting};
-use sha2::{Digest, Sha256};
+use engine_tests::{Job, Worker, base_config, free_port, wait_until, with_setting};
 
 const READER: &str = "qwt_web-test-read-token-00000000000000000000000000000000000000000";
 const T: Duration = Duration::from_secs(120);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 /// A WebSocket upgrade of `path`, by hand: the status and body of the answer.
 fn upgrade(port: u16, path: &str, token: &str) -> (u16, String) {
@@ -65,10 +57,7 @@ fn upgrade(port: u16, path: &str, token: &str) -> (u16, String) {
 #[test]
 fn the_web_page_lists_jobs_follows_a_log_and_shows_the_display() {
     let port = free_port();
-    let sha256: String = Sha256::digest(READER.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sha256 = engine_tests::assets::sha256_hex(READER.as_bytes());
     // A screenshot every second while a command runs, three at most.
     let config = with_setting(
         &with_setting(

@@ -215,7 +215,7 @@ impl ApiClient {
     pub async fn websocket(&self, path: &str) -> Result<reqwest::Upgraded, ClientError> {
         let mut key = [0u8; 16];
         let _ = rustix::rand::getrandom(&mut key, rustix::rand::GetRandomFlags::empty());
-        let mut request = self
+        let request = self
             .http
             .get(format!("{}{path}", self.base))
             .header("connection", "Upgrade")
@@ -225,16 +225,7 @@ impl ApiClient {
                 "sec-websocket-key",
                 base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key),
             );
-        if let Some(token) = &self.token {
-            request = request.bearer_auth(token);
-        }
-        let answer = request
-            .send()
-            .await
-            .map_err(|source| ClientError::Unreachable {
-                server: self.server.clone(),
-                source,
-            })?;
+        let answer = self.sent(request).await?;
         if answer.status() != reqwest::StatusCode::SWITCHING_PROTOCOLS {
             return Err(self.refused(answer).await);
         }
@@ -243,22 +234,30 @@ impl ApiClient {
 
     async fn send(
         &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
+        let answer = self.sent(request).await?;
+        if answer.status().is_success() {
+            return Ok(answer);
+        }
+        Err(self.refused(answer).await)
+    }
+
+    /// `request` with the token, sent: its answer, whatever its status.
+    async fn sent(
+        &self,
         mut request: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, ClientError> {
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
-        let answer = request
+        request
             .send()
             .await
             .map_err(|source| ClientError::Unreachable {
                 server: self.server.clone(),
                 source,
-            })?;
-        if answer.status().is_success() {
-            return Ok(answer);
-        }
-        Err(self.refused(answer).await)
+            })
     }
 
     /// The error an answer that is not a success says.

@@ -1019,32 +1019,24 @@ async fn screenshot(
         Ok(run) => run,
         Err(reply) => return reply,
     };
-    // One the run took while its command ran, by the name the report lists.
-    if let Some(name) = name {
-        let listed = report
+    // Without a name, the final one; with one, one the run took while its command
+    // ran, by the name the report lists.
+    let relative = match name {
+        None => report.screenshot.ok_or_else(|| {
+            format!("{id}'s run took no screenshot (its VM never ran, or QMP did not answer)")
+        }),
+        Some(name) => report
             .screenshots
-            .iter()
-            .find(|s| s.strip_prefix("screenshots/") == Some(name));
-        return match listed {
-            Some(relative) => {
-                file_reply(
-                    &dir.file(relative),
-                    HeaderValue::from_static("image/png"),
-                    request,
-                )
-                .await
-            }
-            None => error(
-                StatusCode::NOT_FOUND,
-                "no-screenshot",
+            .into_iter()
+            .find(|s| s.strip_prefix("screenshots/") == Some(name))
+            .ok_or_else(|| {
                 format!(
                     "{id}'s report lists no screenshot {name:?} (its `screenshots` has those taken while it ran)"
-                ),
-            ),
-        };
-    }
-    match report.screenshot {
-        Some(relative) => {
+                )
+            }),
+    };
+    match relative {
+        Ok(relative) => {
             file_reply(
                 &dir.file(&relative),
                 HeaderValue::from_static("image/png"),
@@ -1052,11 +1044,7 @@ async fn screenshot(
             )
             .await
         }
-        None => error(
-            StatusCode::NOT_FOUND,
-            "no-screenshot",
-            format!("{id}'s run took no screenshot (its VM never ran, or QMP did not answer)"),
-        ),
+        Err(why) => error(StatusCode::NOT_FOUND, "no-screenshot", why),
     }
 }
 

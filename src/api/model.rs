@@ -63,3 +63,27 @@ pub struct ApiError {
     /// For people: names the parameter, token, worker or file at fault.
     pub message: String,
 }
+
+/// A text message from a shell WebSocket's client (docs/api.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum ShellClientControl {
+    /// The terminal is now this size.
+    Resize { rows: u16, cols: u16 },
+    /// No more stdin.
+    Eof,
+}
+
+/// The last text message a shell WebSocket sends before its close (docs/api.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ShellServerControl {
+    /// The command ended: its code, the signal that killed it, or why it did not start.
+    Exit {
+        code: Option<i32>,
+        signal: Option<i32>,
+        error: Option<String>,
+    },
+    /// The shell went without an exit (its VM was torn down, the tools restarted).
+    Lost { reason: String },
+}

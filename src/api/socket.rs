@@ -12,11 +12,11 @@ use hyper::body::Incoming;
 use hyper::header::{CONNECTION, HeaderValue, UPGRADE};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde::{Deserialize, Serialize};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, handshake::derive_accept_key};
 
+use super::model::{ShellClientControl as ClientControl, ShellServerControl as ServerControl};
 use super::{ApiState, PASSED_ON, Reply, error, query};
 use crate::artifacts::{MAX_TERMINAL, Shell, ShellEvent, ShellRequest};
 use crate::queue::{JobState, blocking};
@@ -26,30 +26,6 @@ const MAX_MESSAGE: usize = 1 << 20;
 /// The most arguments a command has, and their total size.
 const MAX_ARGS: usize = 256;
 const MAX_COMMAND_BYTES: usize = 32 << 10;
-
-/// A control message from the client (text).
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub(super) enum ClientControl {
-    /// The terminal is now this size.
-    Resize { rows: u16, cols: u16 },
-    /// No more stdin.
-    Eof,
-}
-
-/// A control message to the client (text); the last one before the close.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub(super) enum ServerControl {
-    Exit {
-        code: Option<i32>,
-        signal: Option<i32>,
-        error: Option<String>,
-    },
-    Lost {
-        reason: String,
-    },
-}
 
 /// The client's `Sec-WebSocket-Key` when `request` asks for a WebSocket.
 fn websocket_key(request: &Request<Incoming>) -> Option<HeaderValue> {
@@ -199,10 +175,22 @@ pub(super) async fn shell(
         }
         None => return elsewhere(state, id, &key, request).await,
     };
-    let upgrade = hyper::upgrade::on(&mut request);
+    // A client that goes away before the upgrade drops the shell, which ends it.
+    accept(&mut request, &key, move |socket| pump(socket, shell))
+}
+
+type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Answers `101` and runs `serve` on the WebSocket once the upgrade is through.
+fn accept<F, Fut>(request: &mut Request<Incoming>, key: &HeaderValue, serve: F) -> Reply
+where
+    F: FnOnce(Socket) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let upgrade = hyper::upgrade::on(&mut *request);
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else {
-            return; // the client went away; dropping the shell ends it
+            return;
         };
         let config = WebSocketConfig::default()
             .max_message_size(Some(MAX_MESSAGE))
@@ -210,9 +198,9 @@ pub(super) async fn shell(
         let socket =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
-        pump(socket, shell).await;
+        serve(socket).await;
     });
-    switching(&key, chosen(&offered(&request)).as_deref())
+    switching(key, chosen(&offered(request)).as_deref())
 }
 
 /// `GET /v1/jobs/ID/display`: `control` (scope admin) lets the viewer's input through.
@@ -237,20 +225,9 @@ pub(super) async fn display(
         }
         None => return elsewhere(state, id, &key, request).await,
     };
-    let upgrade = hyper::upgrade::on(&mut request);
-    tokio::spawn(async move {
-        let Ok(upgraded) = upgrade.await else {
-            return;
-        };
-        let config = WebSocketConfig::default()
-            .max_message_size(Some(MAX_MESSAGE))
-            .max_frame_size(Some(MAX_MESSAGE));
-        let socket =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
-                .await;
+    accept(&mut request, &key, move |socket| async move {
         super::display::bridge(socket, &vnc, control).await;
-    });
-    switching(&key, chosen(&offered(&request)).as_deref())
+    })
 }
 
 /// Carries a shell over a WebSocket until it exits, is lost, or the client leaves (which

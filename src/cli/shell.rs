@@ -9,27 +9,13 @@ use std::process::ExitCode;
 
 use futures_util::{SinkExt, StreamExt};
 use qemu_worker::api::client::ApiClient;
-use serde::Deserialize;
+use qemu_worker::api::model::{ShellClientControl, ShellServerControl as Last};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use super::exit::{EXIT_OTHER, ExitWith, Failure};
 use super::remote::{failed, segment};
-
-/// What the worker's last text message says (docs/api.md).
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-enum Last {
-    Exit {
-        code: Option<i32>,
-        signal: Option<i32>,
-        error: Option<String>,
-    },
-    Lost {
-        reason: String,
-    },
-}
 
 /// Puts the terminal back as it was.
 struct RawMode(rustix::termios::Termios);
@@ -62,6 +48,10 @@ fn terminal_size() -> Option<(u16, u16)> {
         .or_else(|_| rustix::termios::tcgetwinsize(std::io::stdin().as_fd()))
         .ok()?;
     (size.ws_row > 0 && size.ws_col > 0).then_some((size.ws_row, size.ws_col))
+}
+
+fn control(message: &ShellClientControl) -> String {
+    serde_json::to_string(message).unwrap_or_default()
 }
 
 pub(super) async fn shell(
@@ -121,7 +111,7 @@ pub(super) async fn shell(
                         if tty {
                             continue; // a terminal's end is the guest's Ctrl-D to give
                         }
-                        Message::Text(r#""eof""#.into())
+                        Message::Text(control(&ShellClientControl::Eof).into())
                     }
                 };
                 if sink.send(message).await.is_err() {
@@ -130,7 +120,7 @@ pub(super) async fn shell(
             }
             _ = resized.recv() => {
                 if let Some((rows, cols)) = terminal_size() {
-                    let resize = format!(r#"{{"resize":{{"rows":{rows},"cols":{cols}}}}}"#);
+                    let resize = control(&ShellClientControl::Resize { rows, cols });
                     let _ = sink.send(Message::Text(resize.into())).await;
                 }
             }

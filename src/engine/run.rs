@@ -134,8 +134,9 @@ impl Engine {
             let job = &ctx.job.job_id;
             ctx.note(&format!(
                 "the job failed: its VM is kept running for {minutes} minute(s) for a look \
-                 (debug.keepAliveOnFailure). `qemu-worker screenshot {job} --out screen.png` \
-                 shows its display; `qemu-worker release {job}` lets it go"
+                 (debug.keepAliveOnFailure). `qemu-worker shell {job}` opens a shell in it, \
+                 `qemu-worker screenshot {job} --out screen.png` shows its display (the web \
+                 page /ui/job?id={job} shows it live); `qemu-worker release {job}` lets it go"
             ))
             .await;
             let release = live.release_signal();

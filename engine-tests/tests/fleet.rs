@@ -128,14 +128,17 @@ fn sha256_hex(text: &str) -> String {
 
 const READ_TOKEN: &str = "qwt_read-token-of-the-fleet-test-0123456789abcdef";
 const SUBMIT_TOKEN: &str = "qwt_submit-token-of-the-fleet-test-0123456789abcdef";
+const ADMIN_TOKEN: &str = "qwt_admin-token-of-the-fleet-test-0123456789abcdef";
 
 fn api_setting(port: u16) -> String {
     format!(
         "{{listen: \"127.0.0.1:{port}\", advertise: \"http://127.0.0.1:{port}\", tokens: [\
          {{name: scraper, scope: read, sha256: {}}}, \
-         {{name: frontend, scope: submit, sha256: {}}}]}}",
+         {{name: frontend, scope: submit, sha256: {}}}, \
+         {{name: operator, scope: admin, sha256: {}}}]}}",
         sha256_hex(READ_TOKEN),
-        sha256_hex(SUBMIT_TOKEN)
+        sha256_hex(SUBMIT_TOKEN),
+        sha256_hex(ADMIN_TOKEN)
     )
 }
 
@@ -416,7 +419,7 @@ fn two_workers_serve_the_api_with_scoped_tokens_and_prometheus_counts_their_jobs
     // A running job's log, streamed while it runs: the first line arrives while the job
     // is still running, the rest follows, and the stream ends when the job does.
     let slow = {
-        let body = Job::script("echo first-line; sleep 8; echo second-line").yaml();
+        let body = Job::script("echo first-line; sleep 15; echo second-line").yaml();
         let reply = http(
             ports[0],
             "POST",
@@ -498,6 +501,40 @@ fn two_workers_serve_the_api_with_scoped_tokens_and_prometheus_counts_their_jobs
             .starts_with(b"\x89PNG\r\n\x1a\n"),
         "not a PNG"
     );
+    // A shell in it through the other worker: the WebSocket passed on to the holder,
+    // byte for byte; a `submit` token is not enough.
+    let shell = |token: &str| {
+        workers[1 - ran_on]
+            .command(&[
+                "shell",
+                &slow,
+                "--",
+                "/bin/sh",
+                "-c",
+                "echo passed-on-$((6*7))",
+            ])
+            .args([
+                "--server",
+                &format!("http://127.0.0.1:{}", ports[1 - ran_on]),
+            ])
+            .env("QEMU_WORKER_TOKEN", token)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("qemu-worker runs")
+    };
+    let passed = shell(ADMIN_TOKEN);
+    assert_eq!(
+        (
+            passed.status.code(),
+            String::from_utf8_lossy(&passed.stdout).as_ref()
+        ),
+        (Some(0), "passed-on-42\n"),
+        "{}",
+        String::from_utf8_lossy(&passed.stderr)
+    );
+    let refused = shell(SUBMIT_TOKEN);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("403") && said.contains("admin"), "{said}");
     stream.read_to_end(&mut raw).expect("the rest of the log");
     let text = String::from_utf8_lossy(&raw).into_owned();
     assert!(text.contains("second-line"), "{text}");

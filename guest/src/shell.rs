@@ -57,14 +57,19 @@ pub fn handle(port: &Port, kind: u8, payload: &[u8]) {
             let Some((channel, data)) = agent::split_channel(payload) else {
                 return;
             };
+            // Input for a stdin already closed (by the host, or by the command) is
+            // dropped; a shell that does not read its stdin is ended, not waited on.
             let full = sessions(|s| {
                 s.get(&channel).is_some_and(|session| {
                     let chunk = (!data.is_empty()).then(|| data.to_vec());
-                    session.input.try_send(chunk).is_err()
+                    matches!(
+                        session.input.try_send(chunk),
+                        Err(mpsc::TrySendError::Full(_))
+                    )
                 })
             });
             if full {
-                kill(channel); // a shell that does not read its stdin is ended, not waited on
+                kill(channel);
             }
         }
         RESIZE => {

@@ -69,6 +69,11 @@ impl ViewOnly {
 
     /// The length of the next whole unit and whether it passes, once its head is in.
     fn next_unit(&mut self) -> Result<Option<(usize, bool)>, String> {
+        if self.stage == Stage::ClientInit && !self.pending.is_empty() {
+            // Always shared: a viewer that asks for the display alone would have QEMU
+            // disconnect every other (its default share policy allows exclusive access).
+            self.pending[0] = 1;
+        }
         let p = &self.pending;
         let need = |n: usize| p.len() >= n;
         match self.stage {
@@ -243,6 +248,14 @@ mod tests {
             assert_eq!(passed, wanted, "pieces of {piece}");
         }
         assert!(filter.feed(&sent).is_ok());
+    }
+
+    #[test]
+    fn a_viewer_cannot_ask_for_the_display_alone() {
+        let mut filter = ViewOnly::new();
+        let mut sent = b"RFB 003.008\n".to_vec();
+        sent.extend_from_slice(&[1, 0]); // security None, exclusive
+        assert_eq!(filter.feed(&sent).expect("valid"), handshake());
     }
 
     #[test]

@@ -64,14 +64,13 @@ pub(super) fn subprotocol_token(request: &Request<Incoming>) -> Option<Vec<u8>> 
 }
 
 /// The subprotocol the answer names: `binary` when offered (noVNC), else the first
-/// that is not a token; a browser that offered only its token gets that back (it
-/// fails a handshake that names none of those it offered).
+/// that is not a token. Never the token: a browser that offered only that fails the
+/// handshake (offer `binary` beside it) rather than see it in a header.
 fn chosen(offered: &[String]) -> Option<String> {
     offered
         .iter()
         .find(|p| *p == "binary")
         .or_else(|| offered.iter().find(|p| !p.starts_with("bearer.")))
-        .or_else(|| offered.first())
         .cloned()
 }
 
@@ -436,7 +435,7 @@ mod tests {
             chosen(&offer(&["bearer.x", "base64"])).as_deref(),
             Some("base64")
         );
-        assert_eq!(chosen(&offer(&["bearer.x"])).as_deref(), Some("bearer.x"));
+        assert_eq!(chosen(&offer(&["bearer.x"])), None);
         assert_eq!(chosen(&[]), None);
     }
 

@@ -15,6 +15,9 @@ use super::{Reply, error, full};
 const PAGE: &str = include_str!("ui/page.html");
 const SCRIPT: &str = include_str!("ui/app.js");
 const STYLE: &str = include_str!("ui/app.css");
+/// Only this worker's own scripts, styles, images and WebSockets.
+const POLICY: &str = "default-src 'self'; img-src 'self' blob: data:; connect-src 'self'; \
+                      style-src 'self' 'unsafe-inline'; frame-ancestors 'none'";
 
 /// `GET /ui…`.
 pub(super) async fn serve(novnc: &Path, segments: &[&str], request: &Request<Incoming>) -> Reply {
@@ -32,14 +35,7 @@ pub(super) async fn serve(novnc: &Path, segments: &[&str], request: &Request<Inc
     };
     let headers = reply.headers_mut();
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    // Only this worker's own scripts, styles, images and WebSockets.
-    headers.insert(
-        "content-security-policy",
-        HeaderValue::from_static(
-            "default-src 'self'; img-src 'self' blob: data:; connect-src 'self' ws: wss:; \
-             style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
-        ),
-    );
+    headers.insert("content-security-policy", HeaderValue::from_static(POLICY));
     headers.insert(
         "x-content-type-options",
         HeaderValue::from_static("nosniff"),
@@ -85,9 +81,14 @@ async fn novnc_file(novnc: &Path, rest: &[&str], request: &Request<Incoming>) ->
     match tokio::fs::read(&path).await {
         Ok(bytes) => {
             let mut reply = full(StatusCode::OK, content_type, bytes);
-            reply
-                .headers_mut()
-                .insert(CACHE_CONTROL, HeaderValue::from_static("max-age=3600"));
+            let headers = reply.headers_mut();
+            headers.insert(CACHE_CONTROL, HeaderValue::from_static("max-age=3600"));
+            headers.insert(
+                "x-content-type-options",
+                HeaderValue::from_static("nosniff"),
+            );
+            // noVNC's own pages (vnc.html) are served too: the same policy as ours.
+            headers.insert("content-security-policy", HeaderValue::from_static(POLICY));
             reply
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && rest == ["core", "rfb.js"] => error(

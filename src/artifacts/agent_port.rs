@@ -63,6 +63,18 @@ pub enum AgentError {
     Receive(#[from] ReceiveError),
     #[error("the guest broke the agent protocol: {0}")]
     Protocol(String),
+    #[error(
+        "the image's guest tools speak agent protocol {found}; shells need {needed} \
+         (rebuild the image with the current qemu-worker-guest)"
+    )]
+    TooOld { found: u32, needed: u32 },
+    #[error("{0} shells are already open on this VM")]
+    TooManyShells(usize),
+    #[error(
+        "the VM is being saved as a boot snapshot (its agent port is the handshake's): \
+         a shell opens once the command starts"
+    )]
+    Saving,
 }
 
 impl AgentError {
@@ -131,26 +143,25 @@ impl AgentClient {
         let left = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_secs(2));
-        let version =
-            match tokio::time::timeout(left, read_frame(&mut reader, MAX_CONTROL_FRAME)).await {
-                Err(_) => {
-                    return Err(AgentError::NoAnswer {
-                        frame: VERSION as char,
-                        wait: left,
-                    });
+        let version = match tokio::time::timeout(left, version_answer(&mut reader)).await {
+            Err(_) => {
+                return Err(AgentError::NoAnswer {
+                    frame: VERSION as char,
+                    wait: left,
+                });
+            }
+            Ok(answer) => match answer? {
+                (VERSION, payload) => control::<Hello>(&payload)?.version,
+                // Tools before version 2 answer an unknown frame with a refusal.
+                (REFUSE, _) => 1,
+                (other, payload) => {
+                    return Err(AgentError::Protocol(format!(
+                        "a {}-byte frame of type {other} in answer to V",
+                        payload.len()
+                    )));
                 }
-                Ok(answer) => match answer? {
-                    (VERSION, payload) => control::<Hello>(&payload)?.version,
-                    // Tools before version 2 answer an unknown frame with a refusal.
-                    (REFUSE, _) => 1,
-                    (other, payload) => {
-                        return Err(AgentError::Protocol(format!(
-                            "a {}-byte frame of type {other} in answer to V",
-                            payload.len()
-                        )));
-                    }
-                },
-            };
+            },
+        };
         let shared = Arc::new(Shared::new(writer, version));
         let (answer, answers) = tokio::sync::mpsc::channel(2);
         let demux = tokio::spawn(demux(reader, Arc::clone(&shared), answer));
@@ -163,7 +174,7 @@ impl AgentClient {
 
     /// Whether the connection is gone (a broken frame, the guest tools went away).
     pub fn is_closed(&self) -> bool {
-        self.demux.is_finished()
+        self.demux.is_finished() || self.shared.is_closed()
     }
 
     /// The agent protocol version the guest tools speak (1 for tools without shells).
@@ -329,6 +340,17 @@ impl AgentClient {
     }
 }
 
+/// The answer to `V`, past the frames of shells the guest ended when it saw this
+/// connection's SYNC (their exits and last output may follow the echo).
+async fn version_answer(reader: &mut Reader) -> Result<(u8, Vec<u8>), AgentError> {
+    loop {
+        let (kind, payload) = read_frame(reader, MAX_CONTROL_FRAME).await?;
+        if !matches!(kind, OUTPUT | EXITED) {
+            return Ok((kind, payload));
+        }
+    }
+}
+
 /// Reads until the echo of `nonce`, as raw bytes: what comes before it is not read as
 /// frames (a left-over length would otherwise be taken for one).
 async fn skip_to_sync(reader: &mut Reader, nonce: &[u8]) -> Result<(), AgentError> {
@@ -402,7 +424,7 @@ async fn demux(
 ) {
     loop {
         match read_frame(&mut reader, MAX_DATA_FRAME).await {
-            Ok((OUTPUT, payload)) => shared.output(&payload).await,
+            Ok((OUTPUT, payload)) => shared.output(&payload),
             Ok((EXITED, payload)) => shared.exited(&payload),
             Ok(frame) => {
                 if answers.send(Ok(frame)).await.is_err() {

@@ -64,8 +64,8 @@ pub struct DebugConfig {
     #[serde(default = "default_keep_alive")]
     #[schemars(range(max = 1440))]
     pub max_keep_alive_minutes: u32,
-    /// Take a screenshot of each job's VM every this many seconds while its command
-    /// runs (`screenshots/every-NNNN.png` in the job directory, listed in the report's
+    /// Take a screenshot of each job's VM every this many seconds while it runs (from
+    /// its start to the command's end) (`screenshots/every-NNNN.png` in the job directory, listed in the report's
     /// `screenshots`); 0 takes none.
     #[serde(default)]
     #[schemars(range(max = 86400))]

@@ -20,6 +20,9 @@ struct LiveVm {
     run_dir: PathBuf,
     /// Its agent port, for shells.
     agent: AgentLink,
+    /// Off while the VM may still be saved as a boot snapshot (whose handshake needs
+    /// the agent port to itself).
+    shells: Arc<std::sync::atomic::AtomicBool>,
     /// Set while the job's VM is kept after a failure: notified to let it go.
     release: Option<Arc<tokio::sync::Notify>>,
 }
@@ -32,6 +35,15 @@ pub(crate) struct Registered {
 }
 
 impl Registered {
+    /// Shells may open: the boot snapshot is saved, or never will be.
+    pub(crate) fn allow_shells(&self) {
+        if let Ok(vms) = self.vms.0.lock()
+            && let Some(vm) = vms.get(&self.job_id)
+        {
+            vm.shells.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
     /// Marks the VM as kept after its job failed; the signal lets it go.
     pub(crate) fn release_signal(&self) -> Arc<tokio::sync::Notify> {
         let signal = Arc::new(tokio::sync::Notify::new());
@@ -67,6 +79,7 @@ impl LiveVms {
                     qmp,
                     run_dir,
                     agent,
+                    shells: Arc::default(),
                     release: None,
                 },
             );
@@ -114,7 +127,17 @@ impl LiveVms {
         job_id: &str,
         request: &ShellRequest,
     ) -> Option<Result<Shell, AgentError>> {
-        let agent = self.0.lock().ok()?.get(job_id)?.agent.clone();
+        let (agent, allowed) = {
+            let vms = self.0.lock().ok()?;
+            let vm = vms.get(job_id)?;
+            (
+                vm.agent.clone(),
+                vm.shells.load(std::sync::atomic::Ordering::SeqCst),
+            )
+        };
+        if !allowed {
+            return Some(Err(AgentError::Saving));
+        }
         Some(agent.open_shell(request, Duration::from_secs(10)).await)
     }
 

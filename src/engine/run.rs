@@ -106,6 +106,7 @@ impl Engine {
                 &mut running,
                 prepared.snapshots.as_ref(),
                 prepared.payload.max_run_time,
+                &live,
             )
             .await;
         let ending = match (&ctx.job.keep_disk, ending) {

@@ -17,6 +17,7 @@ impl Engine {
         running: &mut Running,
         snapshots: Option<&SnapshotStore>,
         max_run_time: u64,
+        live: &super::live::Registered,
     ) -> Ending {
         let mut cancel = ctx.job.cancel.clone();
         let periodic = periodic_screenshots(
@@ -27,7 +28,7 @@ impl Engine {
             self.config.debug.max_screenshots,
         );
         let ending = tokio::select! {
-            ending = self.await_task_then_result(ctx, running, snapshots, max_run_time) => ending,
+            ending = self.await_task_then_result(ctx, running, snapshots, max_run_time, live) => ending,
             ending = periodic => ending,
             reason = cancel.wait_for(Option::is_some) => {
                 Ending::Stopped(reason.ok().and_then(|r| *r).unwrap_or(ExceptionReason::Canceled))
@@ -48,6 +49,7 @@ impl Engine {
         running: &mut Running,
         snapshots: Option<&SnapshotStore>,
         max_run_time: u64,
+        live: &super::live::Registered,
     ) -> Ending {
         let ready_seconds = self.config.timeouts.guest_ready_seconds;
         let ready = Duration::from_secs(ready_seconds);
@@ -65,6 +67,7 @@ impl Engine {
             };
             save_snapshot(ctx, vm, parked, store, key).await;
         }
+        live.allow_shells();
         let fetched = tokio::select! {
             fetched = service.task_fetched() => fetched,
             exit = vm.wait(ready.saturating_sub(waiting.elapsed())) => match exit {

@@ -19,7 +19,7 @@ use qemu_worker::vm::{
     Accelerator, FirmwareError, LaunchPlan, NetworkAttachment, RunDir, SnapshotPlan, SnapshotStore,
     Vm, VmError, VmTimeouts, finish_resume, prepare_launch_with_snapshots,
 };
-use qemu_worker_protocol::agent::{self, PARK, RESUME, SYNC};
+use qemu_worker_protocol::agent::{self, PARK, RESUME, SYNC, VERSION};
 use test_support::{processes_under, require, require_file};
 
 const T: Duration = Duration::from_secs(10);
@@ -293,7 +293,7 @@ async fn a_host_without_ovmf_is_told_which_file_and_package_and_keeps_no_run_dir
     }
 }
 
-/// Echoes SYNC, PARK and RESUME as parked guest tools do, on a socket bound at `path`
+/// Echoes SYNC, PARK and RESUME as parked guest tools do (and answers VERSION), on a socket bound at `path`
 /// (QEMU's own socket there is unlinked first).
 fn fake_guest_tools(path: &Path) -> tokio::task::JoinHandle<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -311,7 +311,16 @@ fn fake_guest_tools(path: &Path) -> tokio::task::JoinHandle<()> {
                 if stream.read_exact(&mut payload).await.is_err() {
                     break;
                 }
-                assert!(matches!(kind, SYNC | PARK | RESUME), "frame {kind}");
+                assert!(
+                    matches!(kind, SYNC | PARK | RESUME | VERSION),
+                    "frame {kind}"
+                );
+                // VERSION is answered with the tools' own; the rest are echoed.
+                let payload = if kind == VERSION {
+                    format!(r#"{{"version":{}}}"#, agent::PROTOCOL_VERSION).into_bytes()
+                } else {
+                    payload
+                };
                 let mut answer = agent::head(kind, payload.len() as u32).to_vec();
                 answer.extend_from_slice(&payload);
                 if stream.write_all(&answer).await.is_err() {

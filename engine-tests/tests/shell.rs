@@ -253,7 +253,7 @@ fn a_shell_reaches_a_running_job_and_its_kept_vm() {
         worker.leftovers().is_empty()
     });
 
-    // No VM: a clear refusal, for an ended job and for a pending one.
+    // No VM: a clear refusal, for an ended job; and a job that does not exist.
     let late = cli(ADMIN, &["shell", &job, "--", "true"]);
     let said = String::from_utf8_lossy(&late.stderr);
     assert_eq!(late.status.code(), Some(2), "{said}");

@@ -265,3 +265,66 @@ fn a_shell_reaches_a_running_job_and_its_kept_vm() {
     assert_eq!(unknown.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("404"));
 }
+
+/// Guest tools that die and are restarted by the image's init take their shells with
+/// them; the new tools say so when they open the port, and the shell's client is told
+/// instead of waiting for the VM to end.
+#[test]
+fn a_shell_ends_when_the_guest_tools_restart() {
+    let port = free_port();
+    let tokens = format!(
+        "[{{name: admin, scope: admin, sha256: {}}}]",
+        engine_tests::assets::sha256_hex(ADMIN.as_bytes())
+    );
+    let config = with_setting(
+        &base_config(),
+        "api",
+        &format!("{{listen: \"127.0.0.1:{port}\", tokens: {tokens}}}"),
+    );
+    let worker = Worker::with_config(&config);
+    let _serve = worker.serve();
+    let job = worker.submit(&Job::script("echo waiting; sleep 600").max_run_time(600));
+    wait_for(&worker, "the job to run", 240, || {
+        log_of(&worker, &job).contains("waiting")
+    });
+    // The command's parent is the guest tools: it kills them, and waits.
+    let ended = worker
+        .command(&[
+            "shell",
+            &job,
+            "--",
+            "/bin/sh",
+            "-c",
+            "kill -9 $PPID; sleep 300",
+        ])
+        .env("QEMU_WORKER_TOKEN", ADMIN)
+        .stdin(Stdio::null())
+        .output()
+        .expect("qemu-worker runs");
+    let said = String::from_utf8_lossy(&ended.stderr);
+    assert_eq!(ended.status.code(), Some(3), "{said}");
+    assert!(
+        said.contains("the shell was lost") && said.contains("the guest tools restarted"),
+        "{said}"
+    );
+    // The restarted tools still serve the port: a new shell works.
+    let again = worker
+        .command(&["shell", &job, "--", "/bin/sh", "-c", "echo back-$((2+3))"])
+        .env("QEMU_WORKER_TOKEN", ADMIN)
+        .stdin(Stdio::null())
+        .output()
+        .expect("qemu-worker runs");
+    assert_eq!(
+        (
+            again.status.code(),
+            String::from_utf8_lossy(&again.stdout).as_ref()
+        ),
+        (Some(0), "back-5\n"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let _ = worker.cli(&["cancel", &job]);
+    wait_for(&worker, "the job to end", 60, || {
+        worker.status(&job)["state"] == "exception"
+    });
+}

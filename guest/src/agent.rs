@@ -66,6 +66,15 @@ static GENERATION: AtomicU64 = AtomicU64::new(0);
 /// shell's keystrokes and a [`SYNC`] echo always comes after the answer before it.
 fn serve(mut reader: File, writer: File) -> io::Result<()> {
     let port: Port = Arc::new(Mutex::new(io::BufWriter::with_capacity(CHUNK + 16, writer)));
+    // Tools that (re)open the port say so first: a host connected since before them
+    // learns that the shells it had here are gone. (Until a host connects, this waits;
+    // a host that connects now discards it with everything before its SYNC's echo.)
+    if let Ok(mut out) = port.lock() {
+        let hello = Hello {
+            version: agent::PROTOCOL_VERSION,
+        };
+        control(&mut *out, VERSION, &hello)?;
+    }
     let (requests, queue) = mpsc::sync_channel::<(u8, Vec<u8>)>(16);
     let answering = {
         let port = Arc::clone(&port);

@@ -426,6 +426,12 @@ async fn demux(
         match read_frame(&mut reader, MAX_DATA_FRAME).await {
             Ok((OUTPUT, payload)) => shared.output(&payload),
             Ok((EXITED, payload)) => shared.exited(&payload),
+            // Tools announce themselves when they open the port: these restarted, and
+            // the shells of the tools before them are gone. The connection is given up
+            // (a request in progress stalls; the next one connects afresh).
+            Ok((VERSION, _)) => {
+                shared.lose("the guest tools restarted; their shells ended with them")
+            }
             Ok(frame) => {
                 if answers.send(Ok(frame)).await.is_err() {
                     break;

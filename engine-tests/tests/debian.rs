@@ -4,7 +4,8 @@
 //! program with its artifacts; the first job saves a boot snapshot, the next resumes it.
 //! The same system as a GPT disk with no kernel member (images/recipes/
 //! debian-12-ci-uefi.yml and -bios.yml: an EFI system partition with systemd-boot, and
-//! syslinux for BIOS) boots with OVMF and with SeaBIOS, and resumes too.
+//! syslinux for BIOS) boots with OVMF and with SeaBIOS, and resumes too. A failed job's
+//! VM kept for a look takes shells (bash on a real pseudo-terminal) and goes on release.
 
 use engine_tests::{Job, Worker, assets, base_config, with_setting};
 use qemu_worker::job::ResultState;
@@ -112,4 +113,112 @@ fn the_uefi_disk_variant_boots_with_ovmf_runs_the_job_and_resumes() {
 #[test]
 fn the_bios_disk_variant_boots_with_seabios_runs_the_job_and_resumes() {
     disk_variant_runs_and_resumes("bios", false);
+}
+
+const ADMIN: &str = "qwt_debian-shell-admin-token-000000000000000000000000000000000000";
+
+/// On systemd: a failed job's VM kept for a look (payload `debug.keepAliveOnFailure`)
+/// takes a shell through a real pseudo-terminal (bash as a login shell, its prompt, a
+/// resize), a piped command sees systemd running, and `release` tears the VM down with
+/// nothing left behind.
+#[test]
+fn a_failed_jobs_kept_vm_takes_a_shell_on_systemd() {
+    use std::time::Duration;
+
+    let port = engine_tests::free_port();
+    let api = format!(
+        "{{listen: \"127.0.0.1:{port}\", tokens: [{{name: admin, scope: admin, sha256: {}}}]}}",
+        assets::sha256_hex(ADMIN.as_bytes())
+    );
+    let config = with_setting(
+        &with_setting(
+            &with_setting(
+                &base_config(),
+                "limits",
+                "{maxMemory: 512, maxCPUs: 1, defaultThreads: 1}",
+            ),
+            "api",
+            &api,
+        ),
+        "debug",
+        "{maxKeepAliveMinutes: 5}",
+    );
+    let worker = Worker::with_config(&config);
+    let _serve = worker.serve();
+    let image = assets::debian_ci_image().display().to_string();
+    let job = worker.submit(
+        &Job::script("echo failing-on-purpose; exit 1")
+            .image(&image)
+            .max_run_time(600)
+            .extra("debug: {keepAliveOnFailure: 5}\n"),
+    );
+    engine_tests::wait_until(
+        "the job to fail",
+        Duration::from_secs(600),
+        Duration::from_millis(500),
+        || (worker.status(&job)["state"] == "failed").then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}; serve said:\n{}", worker.serve_log()));
+
+    let piped = worker
+        .command(&[
+            "shell",
+            &job,
+            "--",
+            "/bin/sh",
+            "-c",
+            "systemctl is-system-running",
+        ])
+        .env("QEMU_WORKER_TOKEN", ADMIN)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("qemu-worker runs");
+    assert_eq!(
+        String::from_utf8_lossy(&piped.stdout).trim(),
+        "running",
+        "{}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
+
+    let mut command = worker.command(&["shell", &job]);
+    command.env("QEMU_WORKER_TOKEN", ADMIN).env("TERM", "vt100");
+    let mut pty = engine_tests::pty::Pty::spawn(command, 24, 80);
+    let t = Duration::from_secs(60);
+    pty.expect("# ", t); // bash's root prompt
+    pty.type_text("echo $((6*7)) $(shopt -q login_shell && echo log''in)\r");
+    pty.expect("42 login", t); // a login shell
+    pty.resize(40, 100);
+    // The resize travels beside the keys: ask until the guest's terminal has it.
+    let resized = (0..20).any(|_| {
+        let before = pty.shown().len();
+        pty.type_text("stty size\r");
+        engine_tests::wait_until(
+            "stty size",
+            Duration::from_secs(2),
+            Duration::from_millis(50),
+            || pty.shown()[before..].contains("40 100").then_some(()),
+        )
+        .is_ok()
+    });
+    assert!(resized, "stty size never said 40 100:\n{}", pty.shown());
+    pty.type_text("exit 5\r");
+    assert_eq!(pty.wait(t).code(), Some(5), "{}", pty.shown());
+
+    let released = worker
+        .command(&["release", &job])
+        .env("QEMU_WORKER_TOKEN", ADMIN)
+        .output()
+        .expect("qemu-worker runs");
+    assert!(
+        released.status.success(),
+        "{}",
+        String::from_utf8_lossy(&released.stderr)
+    );
+    engine_tests::wait_until(
+        "nothing left behind",
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || worker.leftovers().is_empty().then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", worker.leftovers()));
 }

@@ -276,6 +276,23 @@ impl Worker {
     }
 
     /// Waits until run `run` of `job_id` has logged `text` (a job run by `serve`).
+    /// The log of a job's first run ("" until it has one).
+    pub fn job_log(&self, job_id: &str) -> String {
+        std::fs::read_to_string(self.state().join(format!("jobs/{job_id}/run-1/job.log")))
+            .unwrap_or_default()
+    }
+
+    /// Waits up to `seconds` for `done`; panics naming `what`, with serve's log.
+    pub fn wait_for(&self, what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
+        wait_until(
+            what,
+            Duration::from_secs(seconds),
+            Duration::from_millis(200),
+            || done().then_some(()),
+        )
+        .unwrap_or_else(|e| panic!("{e}; serve said:\n{}", self.serve_log()));
+    }
+
     pub fn wait_for_log(&self, job_id: &str, run: u32, text: &str) {
         let log = self
             .state()

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use engine_tests::{Job, Worker, base_config, free_port, wait_until, with_setting};
+use engine_tests::{Job, Worker, base_config, free_port, with_setting};
 use sha2::{Digest, Sha256};
 
 const TOKEN: &str = "qwt_keepalive-test-token-0000000000000000000000000000000000000000";
@@ -23,21 +23,6 @@ fn vms(worker: &Worker) -> Vec<String> {
         .into_iter()
         .filter(|p| p.contains("qemu-system"))
         .collect()
-}
-
-fn log_of(worker: &Worker, id: &str) -> String {
-    std::fs::read_to_string(worker.state().join(format!("jobs/{id}/run-1/job.log")))
-        .unwrap_or_default()
-}
-
-fn wait_for(worker: &Worker, what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
-    wait_until(
-        what,
-        Duration::from_secs(seconds),
-        Duration::from_millis(200),
-        || done().then_some(()),
-    )
-    .unwrap_or_else(|e| panic!("{e}; serve said:\n{}", worker.serve_log()));
 }
 
 #[test]
@@ -70,12 +55,12 @@ fn a_failed_jobs_vm_is_kept_until_released_or_its_time_is_up() {
 
     // Failed, with its result recorded, and its VM still up.
     let kept = worker.submit(&failing(1));
-    wait_for(&worker, "the job to fail", 240, || {
+    worker.wait_for("the job to fail", 240, || {
         worker.status(&kept)["state"] == "failed"
     });
     let status = worker.status(&kept);
     assert_eq!(status["report"]["exitCode"], 3, "{status}");
-    let log = log_of(&worker, &kept);
+    let log = worker.job_log(&kept);
     assert!(
         log.contains("its VM is kept running for 1 minute(s)")
             && log.contains(&format!("qemu-worker release {kept}")),
@@ -107,14 +92,14 @@ fn a_failed_jobs_vm_is_kept_until_released_or_its_time_is_up() {
         "{}",
         String::from_utf8_lossy(&released.stderr)
     );
-    wait_for(&worker, "the next job to complete", 240, || {
+    worker.wait_for("the next job to complete", 240, || {
         worker.status(&next)["state"] == "completed"
     });
-    wait_for(&worker, "the kept VM to be torn down", 60, || {
-        log_of(&worker, &kept).contains("torn down: it was released") && vms(&worker).is_empty()
+    worker.wait_for("the kept VM to be torn down", 60, || {
+        worker.job_log(&kept).contains("torn down: it was released") && vms(&worker).is_empty()
     });
     assert!(
-        !log_of(&worker, &next).contains("kept running"),
+        !worker.job_log(&next).contains("kept running"),
         "a success keeps nothing"
     );
     let again = cli(&["release", &kept]);
@@ -124,20 +109,20 @@ fn a_failed_jobs_vm_is_kept_until_released_or_its_time_is_up() {
 
     // When its time is up, it goes by itself.
     let timed = worker.submit(&failing(1));
-    wait_for(&worker, "the second job to fail", 240, || {
+    worker.wait_for("the second job to fail", 240, || {
         worker.status(&timed)["state"] == "failed"
     });
     assert_eq!(vms(&worker).len(), 1);
-    wait_for(&worker, "the kept VM's time to run out", 180, || {
-        log_of(&worker, &timed).contains("torn down: its time was up")
+    worker.wait_for("the kept VM's time to run out", 180, || {
+        worker
+            .job_log(&timed)
+            .contains("torn down: its time was up")
     });
-    wait_for(&worker, "nothing left behind", 30, || {
-        worker.leftovers().is_empty()
-    });
+    worker.wait_for("nothing left behind", 30, || worker.leftovers().is_empty());
 
     // More than the worker keeps: refused, naming the field.
     let greedy = worker.submit(&failing(6));
-    wait_for(&worker, "the greedy job to be refused", 60, || {
+    worker.wait_for("the greedy job to be refused", 60, || {
         worker.status(&greedy)["state"] == "exception"
     });
     let refused = worker.status(&greedy);

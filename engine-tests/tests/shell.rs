@@ -18,21 +18,6 @@ const ADMIN: &str = "qwt_shell-test-admin-token-00000000000000000000000000000000
 const READER: &str = "qwt_shell-test-read-token-000000000000000000000000000000000000000";
 const T: Duration = Duration::from_secs(60);
 
-fn wait_for(worker: &Worker, what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
-    wait_until(
-        what,
-        Duration::from_secs(seconds),
-        Duration::from_millis(200),
-        || done().then_some(()),
-    )
-    .unwrap_or_else(|e| panic!("{e}; serve said:\n{}", worker.serve_log()));
-}
-
-fn log_of(worker: &Worker, id: &str) -> String {
-    std::fs::read_to_string(worker.state().join(format!("jobs/{id}/run-1/job.log")))
-        .unwrap_or_default()
-}
-
 /// `qemu-worker shell JOB ARGS…` on a terminal of its own.
 fn shell_on_pty(worker: &Worker, job: &str, args: &[&str]) -> Pty {
     let mut all = vec!["shell", job];
@@ -105,8 +90,8 @@ fn a_shell_reaches_a_running_job_and_its_kept_vm() {
         .file_artifact("/tmp/big.bin", "public/big.bin")
         .extra("debug: {keepAliveOnFailure: 1}\n"),
     );
-    wait_for(&worker, "the job to start waiting", 240, || {
-        log_of(&worker, &job).contains("waiting-for-go")
+    worker.wait_for("the job to start waiting", 240, || {
+        worker.job_log(&job).contains("waiting-for-go")
     });
 
     // Without admin: refused before anything starts.
@@ -216,7 +201,7 @@ fn a_shell_reaches_a_running_job_and_its_kept_vm() {
     second.type_text("while true; do echo tick; sleep 0.1; done\r");
     second.expect("tick", T);
     first.type_text("touch /tmp/go\r");
-    wait_for(&worker, "the job to fail", 240, || {
+    worker.wait_for("the job to fail", 240, || {
         worker.status(&job)["state"] == "failed"
     });
     let status = worker.status(&job);
@@ -238,8 +223,8 @@ fn a_shell_reaches_a_running_job_and_its_kept_vm() {
     assert_eq!(third.wait(T).code(), Some(3), "{}", third.shown());
 
     // When its time is up, the VM goes and its shells end with it.
-    wait_for(&worker, "the kept VM's time to run out", 180, || {
-        log_of(&worker, &job).contains("torn down: its time was up")
+    worker.wait_for("the kept VM's time to run out", 180, || {
+        worker.job_log(&job).contains("torn down: its time was up")
     });
     let ended = first.wait(T);
     assert_eq!(ended.code(), Some(3), "{}", first.shown());
@@ -249,9 +234,7 @@ fn a_shell_reaches_a_running_job_and_its_kept_vm() {
         first.shown()
     );
     drop(second);
-    wait_for(&worker, "nothing left behind", 30, || {
-        worker.leftovers().is_empty()
-    });
+    worker.wait_for("nothing left behind", 30, || worker.leftovers().is_empty());
 
     // No VM: a clear refusal, for an ended job; and a job that does not exist.
     let late = cli(ADMIN, &["shell", &job, "--", "true"]);
@@ -284,8 +267,8 @@ fn a_shell_ends_when_the_guest_tools_restart() {
     let worker = Worker::with_config(&config);
     let _serve = worker.serve();
     let job = worker.submit(&Job::script("echo waiting; sleep 600").max_run_time(600));
-    wait_for(&worker, "the job to run", 240, || {
-        log_of(&worker, &job).contains("waiting")
+    worker.wait_for("the job to run", 240, || {
+        worker.job_log(&job).contains("waiting")
     });
     // The command's parent is the guest tools: it kills them, and waits.
     let ended = worker
@@ -324,7 +307,7 @@ fn a_shell_ends_when_the_guest_tools_restart() {
         String::from_utf8_lossy(&again.stderr)
     );
     let _ = worker.cli(&["cancel", &job]);
-    wait_for(&worker, "the job to end", 60, || {
+    worker.wait_for("the job to end", 60, || {
         worker.status(&job)["state"] == "exception"
     });
 }

@@ -20,6 +20,8 @@ struct LiveVm {
     run_dir: PathBuf,
     /// Its agent port, for shells.
     agent: AgentLink,
+    /// QEMU's VNC socket (there only when the machine has a display).
+    vnc: PathBuf,
     /// Off while the VM may still be saved as a boot snapshot (whose handshake needs
     /// the agent port to itself).
     shells: Arc<std::sync::atomic::AtomicBool>,
@@ -70,6 +72,7 @@ impl LiveVms {
         job_id: &str,
         qmp: QmpClient,
         run_dir: PathBuf,
+        vnc: PathBuf,
         agent: AgentLink,
     ) -> Registered {
         if let Ok(mut vms) = self.0.lock() {
@@ -79,6 +82,7 @@ impl LiveVms {
                     qmp,
                     run_dir,
                     agent,
+                    vnc,
                     shells: Arc::default(),
                     release: None,
                 },
@@ -144,8 +148,7 @@ impl LiveVms {
     /// The VNC socket of the job's VM: `None` when it has no VM running here,
     /// `Some(None)` when its machine has no display.
     pub fn display_socket(&self, job_id: &str) -> Option<Option<PathBuf>> {
-        let run_dir = self.0.lock().ok()?.get(job_id)?.run_dir.clone();
-        let socket = run_dir.join("vnc.sock");
+        let socket = self.0.lock().ok()?.get(job_id)?.vnc.clone();
         Some(socket.exists().then_some(socket))
     }
 }

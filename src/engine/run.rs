@@ -98,6 +98,7 @@ impl Engine {
             &ctx.job.job_id,
             running.vm.qmp().clone(),
             running.vm.run_dir().path().to_path_buf(),
+            running.vm.run_dir().vnc_socket().into(),
             agent.clone(),
         );
         let ending = self
